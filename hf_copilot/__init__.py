@@ -1,0 +1,27 @@
+"""hf_copilot: Transformer Copilot (Zou et al., NeurIPS 2025) for the Hugging Face stack.
+
+Importing the package registers ``CopilotConfig`` / ``CopilotModel`` with ``AutoConfig`` / ``AutoModel``, so a saved
+Copilot loads with ``AutoModel.from_pretrained(path)`` in any process that imported ``hf_copilot``.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_copilot import CopilotConfig
+from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
+from .modeling_copilot import CopilotCache, CopilotModel, CopilotOutput
+
+AutoConfig.register(CopilotConfig.model_type, CopilotConfig, exist_ok=True)
+AutoModel.register(CopilotConfig, CopilotModel, exist_ok=True)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "IGNORE_INDEX",
+    "CompactErrors",
+    "CopilotCache",
+    "CopilotConfig",
+    "CopilotModel",
+    "CopilotOutput",
+    "dense_errors",
+    "shift_right",
+]

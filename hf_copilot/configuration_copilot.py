@@ -1,0 +1,105 @@
+"""CopilotConfig: the shape of a Copilot and of the Pilot it serves."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+PILOT_KINDS = ("decoder_only", "encoder_decoder")
+
+
+class CopilotConfig(PreTrainedConfig):
+    """Configuration of a :class:`~hf_copilot.CopilotModel`.
+
+    The Copilot is a small pre-norm Transformer decoder (RMSNorm, rotary self-attention, SwiGLU feed-forward: the
+    Llama block) that reads the Pilot's states through the paper's modified cross-attention.
+
+    Args:
+        vocab_size: the Pilot's output vocabulary (width of the errors the Copilot reads and predicts).
+        hidden_size: the Copilot's width ``d_C``.
+        pilot_hidden_size: the Pilot's width ``d_P``; a linear alignment maps Pilot states to ``d_C`` when they
+            differ.
+        pilot_kind: ``"decoder_only"`` (odd layers self-attention, even layers cross-attention over
+            ``[X̃ ; h̄]``) or ``"encoder_decoder"`` (self-attention then cross-attention in every layer).
+        num_hidden_layers / num_attention_heads / num_key_value_heads / head_dim / intermediate_size: block
+            sizes, as in Llama.
+        rope_parameters: rotary settings (``{"rope_type": "default", "rope_theta": 10000.0}`` by default). Rotary
+            positions are applied inside attention only; nothing is added to the input.
+        attention_bias: bias on the query/key/value projections; ``attention_output_bias`` on the output
+            projection; ``mlp_bias`` on the feed-forward projections.
+        pilot_model_type: the Pilot's ``model_type`` (informational, checked by the callback and processor).
+    """
+
+    model_type = "copilot"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        pilot_hidden_size: int | None = None,
+        pilot_kind: str = "decoder_only",
+        pilot_model_type: str | None = None,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        intermediate_size: int = 1376,
+        hidden_act: str = "silu",
+        rms_norm_eps: float = 1e-6,
+        max_position_embeddings: int = 4096,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_output_bias: bool = False,
+        mlp_bias: bool = False,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if pilot_kind not in PILOT_KINDS:
+            raise ValueError(f"pilot_kind must be one of {PILOT_KINDS}, got {pilot_kind!r}.")
+        if pilot_kind == "decoder_only" and num_hidden_layers < 2:
+            raise ValueError(
+                "A decoder-only Copilot needs num_hidden_layers >= 2: layer 1 is self-attention and layer 2 is "
+                "the first one that reads the Pilot. Pass num_hidden_layers=2 or more."
+            )
+        if hidden_size % num_attention_heads != 0 and head_dim is None:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}); "
+                "change one of them or pass head_dim explicitly."
+            )
+        num_key_value_heads = num_key_value_heads or num_attention_heads
+        if num_attention_heads % num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({num_key_value_heads})."
+            )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.pilot_hidden_size = pilot_hidden_size or hidden_size
+        self.pilot_kind = pilot_kind
+        self.pilot_model_type = pilot_model_type
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        self.attention_bias = attention_bias
+        self.attention_output_bias = attention_output_bias
+        self.mlp_bias = mlp_bias
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    @property
+    def is_decoder_only_pilot(self) -> bool:
+        return self.pilot_kind == "decoder_only"
+
+    def attention_kinds(self) -> list[str]:
+        """Per layer: ``"self"`` (self-attention), ``"cross"`` (cross-attention) or ``"self+cross"``."""
+        if self.is_decoder_only_pilot:
+            return ["self" if i % 2 == 0 else "cross" for i in range(self.num_hidden_layers)]
+        return ["self+cross"] * self.num_hidden_layers

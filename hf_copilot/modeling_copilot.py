@@ -1,0 +1,489 @@
+"""CopilotModel: a small Transformer decoder that reads the Pilot's states and predicts the Pilot's token errors.
+
+Data flow for one forward (T new positions):
+
+    input errors ℓ_<i ──ErrorProjection (|V|→d)──▶ x ──▶ blocks ──▶ norm ──▶ correction head (d→|V|) ──▶ f_i
+    Pilot X̃, h̄ ──alignment (d_P→d) + RMSNorm──▶ memory ──(cross-attention K/V)──┘
+
+Decoder-only Pilot: blocks alternate causal self-attention (layers 1, 3, ...) and the paper's modified
+cross-attention (layers 2, 4, ...) whose keys/values are ``Concat_seq(X̃, h̄)``. We lay that memory out
+interleaved, ``[X̃_0, h̄_0, X̃_1, h̄_1, ...]``: attention is order-invariant, so this is the same operation, and it
+makes the causal rule (position i sees Pilot positions ≤ i) the ordinary one. Encoder-decoder Pilot: every block
+has self-attention then cross-attention over ``[encoder output X̃ (fully visible) ; h̄ (causal)]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    eager_attention_forward,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_copilot import CopilotConfig
+from .errors import CompactErrors, squared_error_norm
+from .pilot import decoder_layers, logits_width, pilot_kind, unwrap_pilot
+
+logger = logging.getLogger(__name__)
+
+Errors = torch.Tensor | CompactErrors
+
+
+@dataclass
+class CopilotOutput(ModelOutput):
+    """Output of :class:`CopilotModel`.
+
+    Args:
+        loss: the RMSE loss (Eq. 7) when ``target_errors`` were given.
+        corrections: the predicted errors ``f^C`` (batch, new positions, |V|), added to the Pilot's prediction.
+        cache: the :class:`CopilotCache` to pass back for incremental decoding.
+    """
+
+    loss: torch.Tensor | None = None
+    corrections: torch.Tensor | None = None
+    cache: CopilotCache | None = None
+
+
+class CopilotCache:
+    """Keys/values of past positions for incremental decoding.
+
+    Per layer and attention type it keeps the keys/values of the *stream* (one entry per past position: the
+    Copilot's states for self-attention, the Pilot memory items for cross-attention) and, for an
+    encoder-decoder Pilot, the keys/values of the encoder output, computed once.
+    """
+
+    def __init__(self):
+        self.stream: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoder: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoder_mask: torch.Tensor | None = None
+        self.seq_length = 0
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def append(self, layer: int, kind: str, key: torch.Tensor, value: torch.Tensor):
+        """Appends the new positions' keys/values and returns those of all positions so far."""
+        if (layer, kind) in self.stream:
+            past_key, past_value = self.stream[layer, kind]
+            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        self.stream[layer, kind] = (key, value)
+        return key, value
+
+    def reorder(self, index: torch.LongTensor):
+        """Selects batch rows ``index`` everywhere (beam search: each beam follows its parent)."""
+        self.stream = {k: (key[index], value[index]) for k, (key, value) in self.stream.items()}
+        self.encoder = {k: (key[index], value[index]) for k, (key, value) in self.encoder.items()}
+        if self.encoder_mask is not None:
+            self.encoder_mask = self.encoder_mask[index]
+
+
+class ErrorProjection(nn.Module):
+    """The input map |V| → d of the paper, stored as a (|V|, d) matrix.
+
+    Dense errors are multiplied in; compact errors use a row lookup minus a probability-weighted sum of rows, so
+    no |V|-wide vector is ever built. ``None`` means "no previous error" and maps to zero.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+
+    def forward(self, errors: Errors) -> torch.Tensor:
+        if isinstance(errors, CompactErrors):
+            return errors.project(self.weight)
+        return errors.to(self.weight.dtype) @ self.weight
+
+
+class CopilotAttention(nn.Module):
+    """Multi-head attention (grouped-query capable) whose keys/values come from a given source.
+
+    Self-attention passes the Copilot's own states as the source; the modified cross-attention passes the Pilot
+    memory. The projection names match Llama's, so Pilot layers can be copied in.
+    """
+
+    def __init__(self, config: CopilotConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # the mask is always explicit
+        heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+        self.q_proj = nn.Linear(d, heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, d, bias=config.attention_output_bias)
+
+    def project_keys_values(self, source: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*source.shape[:-1], -1, self.head_dim)
+        key = self.k_proj(source).view(shape).transpose(1, 2)
+        value = self.v_proj(source).view(shape).transpose(1, 2)
+        return _apply_rotary(key, rotary), value
+
+    def forward(self, hidden, key, value, mask, rotary=None) -> torch.Tensor:
+        shape = (*hidden.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden).view(shape).transpose(1, 2)
+        query = _apply_rotary(query, rotary)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return self.o_proj(output.reshape(*hidden.shape[:-1], -1).contiguous())
+
+
+def _apply_rotary(x: torch.Tensor, rotary: tuple | None) -> torch.Tensor:
+    """Rotary position embedding of (B, heads, T, head_dim) states; ``rotary`` is (cos, sin), each (B, T, head_dim)."""
+    if rotary is None:
+        return x
+    cos, sin = (t.unsqueeze(1) for t in rotary)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class CopilotBlock(nn.Module):
+    """A pre-norm block: [self-attention] → [cross-attention over the Pilot memory] → feed-forward."""
+
+    def __init__(self, config: CopilotConfig, layer_idx: int, kind: str):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kind = kind
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = LlamaRMSNorm(d, eps=eps)
+        if kind == "self":
+            self.self_attn = CopilotAttention(config, layer_idx)
+        elif kind == "cross":
+            self.cross_attn = CopilotAttention(config, layer_idx)
+        else:
+            self.self_attn = CopilotAttention(config, layer_idx)
+            self.cross_attention_layernorm = LlamaRMSNorm(d, eps=eps)
+            self.cross_attn = CopilotAttention(config, layer_idx)
+        self.post_attention_layernorm = LlamaRMSNorm(d, eps=eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden, memory: _Memory, cache: CopilotCache | None) -> torch.Tensor:
+        normed = self.input_layernorm(hidden)
+        if self.kind in ("self", "self+cross"):
+            key, value = self.self_attn.project_keys_values(normed, memory.query_rotary)
+            if cache is not None:
+                key, value = cache.append(self.layer_idx, "self", key, value)
+            hidden = hidden + self.self_attn(normed, key, value, memory.self_mask, memory.query_rotary)
+            if self.kind == "self+cross":
+                normed = self.cross_attention_layernorm(hidden)
+        if self.kind in ("cross", "self+cross"):
+            key, value = memory.keys_values(self.cross_attn, cache)
+            hidden = hidden + self.cross_attn(normed, key, value, memory.cross_mask, memory.cross_query_rotary)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+@dataclass
+class _Memory:
+    """Everything one forward's blocks share: the Pilot memory items of the new positions, masks, rotary terms."""
+
+    stream: torch.Tensor  # (B, new memory items, d): [X̃_i, h̄_i] pairs, or h̄_i for an encoder-decoder Pilot
+    stream_rotary: tuple | None
+    encoder: torch.Tensor | None  # (B, S, d) encoder output, only when not cached yet
+    self_mask: torch.Tensor
+    cross_mask: torch.Tensor
+    query_rotary: tuple
+    cross_query_rotary: tuple | None
+
+    def keys_values(self, attention: CopilotAttention, cache: CopilotCache | None):
+        key, value = attention.project_keys_values(self.stream, self.stream_rotary)
+        if cache is not None:
+            key, value = cache.append(attention.layer_idx, "cross", key, value)
+        if cache is not None and attention.layer_idx in cache.encoder:
+            enc_key, enc_value = cache.encoder[attention.layer_idx]
+        elif self.encoder is not None:
+            enc_key, enc_value = attention.project_keys_values(self.encoder)
+            if cache is not None:
+                cache.encoder[attention.layer_idx] = (enc_key, enc_value)
+        else:
+            return key, value
+        return torch.cat([enc_key, key], dim=2), torch.cat([enc_value, value], dim=2)
+
+
+class CopilotPreTrainedModel(PreTrainedModel):
+    config: CopilotConfig
+    config_class = CopilotConfig
+    base_model_prefix = "copilot"
+    main_input_name = "pilot_hidden_states"
+    _no_split_modules = ["CopilotBlock"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if module is getattr(self, "correction_head", None):
+            init.zeros_(module.weight)  # an untrained Copilot leaves the Pilot exactly unchanged
+        elif isinstance(module, ErrorProjection):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+
+class CopilotModel(CopilotPreTrainedModel):
+    """The Copilot of Transformer Copilot (Zou et al., NeurIPS 2025).
+
+    At position i it reads the Pilot's input representation X̃ and layer-mean hidden states h̄ up to i and the
+    errors of earlier positions, and predicts the Pilot's error ℓ_i = one-hot(y_i) − p̂_i at i.
+    """
+
+    def __init__(self, config: CopilotConfig):
+        super().__init__(config)
+        self.error_projection = ErrorProjection(config.vocab_size, config.hidden_size)
+        self.pilot_alignment = (
+            nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
+            if config.pilot_hidden_size != config.hidden_size
+            else nn.Identity()
+        )
+        self.memory_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            CopilotBlock(config, i, kind) for i, kind in enumerate(config.attention_kinds())
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.correction_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        pilot_hidden_states: torch.Tensor,
+        pilot_input_states: torch.Tensor | None = None,
+        input_errors: Errors | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pilot_input_mask: torch.Tensor | None = None,
+        target_errors: Errors | None = None,
+        cache: CopilotCache | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> CopilotOutput:
+        r"""
+        Args:
+            pilot_hidden_states: h̄, the mean over the Pilot's decoder layers, (batch, new positions, d_P).
+            pilot_input_states: X̃. Decoder-only Pilot: the embedding output of the new positions,
+                (batch, new positions, d_P). Encoder-decoder Pilot: the encoder output (batch, source length, d_P),
+                needed on the first call only (it is cached).
+            input_errors: the error sequence shifted right (see :func:`hf_copilot.errors.shift_right`), dense
+                (batch, new positions, |V|) or :class:`CompactErrors`; ``None`` means zero input.
+            attention_mask: (batch, past + new positions), 1 for real tokens; default all ones.
+            pilot_input_mask: encoder padding mask (batch, source length) for an encoder-decoder Pilot.
+            target_errors: the true errors ℓ at the new positions; when given, ``loss`` is the RMSE (Eq. 7)
+                ``sqrt(Σ_i ‖f_i − ℓ_i‖² / N)`` over the N positions that carry a label (and are not padding).
+            cache / use_cache: incremental decoding; outputs equal those of one full-sequence forward.
+        """
+        batch, new, _ = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
+        if use_cache and cache is None:
+            cache = CopilotCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        device = pilot_hidden_states.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + new, dtype=torch.long, device=device)
+        if attention_mask.shape != (batch, past + new):
+            raise ValueError(
+                f"attention_mask must cover past and new positions: expected shape {(batch, past + new)}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        dtype = self.correction_head.weight.dtype
+        if input_errors is None:
+            hidden = torch.zeros(batch, new, self.config.hidden_size, dtype=dtype, device=device)
+        else:
+            hidden = self.error_projection(input_errors)
+        memory = self._memory(pilot_hidden_states, pilot_input_states, attention_mask, pilot_input_mask, past, cache)
+        for layer in self.layers:
+            hidden = layer(hidden, memory, cache)
+        corrections = self.correction_head(self.norm(hidden))
+        if cache is not None:
+            cache.seq_length = past + new
+
+        loss = None
+        if target_errors is not None:
+            labelled = attention_mask[:, past:].bool()
+            if isinstance(target_errors, CompactErrors):
+                labelled = labelled & target_errors.valid
+            squared = squared_error_norm(corrections, target_errors)
+            loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
+        return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None)
+
+    def _check_inputs(self, hidden_states, input_states, input_errors, cache):
+        config = self.config
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != config.pilot_hidden_size:
+            raise ValueError(
+                f"pilot_hidden_states must be (batch, positions, {config.pilot_hidden_size}) for this Copilot; got "
+                f"{tuple(hidden_states.shape)}. Is this Copilot built for this Pilot (pilot_hidden_size)?"
+            )
+        batch, new, _ = hidden_states.shape
+        if config.is_decoder_only_pilot:
+            if input_states is None or input_states.shape != hidden_states.shape:
+                raise ValueError(
+                    "A decoder-only Pilot's pilot_input_states (its embedding output) must have the same shape as "
+                    f"pilot_hidden_states {tuple(hidden_states.shape)}; got "
+                    f"{None if input_states is None else tuple(input_states.shape)}."
+                )
+        elif input_states is None and (cache is None or not cache.encoder):
+            raise ValueError("An encoder-decoder Pilot's encoder output (pilot_input_states) is required on the "
+                             "first call; later calls with the same cache may omit it.")
+        elif input_states is not None and (input_states.dim() != 3 or input_states.shape[0] != batch
+                                           or input_states.shape[-1] != config.pilot_hidden_size):
+            raise ValueError(
+                f"pilot_input_states (encoder output) must be (batch={batch}, source length, "
+                f"{config.pilot_hidden_size}); got {tuple(input_states.shape)}."
+            )
+        if input_errors is not None:
+            lead = input_errors.labels.shape if isinstance(input_errors, CompactErrors) else input_errors.shape[:-1]
+            if tuple(lead) != (batch, new):
+                raise ValueError(f"input_errors must cover the same (batch, positions) = {(batch, new)} as the "
+                                 f"Pilot states; got {tuple(lead)}.")
+            if not isinstance(input_errors, CompactErrors) and input_errors.shape[-1] != config.vocab_size:
+                raise ValueError(f"Dense input_errors must have {config.vocab_size} entries per position (the "
+                                 f"Copilot's vocabulary); got {input_errors.shape[-1]}.")
+        return batch, new, hidden_states.shape[-1]
+
+    def _memory(self, hidden_states, input_states, attention_mask, input_mask, past, cache) -> _Memory:
+        batch, new, _ = hidden_states.shape
+        device = hidden_states.device
+        dtype = self.correction_head.weight.dtype
+        mask = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        query_rotary = self.rotary_emb(hidden_states.to(dtype), positions[:, past:])
+        query_index = torch.arange(past, past + new, device=device)
+        key_index = torch.arange(past + new, device=device)
+        # A stream key j is visible to query i when j <= i and j is a real token.
+        causal = (key_index[None, None, :] <= query_index[None, :, None]) & mask[:, None, :]
+        self_mask = _additive(causal, dtype)
+
+        def aligned(states):
+            return self.memory_norm(self.pilot_alignment(states.to(dtype)))
+
+        if self.config.is_decoder_only_pilot:
+            pairs = torch.stack([input_states, hidden_states], dim=2).reshape(batch, 2 * new, -1)
+            stream = aligned(pairs)
+            stream_rotary = tuple(t.repeat_interleave(2, dim=1) for t in query_rotary)
+            return _Memory(stream, stream_rotary, None, self_mask, _additive(causal.repeat_interleave(2, -1), dtype),
+                           query_rotary, query_rotary)
+
+        encoder = aligned(input_states) if input_states is not None and not (cache and cache.encoder) else None
+        if cache is not None and cache.encoder_mask is not None:
+            input_mask = cache.encoder_mask
+        elif input_mask is None:
+            source_length = input_states.shape[1]
+            input_mask = torch.ones(batch, source_length, dtype=torch.bool, device=device)
+        if cache is not None:
+            cache.encoder_mask = input_mask
+        visible_source = input_mask.bool()[:, None, :].expand(batch, new, -1)
+        cross = torch.cat([visible_source, causal], dim=-1)
+        return _Memory(aligned(hidden_states), None, encoder, self_mask, _additive(cross, dtype), query_rotary, None)
+
+    def check_pilot(self, pilot) -> None:
+        """Raises a ValueError naming the mismatch when this Copilot was not built for ``pilot``."""
+        model = unwrap_pilot(pilot)
+        kind = pilot_kind(model)
+        width = model.config.get_text_config().hidden_size
+        vocab = logits_width(model)
+        problems = []
+        if kind != self.config.pilot_kind:
+            problems.append(f"the Pilot is {kind} but the Copilot was built for a {self.config.pilot_kind} Pilot")
+        if width != self.config.pilot_hidden_size:
+            problems.append(f"the Pilot's width is {width} but the Copilot expects {self.config.pilot_hidden_size}")
+        if vocab != self.config.vocab_size:
+            problems.append(f"the Pilot emits {vocab} logits per token but the Copilot's vocabulary is "
+                            f"{self.config.vocab_size}")
+        if problems:
+            raise ValueError(
+                "This Copilot does not fit the Pilot: " + "; ".join(problems) + ". Build a matching one with "
+                "CopilotModel.from_pilot(pilot) (or load the Copilot trained with this Pilot)."
+            )
+
+    @classmethod
+    def from_pilot(cls, pilot, num_hidden_layers: int | None = None, **config_overrides) -> CopilotModel:
+        """A Copilot shaped for ``pilot``, initialised from it where the shapes fit.
+
+        Vocabulary, widths, heads, feed-forward size and rotary settings come from the Pilot's config; any
+        :class:`CopilotConfig` field can be overridden. Copilot layer i copies every tensor of Pilot decoder
+        layer i whose name and shape match (Llama, Qwen2, Mistral: the whole block; cross-attention layers take
+        the Pilot layer's attention weights), and the error projection copies the Pilot's input embeddings when
+        their shape matches. Everything else (GPT2, T5, a different width) starts fresh. What was copied is logged.
+        """
+        model = unwrap_pilot(pilot)
+        config = cls._config_for(model, num_hidden_layers, config_overrides)
+        copilot = cls(config).to(model.dtype)
+        copied = copilot._copy_from(model)
+        logger.info("CopilotModel.from_pilot(%s): copied %d tensors from the Pilot%s", type(model).__name__,
+                    len(copied), (": " + ", ".join(copied)) if copied else " (all fresh)")
+        return copilot
+
+    @staticmethod
+    def _config_for(model, num_hidden_layers, overrides) -> CopilotConfig:
+        text = model.config.get_text_config(decoder=True)
+        width = text.hidden_size
+        heads = text.num_attention_heads
+        derived = dict(
+            vocab_size=logits_width(model),
+            hidden_size=width,
+            pilot_hidden_size=width,
+            pilot_kind=pilot_kind(model),
+            pilot_model_type=model.config.model_type,
+            num_hidden_layers=num_hidden_layers or 4,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or width // heads,
+            intermediate_size=(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+                               or getattr(text, "d_ff", None) or 4 * width),
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
+            attention_bias=getattr(text, "attention_bias", model.config.model_type == "qwen2"),
+            attention_output_bias=(model.config.model_type != "qwen2" and getattr(text, "attention_bias", False)),
+            mlp_bias=getattr(text, "mlp_bias", False),
+        )
+        if getattr(text, "rope_parameters", None):
+            derived["rope_parameters"] = dict(text.rope_parameters)
+        if getattr(text, "hidden_act", None) in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
+            derived["hidden_act"] = text.hidden_act
+        unknown = set(overrides) - set(CopilotConfig().to_dict())
+        if unknown:
+            raise TypeError(f"Unknown CopilotConfig field(s) {sorted(unknown)}.")
+        derived.update(overrides)
+        if "hidden_size" in overrides and "head_dim" not in overrides:
+            derived["head_dim"] = derived["hidden_size"] // derived["num_attention_heads"]
+        if "hidden_size" in overrides and "intermediate_size" not in overrides:
+            derived["intermediate_size"] = 4 * derived["hidden_size"]
+        return CopilotConfig(**derived)
+
+    @torch.no_grad()
+    def _copy_from(self, model) -> list[str]:
+        copied = []
+        pilot_layers = decoder_layers(model)
+        for copilot_layer, pilot_layer in zip(self.layers, pilot_layers):
+            source = dict(pilot_layer.named_parameters())
+            for name, param in copilot_layer.named_parameters():
+                pilot_name = name.replace("cross_attn.", "self_attn.").replace(
+                    "cross_attention_layernorm", "input_layernorm")
+                if pilot_name in source and source[pilot_name].shape == param.shape:
+                    param.copy_(source[pilot_name])
+                    copied.append(f"layers.{copilot_layer.layer_idx}.{name}")
+        embeddings = model.get_input_embeddings()
+        if embeddings is not None and embeddings.weight.shape == self.error_projection.weight.shape:
+            self.error_projection.weight.copy_(embeddings.weight)
+            copied.append("error_projection.weight")
+        return copied
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (B, Q, K) visibility → additive (B, 1, Q, K) mask; fully hidden rows stay finite (no NaN)."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
