@@ -284,7 +284,8 @@ class CopilotModel(CopilotPreTrainedModel):
             attention_mask: (batch, past + new positions), 1 for real tokens; default all ones.
             pilot_input_mask: encoder padding mask (batch, source length) for an encoder-decoder Pilot.
             target_errors: the true errors ℓ at the new positions; when given, ``loss`` is the RMSE (Eq. 7)
-                ``sqrt(Σ_i ‖f_i − ℓ_i‖² / N)`` over the N positions that carry a label (and are not padding).
+                ``sqrt(Σ_i ‖f_i − ℓ_i‖² / N)`` over the N positions that carry a label and are not padding (a
+                dense target row of zeros means "no label", like ``IGNORE_INDEX`` in the compact form).
             cache / use_cache: incremental decoding; outputs equal those of one full-sequence forward.
         """
         batch, new, _ = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
@@ -316,6 +317,8 @@ class CopilotModel(CopilotPreTrainedModel):
             labelled = attention_mask[:, past:].bool()
             if isinstance(target_errors, CompactErrors):
                 labelled = labelled & target_errors.valid
+            else:
+                labelled = labelled & (target_errors != 0).any(-1)
             squared = squared_error_norm(corrections, target_errors)
             loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
         return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None)
@@ -423,8 +426,9 @@ class CopilotModel(CopilotPreTrainedModel):
         config = cls._config_for(model, num_hidden_layers, config_overrides)
         copilot = cls(config).to(model.dtype)
         copied = copilot._copy_from(model)
-        logger.info("CopilotModel.from_pilot(%s): copied %d tensors from the Pilot%s", type(model).__name__,
-                    len(copied), (": " + ", ".join(copied)) if copied else " (all fresh)")
+        modules = dict.fromkeys(".".join(name.split(".")[:2]) for name in copied)
+        logger.info("CopilotModel.from_pilot(%s): copied %d tensors from the Pilot (%s)", type(model).__name__,
+                    len(copied), ", ".join(modules) or "nothing fits: all fresh")
         return copilot
 
     @staticmethod

@@ -1,0 +1,303 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import VOCAB, WIDTH, tiny_pilot
+from transformers import AutoModel, BertConfig, BertForMaskedLM
+
+from hf_copilot import CompactErrors, CopilotConfig, CopilotModel, dense_errors, shift_right
+
+B, T, S = 3, 7, 5
+
+
+def small_config(kind="decoder_only", **overrides):
+    fields = dict(vocab_size=VOCAB, hidden_size=WIDTH, pilot_hidden_size=WIDTH, pilot_kind=kind, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    fields.update(overrides)
+    return CopilotConfig(**fields)
+
+
+def trained_looking(copilot, seed=0):
+    """Gives the zero-initialised head random weights so outputs are non-trivial."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        copilot.correction_head.weight.normal_(std=0.5)
+    return copilot.eval()
+
+
+def random_errors(seed=0, batch=B, length=T, top_k=8):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, length, VOCAB, generator=gen) * 2
+    labels = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    labels[0, :2] = -100
+    return logits, labels, CompactErrors.from_logits(logits, labels, top_k)
+
+
+def inputs(kind, seed=0, batch=B, length=T):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, WIDTH, generator=gen)
+    if kind == "decoder_only":
+        return dict(pilot_hidden_states=hidden, pilot_input_states=torch.randn(batch, length, WIDTH, generator=gen))
+    source_mask = torch.ones(batch, S, dtype=torch.long)
+    source_mask[0, -2:] = 0
+    return dict(pilot_hidden_states=hidden, pilot_input_states=torch.randn(batch, S, WIDTH, generator=gen),
+                pilot_input_mask=source_mask)
+
+
+def left_padded_mask(batch=B, length=T):
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])
+def test_untrained_copilot_outputs_exactly_zero(kind):
+    copilot = CopilotModel(small_config(kind)).eval()
+    _, _, errors = random_errors()
+    out = copilot(**inputs(kind), input_errors=shift_right(errors))
+    assert out.corrections.shape == (B, T, VOCAB)
+    assert torch.equal(out.corrections, torch.zeros_like(out.corrections))
+
+
+@pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])
+def test_incremental_equals_full_forward_with_left_padding(kind):
+    copilot = trained_looking(CopilotModel(small_config(kind)))
+    _, _, errors = random_errors()
+    pilot = inputs(kind)
+    mask = left_padded_mask()
+    previous = shift_right(errors)
+    full = copilot(**pilot, input_errors=previous, attention_mask=mask).corrections
+
+    cache, steps = None, []
+    for chunk in [(0, 3), (3, 4), (4, 5), (5, 7)]:  # a prompt-sized first chunk, then single tokens and a pair
+        part = slice(*chunk)
+        step_inputs = dict(pilot_hidden_states=pilot["pilot_hidden_states"][:, part],
+                           pilot_input_states=pilot["pilot_input_states"][:, part] if kind == "decoder_only"
+                           else (pilot["pilot_input_states"] if cache is None else None),
+                           pilot_input_mask=pilot.get("pilot_input_mask"))
+        out = copilot(**step_inputs, input_errors=previous.map(lambda t: t[:, part]),
+                      attention_mask=mask[:, : chunk[1]], cache=cache, use_cache=True)
+        cache = out.cache
+        steps.append(out.corrections)
+    incremental = torch.cat(steps, dim=1)
+    real = mask.bool()
+    assert (incremental - full)[real].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])
+def test_no_leak_from_future_positions(kind):
+    copilot = trained_looking(CopilotModel(small_config(kind)))
+    _, _, errors = random_errors()
+    pilot = inputs(kind)
+    previous = shift_right(errors)
+    before = copilot(**pilot, input_errors=previous).corrections
+    cut = 4
+    changed = dict(pilot)
+    changed["pilot_hidden_states"] = pilot["pilot_hidden_states"].clone()
+    changed["pilot_hidden_states"][:, cut + 1:] += 5.0
+    if kind == "decoder_only":
+        changed["pilot_input_states"] = pilot["pilot_input_states"].clone()
+        changed["pilot_input_states"][:, cut + 1:] -= 3.0
+    other_errors = random_errors(seed=1)[2]
+    later_inputs = CompactErrors(*(torch.cat([old[:, : cut + 1], new[:, cut + 1:]], dim=1)
+                                   for old, new in zip((previous.labels, previous.ids, previous.probs),
+                                                       (other_errors.labels, other_errors.ids, other_errors.probs))))
+    after = copilot(**changed, input_errors=later_inputs).corrections
+    assert torch.equal(after[:, : cut + 1], before[:, : cut + 1])
+    assert not torch.allclose(after[:, cut + 1:], before[:, cut + 1:])
+
+
+def test_encoder_padding_is_invisible():
+    copilot = trained_looking(CopilotModel(small_config("encoder_decoder")))
+    pilot = inputs("encoder_decoder")
+    before = copilot(**pilot).corrections
+    pilot["pilot_input_states"] = pilot["pilot_input_states"].clone()
+    pilot["pilot_input_states"][0, -2:] = 100.0  # row 0's last two source tokens are padding
+    after = copilot(**pilot).corrections
+    assert torch.equal(after[0], before[0])
+    pilot["pilot_input_states"][1, 0] = 100.0  # a real source token of row 1: every position sees it
+    assert not torch.allclose(copilot(**pilot).corrections[1, 0], before[1, 0])
+
+
+def test_compact_and_dense_errors_agree():
+    copilot = trained_looking(CopilotModel(small_config()))
+    _, _, errors = random_errors()
+    dense = errors.to_dense(VOCAB)
+    pilot = inputs("decoder_only")
+    mask = left_padded_mask()
+    compact_out = copilot(**pilot, input_errors=shift_right(errors), target_errors=errors, attention_mask=mask)
+    dense_out = copilot(**pilot, input_errors=shift_right(dense), target_errors=dense, attention_mask=mask)
+    torch.testing.assert_close(compact_out.corrections, dense_out.corrections, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compact_out.loss, dense_out.loss, atol=1e-4, rtol=1e-5)
+
+
+def test_compact_form_reconstructs_dense_errors():
+    logits, labels, _ = random_errors()
+    exact = dense_errors(logits, labels)
+    full_k = CompactErrors.from_logits(logits, labels, top_k=VOCAB)
+    torch.testing.assert_close(full_k.to_dense(VOCAB), exact, atol=1e-6, rtol=0)
+    torch.testing.assert_close(full_k.squared_norm(), exact.pow(2).sum(-1), atol=1e-5, rtol=1e-5)
+    top8 = CompactErrors.from_logits(logits, labels, top_k=8)
+    gap = (top8.to_dense(VOCAB) - exact).abs().sum(-1)  # L1 gap equals the dropped probability mass
+    torch.testing.assert_close(gap, top8.dropped_mass(), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_rmse_over_labelled_positions():
+    copilot = trained_looking(CopilotModel(small_config()))
+    logits, labels, errors = random_errors()
+    pilot = inputs("decoder_only")
+    mask = left_padded_mask()
+    out = copilot(**pilot, input_errors=shift_right(errors), target_errors=errors, attention_mask=mask)
+    exact = errors.to_dense(VOCAB)
+    per_token = []
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t] and labels[b, t] != -100:
+                per_token.append(((out.corrections[b, t] - exact[b, t]) ** 2).sum())
+    reference = torch.stack(per_token).mean().sqrt()
+    torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])
+def test_eager_and_sdpa_agree(kind):
+    sdpa = trained_looking(CopilotModel(small_config(kind)))
+    eager_config = small_config(kind)
+    eager_config._attn_implementation = "eager"
+    eager = CopilotModel(eager_config).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    pilot = inputs(kind)
+    mask = left_padded_mask()
+    real = mask.bool()
+    torch.testing.assert_close(eager(**pilot, attention_mask=mask).corrections[real],
+                               sdpa(**pilot, attention_mask=mask).corrections[real], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_forward_and_backward_match_fp32():
+    copilot = trained_looking(CopilotModel(small_config()))
+    _, _, errors = random_errors()
+    pilot = inputs("decoder_only")
+    fp32 = copilot(**pilot, input_errors=shift_right(errors), target_errors=errors)
+    half = copilot.to(torch.bfloat16)
+    out = half(**{k: v.bfloat16() for k, v in pilot.items()}, input_errors=shift_right(errors), target_errors=errors)
+    assert out.corrections.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.corrections.float(), fp32.corrections, atol=0.15, rtol=0.05)
+    out.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in half.parameters())
+
+
+def test_save_and_load_give_identical_outputs(tmp_path):
+    copilot = trained_looking(CopilotModel(small_config()))
+    copilot.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = CopilotModel.from_pretrained(tmp_path).eval()
+    pilot = inputs("decoder_only")
+    assert torch.equal(loaded(**pilot).corrections, copilot(**pilot).corrections)
+    torch.save(pilot, tmp_path / "inputs.pt")
+    torch.save(copilot(**pilot).corrections, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import torch, hf_copilot
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path)!r}).eval()
+        assert type(model).__name__ == "CopilotModel", type(model)
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        assert torch.equal(model(**inputs).corrections, expected)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_auto_classes_are_registered():
+    assert type(AutoModel.from_config(small_config())).__name__ == "CopilotModel"
+
+
+COPIES_WHOLE_BLOCKS = {"llama", "qwen2", "mistral"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2", "t5"])
+def test_from_pilot_derives_shape_and_copies_what_fits(kind):
+    pilot = tiny_pilot(kind)
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2)
+    config = copilot.config
+    assert config.vocab_size == VOCAB and config.pilot_hidden_size == WIDTH and config.hidden_size == WIDTH
+    assert config.pilot_kind == ("encoder_decoder" if kind == "t5" else "decoder_only")
+    assert config.attention_kinds() == (["self+cross"] * 2 if kind == "t5" else ["self", "cross"])
+    copilot.check_pilot(pilot)
+    assert torch.equal(copilot.error_projection.weight, pilot.get_input_embeddings().weight)
+    assert torch.equal(copilot.correction_head.weight, torch.zeros_like(copilot.correction_head.weight))
+    if kind in COPIES_WHOLE_BLOCKS:
+        layers = pilot.model.layers
+        assert config.rope_parameters == pilot.config.rope_parameters
+        for name in ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]:
+            assert torch.equal(copilot.layers[0].self_attn.get_parameter(name), layers[0].self_attn.get_parameter(name))
+            assert torch.equal(copilot.layers[1].cross_attn.get_parameter(name),
+                               layers[1].self_attn.get_parameter(name))
+        if kind == "qwen2":
+            assert torch.equal(copilot.layers[0].self_attn.q_proj.bias, layers[0].self_attn.q_proj.bias)
+        assert torch.equal(copilot.layers[1].mlp.down_proj.weight, layers[1].mlp.down_proj.weight)
+        assert torch.equal(copilot.layers[0].input_layernorm.weight, layers[0].input_layernorm.weight)
+    else:
+        fresh = CopilotModel(config)
+        assert copilot.layers[0].mlp.down_proj.weight.shape == fresh.layers[0].mlp.down_proj.weight.shape
+        pilot_tensors = [p for p in pilot.parameters() if p.dim() == 2]
+        assert not any(p.shape == q.shape and torch.equal(p, q) for p in copilot.layers.parameters() if p.dim() == 2
+                       for q in pilot_tensors)
+
+
+def test_from_pilot_with_a_narrower_copilot_aligns_widths():
+    pilot = tiny_pilot("llama")
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                      num_key_value_heads=1)
+    assert copilot.config.hidden_size == 32 and copilot.config.pilot_hidden_size == WIDTH
+    assert copilot.pilot_alignment.weight.shape == (32, WIDTH)
+    _, _, errors = random_errors()
+    out = copilot(**inputs("decoder_only"), input_errors=shift_right(errors))
+    assert out.corrections.shape == (B, T, VOCAB)
+
+
+def test_from_pilot_rejects_unknown_fields_and_unsupported_pilots():
+    with pytest.raises(TypeError, match="Unknown CopilotConfig field"):
+        CopilotModel.from_pilot(tiny_pilot("llama"), hidden_sise=32)
+    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64))
+    with pytest.raises(ValueError, match="cannot be a Pilot.*generative"):
+        CopilotModel.from_pilot(bert)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        CopilotModel.from_pilot(torch.nn.Linear(3, 3))
+
+
+def test_check_pilot_names_every_mismatch():
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    with pytest.raises(ValueError, match="encoder_decoder.*decoder_only.*from_pilot"):
+        copilot.check_pilot(tiny_pilot("t5"))
+    other = tiny_pilot("llama", vocab_size=VOCAB + 4)
+    with pytest.raises(ValueError, match=f"emits {VOCAB + 4} logits.*vocabulary is {VOCAB}"):
+        copilot.check_pilot(other)
+    wider = CopilotModel(small_config(pilot_hidden_size=2 * WIDTH))
+    with pytest.raises(ValueError, match=f"width is {WIDTH} but the Copilot expects {2 * WIDTH}"):
+        wider.check_pilot(tiny_pilot("llama"))
+
+
+def test_wrong_input_shapes_fail_clearly():
+    copilot = CopilotModel(small_config())
+    pilot = inputs("decoder_only")
+    with pytest.raises(ValueError, match=r"pilot_hidden_states must be \(batch, positions, 64\)"):
+        copilot(pilot_hidden_states=torch.randn(B, T, WIDTH + 1), pilot_input_states=pilot["pilot_input_states"])
+    with pytest.raises(ValueError, match="same shape as pilot_hidden_states"):
+        copilot(pilot_hidden_states=pilot["pilot_hidden_states"], pilot_input_states=None)
+    with pytest.raises(ValueError, match="entries per position"):
+        copilot(**pilot, input_errors=torch.zeros(B, T, VOCAB + 1))
+    with pytest.raises(ValueError, match="same \\(batch, positions\\)"):
+        copilot(**pilot, input_errors=torch.zeros(B, T + 1, VOCAB))
+    with pytest.raises(ValueError, match="attention_mask must cover past and new positions"):
+        copilot(**pilot, attention_mask=torch.ones(B, T + 2))
+    enc_dec = CopilotModel(small_config("encoder_decoder"))
+    with pytest.raises(ValueError, match="encoder output .* is required on the first call"):
+        enc_dec(pilot_hidden_states=pilot["pilot_hidden_states"])
+    with pytest.raises(ValueError, match="num_hidden_layers >= 2"):
+        small_config(num_hidden_layers=1)
