@@ -8,7 +8,11 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_copilot import CopilotConfig
 from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
+from .callback import CopilotCallback
+from .mistake_log import MistakeBatch, MistakeLog
 from .modeling_copilot import CopilotCache, CopilotModel, CopilotOutput
+from .pilot import PilotRecord, PilotTap
+from .training import CopilotTrainingConfig, CopilotUpdater, train_copilot
 
 AutoConfig.register(CopilotConfig.model_type, CopilotConfig, exist_ok=True)
 AutoModel.register(CopilotConfig, CopilotModel, exist_ok=True)
@@ -19,9 +23,17 @@ __all__ = [
     "IGNORE_INDEX",
     "CompactErrors",
     "CopilotCache",
+    "CopilotCallback",
     "CopilotConfig",
     "CopilotModel",
     "CopilotOutput",
+    "CopilotTrainingConfig",
+    "CopilotUpdater",
+    "MistakeBatch",
+    "MistakeLog",
+    "PilotRecord",
+    "PilotTap",
     "dense_errors",
     "shift_right",
+    "train_copilot",
 ]

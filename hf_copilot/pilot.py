@@ -1,9 +1,18 @@
-"""Reading a Pilot: the one module that knows how Hugging Face models are wrapped and where their layers are."""
+"""Reading a Pilot: the one module that knows how Hugging Face models are wrapped, where their layers are, and (in
+:class:`PilotTap`) how to capture their states through forward hooks."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from .errors import IGNORE_INDEX, CompactErrors
 
 
 def unwrap_pilot(model: nn.Module) -> PreTrainedModel:
@@ -67,3 +76,228 @@ def logits_width(model: PreTrainedModel) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return head.weight.shape[0]
     return model.config.get_text_config().vocab_size
+
+
+@dataclass
+class PilotRecord:
+    """What one Pilot forward showed the Copilot, all tensors detached and on the Pilot's device.
+
+    Nothing is selected, masked or normalised here: the hooks only keep references (so they stay cheap and
+    shape-static under ``torch.compile``); :meth:`next_token_labels`, :meth:`token_mask` and :meth:`errors` do the
+    work later, outside the forward.
+
+    Attributes:
+        kind: ``"decoder_only"`` or ``"encoder_decoder"``.
+        input_states: X̃. Decoder-only: the input of decoder layer 0, i.e. the embedding output (B, T, d).
+            Encoder-decoder: the encoder output (B, S, d).
+        hidden_states: h̄, the mean over the decoder layers of each position's output state, fp32 (B, T, d).
+        logits: the Pilot's logits, the very tensor its loss used (B, T, |V|); in ``generate()`` only the positions
+            the model computed logits for (usually the last).
+        labels: the labels the Pilot was given (``labels``, or ``shift_labels`` when present), or ``None``.
+        labels_aligned: whether ``labels[:, t]`` is already the target of ``logits[:, t]`` (encoder-decoder labels
+            and ``shift_labels``); causal-LM ``labels`` are not: ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+        attention_mask: padding mask of the decoder positions as the Pilot received it (``attention_mask`` of a
+            decoder-only Pilot, ``decoder_attention_mask`` of an encoder-decoder one); may cover cached past
+            positions too in ``generate()``.
+        input_mask: the encoder padding mask (encoder-decoder only).
+    """
+
+    kind: str
+    input_states: torch.Tensor
+    hidden_states: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor | None
+    labels_aligned: bool
+    attention_mask: torch.Tensor | None
+    input_mask: torch.Tensor | None = None
+
+    def next_token_labels(self) -> torch.Tensor:
+        """The target of each logits position (B, T): labels shifted left for a causal LM, ``IGNORE_INDEX`` where
+        there is none (the last position of a causal LM)."""
+        if self.labels is None:
+            raise ValueError("This PilotRecord has no labels (it was captured in generate mode), so it has no errors.")
+        if self.labels_aligned:
+            return self.labels
+        return torch.nn.functional.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+    def token_mask(self) -> torch.Tensor:
+        """Boolean (B, T): which decoder positions of this forward are real tokens (not padding)."""
+        batch, new = self.hidden_states.shape[:2]
+        if self.attention_mask is None:
+            return torch.ones(batch, new, dtype=torch.bool, device=self.hidden_states.device)
+        if self.attention_mask.dim() != 2:
+            raise ValueError(
+                f"PilotTap understands 2D padding masks (batch, positions) only; this forward got an attention mask "
+                f"of shape {tuple(self.attention_mask.shape)}. Pass a 2D attention_mask to the Pilot."
+            )
+        return self.attention_mask[:, -new:].bool()  # in generate() the mask also covers the cached positions
+
+    def errors(self, top_k: int) -> CompactErrors:
+        """The Pilot's errors one-hot(label) − softmax(logits) of this forward in compact top-``top_k`` form."""
+        return CompactErrors.from_logits(self.logits, self.next_token_labels(), top_k)
+
+
+@dataclass
+class _OpenForward:
+    """The state of the Pilot forward in flight, filled in by the layer hooks."""
+
+    labels: torch.Tensor | None
+    labels_aligned: bool
+    attention_mask: torch.Tensor | None
+    input_mask: torch.Tensor | None
+    input_states: torch.Tensor | None = None
+    hidden_sum: torch.Tensor | None = None
+    layers_seen: int = 0
+    last_layer: int = -1
+
+
+TAP_MODES = ("train", "generate")
+
+
+class PilotTap:
+    """Reads a Pilot through forward hooks: X̃, h̄, logits and labels of each recorded forward.
+
+    ``mode="train"`` records only real training forwards (``module.training and torch.is_grad_enabled()``), so
+    evaluation, ``generate()`` and ``no_grad`` forwards pass by unrecorded; a training forward without labels
+    raises (the errors could not be computed). ``mode="generate"`` records every forward, whatever the mode and
+    grad state, for the Copilot at inference time. ``mode`` is a plain attribute: change it without re-attaching
+    (hooks are added once per run and never mid-run, which DeepSpeed ZeRO-3 relies on).
+
+    Records hold references to the forward's tensors (its logits included) until :meth:`pop_records` hands them
+    over: pop them every step.
+
+    Only forwards of the top-level model are recorded: a decoder layer running outside one (an
+    activation-checkpoint recompute during backward, a direct call) is ignored, and a layer that runs twice
+    within one forward counts once.
+
+    Usage::
+
+        with PilotTap(pilot) as tap:
+            loss = pilot(**batch).loss
+            (record,) = tap.pop_records()
+    """
+
+    def __init__(self, pilot: nn.Module, mode: str = "train"):
+        self.model = unwrap_pilot(pilot)
+        self.kind = pilot_kind(self.model)
+        self.layers = decoder_layers(self.model)
+        self.mode = mode
+        self.records: list[PilotRecord] = []
+        self._handles = []
+        self._open: _OpenForward | None = None
+        parameters = inspect.signature(self.model.forward).parameters.values()
+        self._positional_names = [
+            p.name for p in itertools.takewhile(
+                lambda p: p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD), parameters)
+        ]
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str):
+        if mode not in TAP_MODES:
+            raise ValueError(f"PilotTap mode must be one of {TAP_MODES}, got {mode!r}.")
+        self._mode = mode
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> PilotTap:
+        """Registers the hooks (once: attaching an attached tap does nothing)."""
+        if self._handles:
+            return self
+        self._handles.append(self.model.register_forward_pre_hook(self._before_pilot, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_pilot, with_kwargs=True))
+        if self.kind == "decoder_only":
+            self._handles.append(self.layers[0].register_forward_pre_hook(self._before_first_layer, with_kwargs=True))
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(functools.partial(self._after_layer, index)))
+        return self
+
+    def detach(self) -> None:
+        """Removes the hooks; recorded data stays in :attr:`records`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._open = None
+
+    def __enter__(self) -> PilotTap:
+        return self.attach()
+
+    def __exit__(self, *exc_info) -> None:
+        self.detach()
+
+    def pop_records(self) -> list[PilotRecord]:
+        """The records captured since the last call, oldest first."""
+        records, self.records = self.records, []
+        return records
+
+    def _before_pilot(self, module, args, kwargs):
+        self._open = None
+        if self.mode == "train" and not (module.training and torch.is_grad_enabled()):
+            return
+        inputs = dict(zip(self._positional_names, args), **kwargs)
+        labels, aligned = inputs.get("shift_labels"), True
+        if labels is None:
+            labels, aligned = inputs.get("labels"), self.kind == "encoder_decoder"
+        if labels is None and self.mode == "train":
+            raise RuntimeError(
+                "PilotTap saw a training forward of the Pilot without `labels`, so it cannot compute the Pilot's "
+                "errors for the Copilot. Trainer removes `labels` from the model inputs when `compute_loss_func` is "
+                "set or `label_smoothing_factor` > 0: drop `compute_loss_func` / set `label_smoothing_factor=0`, or "
+                "otherwise make sure the Pilot receives `labels` (or `shift_labels`). If this forward is not a "
+                "training step of the Pilot, run it under torch.no_grad() or in eval mode."
+            )
+        if self.kind == "encoder_decoder":
+            attention_mask, input_mask = inputs.get("decoder_attention_mask"), inputs.get("attention_mask")
+        else:
+            attention_mask, input_mask = inputs.get("attention_mask"), None
+        self._open = _OpenForward(labels, aligned, attention_mask, input_mask)
+
+    def _before_first_layer(self, module, args, kwargs):
+        forward = self._open
+        if forward is not None and forward.input_states is None:
+            forward.input_states = args[0] if args else kwargs["hidden_states"]
+
+    def _after_layer(self, index, module, args, output):
+        forward = self._open
+        if forward is None or index <= forward.last_layer:
+            return
+        hidden = (output[0] if isinstance(output, tuple) else output).detach().float()
+        # A running sum (never in place: the layer output is the next layer's input), not a list of all layers.
+        forward.hidden_sum = hidden if forward.hidden_sum is None else forward.hidden_sum + hidden
+        forward.layers_seen += 1
+        forward.last_layer = index
+
+    def _after_pilot(self, module, args, kwargs, output):
+        forward, self._open = self._open, None
+        if forward is None:
+            return
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            raise RuntimeError(
+                f"PilotTap needs the Pilot to return a ModelOutput with `logits`; {type(module).__name__} returned "
+                f"{type(output).__name__}. Do not pass return_dict=False to the Pilot."
+            )
+        if self.kind == "encoder_decoder":
+            # The output carries the encoder states this forward used, also when generate() passed
+            # `encoder_outputs` in (already expanded for beams), where the encoder itself ran outside this forward.
+            forward.input_states = getattr(output, "encoder_last_hidden_state", None)
+        if forward.input_states is None or forward.hidden_sum is None:
+            raise RuntimeError(
+                f"PilotTap could not read the input representation or the decoder layers of "
+                f"{type(module).__name__} during this forward. Please open an issue naming the model class."
+            )
+        self.records.append(PilotRecord(
+            kind=self.kind,
+            input_states=forward.input_states.detach(),
+            hidden_states=forward.hidden_sum / forward.layers_seen,
+            logits=logits.detach(),
+            labels=forward.labels,
+            labels_aligned=forward.labels_aligned,
+            attention_mask=forward.attention_mask,
+            input_mask=forward.input_mask,
+        ))

@@ -1,0 +1,159 @@
+"""CopilotCallback: joint training of the Copilot inside an unmodified ``transformers.Trainer``.
+
+Per Pilot optimizer step (Algorithm 1 of the paper): the Pilot's training forwards are recorded by a
+:class:`PilotTap`, turned into compact Mistake Log entries, and after the Pilot's optimizer step the Copilot takes
+its own update(s) on a batch drawn from the updated log. The Pilot's computation is never changed: the hooks only
+read detached tensors, and the Copilot has its own optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+
+from .mistake_log import MistakeLog
+from .pilot import PilotTap
+from .training import CopilotTrainingConfig, CopilotUpdater
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STATE_NAME = "copilot_training_state_rank{rank}.pt"
+
+
+class CopilotCallback(TrainerCallback):
+    """Records the Pilot's Mistake Log and trains ``copilot`` in place while ``Trainer.train()`` runs.
+
+    Args:
+        copilot: the :class:`CopilotModel` to train (e.g. ``CopilotModel.from_pilot(pilot)``).
+        log_rounds: Mistake Log capacity in training rounds (micro-batches); the paper keeps 128.
+        log_max_bytes: byte budget of the log (see :class:`MistakeLog`).
+        top_k: Pilot probabilities kept per token in the compact errors.
+        log_device: where the log lives (``"cpu"``, pinned when CUDA exists; or the Pilot's device).
+        save_dir: where the final Copilot is saved after training (default ``<output_dir>/copilot``).
+        save_mistake_log: also write the Mistake Log into each checkpoint and next to the final Copilot.
+        resume_from: checkpoint folder to restore the Copilot from when it is not ``<output_dir>/checkpoint-<step>``.
+        **training: fields of :class:`CopilotTrainingConfig` (learning rate, batch size, updates per step, ...).
+    """
+
+    def __init__(self, copilot, *, log_rounds: int = 128, log_max_bytes: int | None = None, top_k: int = 32,
+                 log_device: str | torch.device = "cpu", save_dir: str | None = None,
+                 save_mistake_log: bool = False, resume_from: str | None = None, **training):
+        self.copilot = copilot
+        self.config = CopilotTrainingConfig(**training)
+        log_options = dict(max_rounds=log_rounds, top_k=top_k, device=log_device)
+        if log_max_bytes is not None:
+            log_options["max_bytes"] = log_max_bytes
+        self.mistake_log = MistakeLog(**log_options)
+        self.save_dir = save_dir
+        self.save_mistake_log = save_mistake_log
+        self.resume_from = resume_from
+        self.tap: PilotTap | None = None
+        self.updater: CopilotUpdater | None = None
+        self._losses: list[float] = []
+
+    # --- training loop events -------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise RuntimeError("CopilotCallback needs the Trainer to pass the model to its callbacks.")
+        self.copilot.check_pilot(model)
+        self._run_first(sys._getframe(1))
+        self.copilot.to(args.device)
+        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        total_updates = math.ceil(state.max_steps / self.config.update_every) * self.config.updates_per_step
+        self.updater = CopilotUpdater(self.copilot, self.config, total_updates, autocast_dtype=autocast)
+        if state.global_step > 0:
+            self._resume(args, state)
+        self.tap = PilotTap(model, mode="train").attach()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._drain(state)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._drain(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.config.update_every or not len(self.mistake_log):
+            return
+        for _ in range(self.config.updates_per_step):
+            self._losses.append(self.updater.step(self.mistake_log))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.updater is None or "loss" not in logs:
+            return
+        stats = self.mistake_log.stats()
+        metrics = {
+            "copilot_learning_rate": self.updater.learning_rate,
+            "copilot_log_tokens": stats["tokens"],
+            "copilot_log_bytes": stats["bytes"],
+            "copilot_log_error_norm": stats["mean_error_norm"],
+            "copilot_log_dropped_mass": stats["mean_dropped_mass"],
+        }
+        if self._losses:
+            metrics["copilot_loss"] = sum(self._losses) / len(self._losses)
+            self._losses.clear()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "copilot")
+        self._save(folder, args, state, with_training_state=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tap is not None:
+            self.tap.detach()
+            self.tap = None
+        self._save(self.save_dir or os.path.join(args.output_dir, "copilot"), args, state,
+                   with_training_state=False)
+
+    # --- helpers --------------------------------------------------------------------------------------------
+
+    def _drain(self, state):
+        """Moves the tap's records into the Mistake Log (outside the hooks, so the hooks stay cheap)."""
+        if self.tap is None:
+            return
+        for record in self.tap.pop_records():
+            self.mistake_log.add(record, step=state.global_step + 1)
+
+    def _run_first(self, frame):
+        """Moves this callback to the front of the Trainer's callback list, so that reporters (TensorBoard, W&B,
+        the progress bar) see the Copilot metrics this callback adds to each log."""
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler) and self in handler.callbacks:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+    def _save(self, folder, args, state, with_training_state: bool):
+        if state.is_world_process_zero:
+            self.copilot.save_pretrained(folder)
+            if self.save_mistake_log:
+                self.mistake_log.save(os.path.join(folder, "mistake_log"))
+        if with_training_state:
+            os.makedirs(folder, exist_ok=True)
+            rank = args.process_index
+            torch.save(self.updater.state_dict(), os.path.join(folder, TRAINING_STATE_NAME.format(rank=rank)))
+
+    def _resume(self, args, state):
+        folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(folder, "copilot")
+        training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=args.process_index))
+        if not os.path.isfile(training_state):
+            raise FileNotFoundError(
+                f"Training resumes at step {state.global_step}, but {training_state} does not exist, so the Copilot "
+                "cannot resume with it. If the checkpoint lives elsewhere, pass CopilotCallback(resume_from=<that "
+                "checkpoint folder>); to start the Copilot afresh, train without resume_from_checkpoint."
+            )
+        loaded = type(self.copilot).from_pretrained(folder)
+        self.copilot.load_state_dict(loaded.state_dict())
+        self.updater.load_state_dict(torch.load(training_state, map_location=args.device, weights_only=False))
+        log_folder = os.path.join(folder, "mistake_log")
+        if os.path.isdir(log_folder):
+            self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot)
+        logger.info("Copilot resumed from %s (%d updates so far)", folder, self.updater.updates)

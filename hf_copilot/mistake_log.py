@@ -1,0 +1,379 @@
+"""MistakeLog: the paper's Mistake Log, a bounded buffer of the Pilot's most recent training rounds.
+
+The Copilot learns from (X̃, h̄, ℓ) of the Pilot's own recent forwards. Dense errors are |V| floats per token
+(many GB for 128 rounds), so the log keeps, per token, X̃ and h̄ in low precision plus the compact error form of
+:class:`~hf_copilot.errors.CompactErrors` (label id and the Pilot's top-k ids/probabilities): O(d + k) numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.utils.rnn import pad_sequence
+
+from .errors import IGNORE_INDEX, CompactErrors
+from .pilot import PilotRecord
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "mistake_log.safetensors"
+METADATA_FILE = "mistake_log.json"
+
+
+@dataclass
+class MistakeBatch:
+    """Sequences drawn from the log, right-padded, in the shapes :class:`~hf_copilot.CopilotModel` takes.
+
+    ``pilot_input_states`` is (B, T, d) for a decoder-only Pilot and the encoder output (B, S, d) for an
+    encoder-decoder one, whose padding mask is ``pilot_input_mask``. ``steps`` holds the training step each
+    sequence was recorded at.
+    """
+
+    pilot_input_states: torch.Tensor
+    pilot_hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+    errors: CompactErrors
+    steps: torch.Tensor
+    pilot_input_mask: torch.Tensor | None = None
+
+    def copilot_inputs(self) -> dict:
+        """Keyword arguments of a teacher-forced Copilot forward that predicts ``errors`` (and returns its loss)."""
+        return dict(
+            pilot_hidden_states=self.pilot_hidden_states,
+            pilot_input_states=self.pilot_input_states,
+            input_errors=self.errors.shift_right(),
+            attention_mask=self.attention_mask,
+            pilot_input_mask=self.pilot_input_mask,
+            target_errors=self.errors,
+        )
+
+
+@dataclass
+class _Entry:
+    """One added record: the kept positions of its sequences, packed back to back.
+
+    ``input_states`` has one row per kept position (decoder-only) or per real encoder position (encoder-decoder,
+    counted by ``input_lengths``). The lengths are bookkeeping and stay on the CPU.
+    """
+
+    step: int
+    input_states: torch.Tensor
+    hidden_states: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    probs: torch.Tensor
+    lengths: torch.Tensor
+    input_lengths: torch.Tensor | None = None
+
+    TENSOR_NAMES = ("input_states", "hidden_states", "labels", "ids", "probs", "lengths", "input_lengths")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.TENSOR_NAMES if getattr(self, name) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors().values())
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.lengths)
+
+    @functools.cached_property
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) rows of each sequence's decoder positions."""
+        return _spans(self.lengths)
+
+    @functools.cached_property
+    def input_spans(self) -> list[tuple[int, int]]:
+        """(start, end) rows of each sequence's ``input_states``."""
+        return self.spans if self.input_lengths is None else _spans(self.input_lengths)
+
+
+def _spans(lengths: torch.Tensor) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(lengths.tolist()))
+    return list(zip([0] + ends[:-1], ends))
+
+
+class MistakeLog:
+    """Ring buffer of the Pilot's most recent training rounds, in compact form.
+
+    Per added :class:`~hf_copilot.pilot.PilotRecord` (one entry) it keeps, for each sequence, the real positions
+    (attention mask 1) up to the sequence's last labelled position: positions after it carry no error and, the
+    decoder being causal, do not influence earlier ones. Sequences without any label are not stored.
+
+    Bytes, with d the Pilot's width, k = ``top_k`` (at most |V|) and s the size of ``storage_dtype`` (2 for bf16):
+
+    - decoder-only: ``2·d·s + 4 + k·(4 + s)`` per stored position (X̃ and h̄ at s bytes, the label as int32, k
+      int32 ids and k probabilities at s bytes), plus 8 per sequence (its int64 length);
+    - encoder-decoder: ``d·s + 4 + k·(4 + s)`` per stored decoder position, plus ``d·s`` per real encoder
+      position (the encoder output is X̃), plus 16 per sequence (two lengths).
+
+    For example SmolLM2-135M (d = 576) with the defaults stores 2,500 bytes per token, so the default budget of
+    512 MiB holds about 215k tokens (128 rounds of 8 sequences of 210 tokens).
+
+    The log holds at most ``max_rounds`` rounds (a round is a run of consecutive entries added with the same
+    ``step``: gradient accumulation adds several) and at most ``max_bytes`` bytes; the oldest entries go first. It
+    lives in CPU memory (pinned when CUDA is available, for fast copies to the GPU) unless ``device`` names
+    another device, e.g. the Pilot's.
+    """
+
+    def __init__(
+        self,
+        max_rounds: int = 128,
+        max_bytes: int = 512 * 2**20,
+        top_k: int = 32,
+        storage_dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+    ):
+        if max_rounds < 1 or max_bytes < 1 or top_k < 1:
+            raise ValueError(
+                f"max_rounds, max_bytes and top_k must be positive; got {max_rounds}, {max_bytes}, {top_k}."
+            )
+        self.max_rounds = max_rounds
+        self.max_bytes = max_bytes
+        self.top_k = top_k
+        self.storage_dtype = storage_dtype
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cpu" and torch.cuda.is_available()
+        self.kind: str | None = None
+        self.vocab_size: int | None = None
+        self.hidden_size: int | None = None
+        self.bytes = 0
+        self._entries: deque[_Entry] = deque()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def steps(self) -> list[int]:
+        """The step of each entry, oldest first."""
+        return [entry.step for entry in self._entries]
+
+    @property
+    def rounds(self) -> int:
+        steps = self.steps
+        return sum(1 for i, step in enumerate(steps) if i == 0 or step != steps[i - 1])
+
+    def add(self, record: PilotRecord, step: int) -> None:
+        """Stores the compact errors and states of ``record`` (a training forward with labels) as recorded at
+        ``step``, then evicts the oldest entries until the log is within ``max_rounds`` and ``max_bytes``."""
+        shape = (record.kind, record.logits.shape[-1], record.hidden_states.shape[-1])
+        if self.kind is not None and shape != (self.kind, self.vocab_size, self.hidden_size):
+            raise ValueError(
+                f"This Mistake Log holds a {self.kind} Pilot's errors with {self.vocab_size} logits and width "
+                f"{self.hidden_size}; the new record has (kind, logits, width) = {shape}. Use one log per Pilot."
+            )
+        labels = record.next_token_labels()
+        up_to_last_label = (labels != IGNORE_INDEX).flip(-1).cumsum(-1).flip(-1) > 0
+        keep = record.token_mask() & up_to_last_label
+        lengths = keep.sum(-1)
+        kept_sequences = lengths > 0
+        if not kept_sequences.any():
+            return
+        if record.kind == "encoder_decoder":
+            source_mask = (
+                record.input_mask.bool() if record.input_mask is not None
+                else torch.ones(record.input_states.shape[:2], dtype=torch.bool, device=keep.device)
+            ) & kept_sequences[:, None]
+            input_states, input_lengths = record.input_states[source_mask], source_mask.sum(-1)[kept_sequences]
+        else:
+            input_states, input_lengths = record.input_states[keep], None
+        errors = CompactErrors.from_logits(record.logits[keep], labels[keep], self.top_k)
+        entry = _Entry(
+            step=int(step),
+            input_states=self._store(input_states, self.storage_dtype),
+            hidden_states=self._store(record.hidden_states[keep], self.storage_dtype),
+            labels=self._store(errors.labels, torch.int32),
+            ids=self._store(errors.ids, torch.int32),
+            probs=self._store(errors.probs, self.storage_dtype),
+            lengths=lengths[kept_sequences].cpu(),
+            input_lengths=None if input_lengths is None else input_lengths.cpu(),
+        )
+        if entry.nbytes > self.max_bytes:
+            raise ValueError(
+                f"One round of the Mistake Log needs {entry.nbytes} bytes, more than max_bytes={self.max_bytes}. "
+                "Raise max_bytes (see the MistakeLog docstring for the bytes per token) or lower top_k."
+            )
+        self.kind, self.vocab_size, self.hidden_size = shape
+        self._entries.append(entry)
+        self.bytes += entry.nbytes
+        while len(self._entries) > 1 and (self.rounds > self.max_rounds or self.bytes > self.max_bytes):
+            self.bytes -= self._entries.popleft().nbytes
+
+    def _store(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        tensor = tensor.to(dtype)  # cast where the record lives, so fewer bytes cross to the log
+        if self.pin_memory:
+            return torch.empty(tensor.shape, dtype=dtype, pin_memory=True).copy_(tensor)
+        return tensor.to(self.device)
+
+    def sample(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MistakeBatch:
+        """Up to ``batch_size`` distinct sequences drawn uniformly from the log, one of them always from the newest
+        round (Algorithm 1 draws from the log just updated). States and probabilities are cast to ``dtype`` and
+        everything is moved to ``device`` (default: the log's)."""
+        if not self._entries:
+            raise ValueError("The Mistake Log is empty: add() a training record before sampling from it.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        device = self.device if device is None else torch.device(device)
+        table = [(entry, index) for entry in self._entries for index in range(entry.num_sequences)]
+        newest_step = self._entries[-1].step
+        newest_round = sum(
+            entry.num_sequences for entry in
+            itertools.takewhile(lambda entry: entry.step == newest_step, reversed(self._entries))
+        )
+        first = len(table) - newest_round + int(torch.randint(newest_round, (1,), generator=generator))
+        others = torch.randperm(len(table) - 1, generator=generator)[: batch_size - 1].tolist()
+        chosen = [table[first]] + [table[j + (j >= first)] for j in others]
+
+        pieces = {name: [] for name in ("input_states", "hidden_states", "labels", "ids", "probs")}
+        for entry, index in chosen:
+            start, end = entry.spans[index]
+            source_start, source_end = entry.input_spans[index]
+            pieces["input_states"].append(entry.input_states[source_start:source_end])
+            for name in ("hidden_states", "labels", "ids", "probs"):
+                pieces[name].append(getattr(entry, name)[start:end])
+
+        def padded(name, value, cast):
+            moved = [piece.to(device, non_blocking=True).to(cast) for piece in pieces[name]]
+            return pad_sequence(moved, batch_first=True, padding_value=value)
+
+        def mask(lengths):
+            lengths = torch.tensor(lengths, device=device)
+            return (torch.arange(int(lengths.max()), device=device) < lengths[:, None]).long()
+
+        errors = CompactErrors(
+            labels=padded("labels", IGNORE_INDEX, torch.long),
+            ids=padded("ids", 0, torch.long),
+            probs=padded("probs", 0.0, dtype),
+        )
+        encoder_decoder = self.kind == "encoder_decoder"
+        return MistakeBatch(
+            pilot_input_states=padded("input_states", 0.0, dtype),
+            pilot_hidden_states=padded("hidden_states", 0.0, dtype),
+            attention_mask=mask([len(piece) for piece in pieces["hidden_states"]]),
+            errors=errors,
+            steps=torch.tensor([entry.step for entry, _ in chosen], device=device),
+            pilot_input_mask=mask([len(piece) for piece in pieces["input_states"]]) if encoder_decoder else None,
+        )
+
+    def stats(self) -> dict:
+        """Size of the log and how large the errors in it are.
+
+        ``mean_error_norm`` is the mean ‖ℓ‖ over labelled tokens; ``mean_dropped_mass`` the mean probability mass
+        outside the stored top-k (what the compact form loses; both NaN for an empty log).
+        """
+        labelled, norm_sum, dropped_sum = 0, 0.0, 0.0
+        for entry in self._entries:
+            errors = CompactErrors(entry.labels.long(), entry.ids.long(), entry.probs)
+            valid = errors.valid
+            labelled += int(valid.sum())
+            norm_sum += float(errors.squared_norm().clamp(min=0).sqrt()[valid].sum())
+            dropped_sum += float(errors.dropped_mass()[valid].sum())
+        return {
+            "entries": len(self._entries),
+            "rounds": self.rounds,
+            "sequences": sum(entry.num_sequences for entry in self._entries),
+            "tokens": sum(len(entry.labels) for entry in self._entries),
+            "labelled_tokens": labelled,
+            "bytes": self.bytes,
+            "mean_error_norm": norm_sum / labelled if labelled else float("nan"),
+            "mean_dropped_mass": dropped_sum / labelled if labelled else float("nan"),
+        }
+
+    def check_compatible(self, copilot) -> None:
+        """Raises a ValueError naming the mismatch when this log was not recorded from a Pilot that ``copilot``
+        (a :class:`~hf_copilot.CopilotModel` or its config) serves."""
+        config = getattr(copilot, "config", copilot)
+        if self.kind is None:  # an empty log fits any Copilot
+            return
+        problems = []
+        if self.kind != config.pilot_kind:
+            problems.append(f"the log holds a {self.kind} Pilot's errors but the Copilot serves a "
+                            f"{config.pilot_kind} Pilot")
+        if self.vocab_size != config.vocab_size:
+            problems.append(f"the log's errors span {self.vocab_size} tokens but the Copilot's vocabulary is "
+                            f"{config.vocab_size}")
+        if self.hidden_size != config.pilot_hidden_size:
+            problems.append(f"the log's Pilot states have width {self.hidden_size} but the Copilot expects "
+                            f"{config.pilot_hidden_size}")
+        if problems:
+            raise ValueError(
+                "This Mistake Log does not fit the Copilot: " + "; ".join(problems) + ". It was recorded from "
+                "another Pilot: record a new log with the Pilot this Copilot serves, or use the Copilot built for "
+                "the log's Pilot."
+            )
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the log to ``directory`` (safetensors + JSON). The files are written elsewhere first and moved
+        into place, so an interrupted save never leaves a half-written log there."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+        retired = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
+        try:
+            tensors = {
+                f"{i}.{name}": tensor.to("cpu").contiguous()
+                for i, entry in enumerate(self._entries) for name, tensor in entry.tensors().items()
+            }
+            save_file(tensors, staging / TENSORS_FILE)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "kind": self.kind,
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "top_k": self.top_k,
+                "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
+                "max_rounds": self.max_rounds,
+                "max_bytes": self.max_bytes,
+                "steps": self.steps,
+            }
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+            if directory.exists():
+                os.rename(directory, retired)  # kept until the new log is in place
+            os.rename(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, copilot=None, device: str | torch.device = "cpu") -> MistakeLog:
+        """Reads a log written by :meth:`save`; with ``copilot`` given, first checks that it fits
+        (:meth:`check_compatible`)."""
+        directory = Path(directory)
+        metadata_path = directory / METADATA_FILE
+        if not metadata_path.is_file():
+            raise FileNotFoundError(f"{directory} holds no Mistake Log ({METADATA_FILE} is missing); write one with "
+                                    "MistakeLog.save(directory).")
+        metadata = json.loads(metadata_path.read_text())
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory} holds a Mistake Log of format {metadata.get('format_version')}; this "
+                             f"version of hf_copilot reads format {FORMAT_VERSION}. Record the log again.")
+        log = cls(max_rounds=metadata["max_rounds"], max_bytes=metadata["max_bytes"], top_k=metadata["top_k"],
+                  storage_dtype=getattr(torch, metadata["storage_dtype"]), device=device)
+        log.kind, log.vocab_size, log.hidden_size = metadata["kind"], metadata["vocab_size"], metadata["hidden_size"]
+        if copilot is not None:
+            log.check_compatible(copilot)
+        tensors = load_file(directory / TENSORS_FILE)
+        for i, step in enumerate(metadata["steps"]):
+            stored = {name: tensors.get(f"{i}.{name}") for name in _Entry.TENSOR_NAMES}
+            bookkeeping = {name: stored.pop(name) for name in ("lengths", "input_lengths")}
+            entry = _Entry(step, **{name: log._store(t, t.dtype) for name, t in stored.items()}, **bookkeeping)
+            log._entries.append(entry)
+            log.bytes += entry.nbytes
+        return log

@@ -1,0 +1,149 @@
+"""The Copilot's own optimisation: one update step shared by joint training (the callback) and offline training."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+
+
+@dataclass
+class CopilotTrainingConfig:
+    """How the Copilot learns from the Mistake Log.
+
+    Args:
+        learning_rate / weight_decay / adam_betas: AdamW settings (paper: Copilot LR 3e-4 … 5e-4).
+        lr_scheduler_type / warmup_ratio: schedule over all Copilot updates (paper: cosine with warm-up).
+        batch_size: sequences drawn from the log per Copilot update.
+        updates_per_step: Copilot updates after each Pilot optimizer step.
+        update_every: run those updates every n-th Pilot step only (cheaper joint training).
+        max_grad_norm: gradient clipping of the Copilot (0 disables it).
+        seed: seeds the log sampling, so a run is reproducible and a resumed run continues identically.
+    """
+
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    batch_size: int = 16
+    updates_per_step: int = 1
+    update_every: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "updates_per_step", "update_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CopilotTrainingConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CopilotUpdater:
+    """Owns the Copilot's optimizer, schedule and sampling generator, and performs one update on a log batch.
+
+    In a multi-process run every rank draws its own batch and the gradients are averaged before the step, so all
+    ranks keep identical Copilot weights (the Copilot is not wrapped by the Trainer's DDP).
+    """
+
+    def __init__(self, copilot, config: CopilotTrainingConfig, total_updates: int, autocast_dtype=None):
+        self.copilot = copilot
+        self.config = config
+        self.autocast_dtype = autocast_dtype
+        decay = [p for n, p in copilot.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in copilot.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate,
+            betas=config.adam_betas,
+        )
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * total_updates),
+            num_training_steps=max(total_updates, 1),
+        )
+        self.generator = torch.Generator().manual_seed(config.seed + _rank())
+        self.updates = 0
+
+    def step(self, mistake_log) -> float:
+        """Draws a batch from ``mistake_log``, takes one optimizer step, returns the loss."""
+        device = next(self.copilot.parameters()).device
+        batch = mistake_log.sample(self.config.batch_size, generator=self.generator, device=device)
+        self.copilot.train()
+        autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = self.copilot(**batch.copilot_inputs()).loss
+        loss.backward()
+        _average_gradients(self.copilot)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.copilot.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        return loss.item()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.updates = state["updates"]
+
+
+def train_copilot(copilot, mistake_log, num_updates: int, progress: bool = True, **training) -> list[float]:
+    """Trains ``copilot`` offline from a (saved and reloaded) Mistake Log with the callback's own update step.
+
+    ``training`` takes the fields of :class:`CopilotTrainingConfig`; the log is sampled exactly as during joint
+    training. Returns the loss of every update.
+    """
+    mistake_log.check_compatible(copilot.config)
+    updater = CopilotUpdater(copilot, CopilotTrainingConfig(**training), total_updates=num_updates)
+    losses = []
+    bar = tqdm(range(num_updates), desc="Copilot updates", disable=not progress)
+    for _ in bar:
+        losses.append(updater.step(mistake_log))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{updater.learning_rate:.2e}")
+    return losses
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _average_gradients(model):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(model.parameters(), grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(p).to(p.dtype)
+        offset += g.numel()

@@ -1,0 +1,151 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_pilot
+from transformers import Trainer, TrainingArguments
+
+from hf_copilot import CopilotCallback, CopilotModel, MistakeLog, train_copilot
+
+SEQ = 16
+
+
+def pattern_dataset(n=32, seed=0):
+    """Sequences that count upwards modulo a small range from a random start: easy to learn, with prompt masking."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        start = int(torch.randint(3, VOCAB - SEQ, (1,), generator=gen))
+        ids = torch.arange(start, start + SEQ)
+        labels = ids.clone()
+        labels[:3] = -100  # a "prompt" the Pilot is not trained on
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels})
+    return rows
+
+
+def trainer_args(tmp_path, **overrides):
+    fields = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
+                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                  dataloader_num_workers=0)
+    fields.update(overrides)
+    return TrainingArguments(**fields)
+
+
+def run(tmp_path, callback=None, pilot=None, args=None, **trainer_kwargs):
+    pilot = pilot or tiny_pilot("llama")
+    trainer = Trainer(model=pilot, args=args or trainer_args(tmp_path), train_dataset=pattern_dataset(),
+                      callbacks=[callback] if callback else None, **trainer_kwargs)
+    trainer.train()
+    return trainer
+
+
+def test_pilot_training_is_untouched_by_the_callback(tmp_path):
+    plain = run(tmp_path / "plain").model
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    joint = run(tmp_path / "joint", CopilotCallback(copilot, batch_size=4)).model
+    for (name, a), b in zip(plain.state_dict().items(), joint.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_copilot_learns_the_errors_of_a_fixed_pilot(tmp_path):
+    """With a frozen Pilot (learning rate 0) its errors are a fixed function of what the Copilot sees."""
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    callback = CopilotCallback(copilot, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, updates_per_step=4)
+    trainer = run(tmp_path, callback, args=trainer_args(tmp_path, learning_rate=0.0, max_steps=25))
+    losses = [h["copilot_loss"] for h in trainer.state.log_history if "copilot_loss" in h]
+    assert len(losses) == 25
+    assert losses[-1] < 0.7 * losses[0]
+    zero_predictor = trainer.state.log_history[-2]["copilot_log_error_norm"]
+    assert losses[0] == pytest.approx(zero_predictor, rel=0.2)
+
+
+def test_records_one_entry_per_micro_batch_and_none_during_evaluation(tmp_path):
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    callback = CopilotCallback(copilot, batch_size=4, log_rounds=1000)
+    args = trainer_args(tmp_path, gradient_accumulation_steps=3, max_steps=2, eval_strategy="steps", eval_steps=1,
+                        per_device_eval_batch_size=4)
+    run(tmp_path, callback, args=args, eval_dataset=pattern_dataset(8, seed=1))
+    assert len(callback.mistake_log) == 6  # 2 steps x 3 micro-batches, evaluation not recorded
+    assert sorted(set(callback.mistake_log.steps)) == [1, 2]
+
+
+def test_no_duplicate_records_with_activation_checkpointing(tmp_path):
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    callback = CopilotCallback(copilot, batch_size=4)
+    run(tmp_path, callback, args=trainer_args(tmp_path, activation_checkpointing=True, max_steps=3))
+    assert len(callback.mistake_log) == 3
+
+
+def test_metrics_reach_the_log_history(tmp_path):
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    trainer = run(tmp_path, CopilotCallback(copilot, batch_size=4))
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 6
+    for entry in logged:
+        for key in ["copilot_loss", "copilot_learning_rate", "copilot_log_tokens", "copilot_log_bytes",
+                    "copilot_log_error_norm", "copilot_log_dropped_mass"]:
+            assert key in entry, key
+    assert (tmp_path / "copilot" / "model.safetensors").exists()
+
+
+def test_label_smoothing_fails_with_a_fix(tmp_path):
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    with pytest.raises(RuntimeError, match="labels"):
+        run(tmp_path, CopilotCallback(copilot), args=trainer_args(tmp_path, label_smoothing_factor=0.1))
+
+
+def test_mismatched_copilot_fails_before_training(tmp_path):
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama", vocab_size=VOCAB + 8), num_hidden_layers=2)
+    with pytest.raises(ValueError, match="does not fit the Pilot"):
+        run(tmp_path, CopilotCallback(copilot))
+
+
+def test_resume_gives_the_same_copilot_as_an_uninterrupted_run(tmp_path):
+    def callback():
+        return CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4,
+                               save_mistake_log=True)
+
+    full = callback()
+    run(tmp_path / "full", full, args=trainer_args(tmp_path / "full", max_steps=6))
+    interrupted = tmp_path / "resumed"
+    run(interrupted, callback(), args=trainer_args(interrupted, max_steps=6, save_strategy="steps", save_steps=3))
+    assert (interrupted / "checkpoint-3" / "copilot" / "model.safetensors").exists()
+    resumed = callback()
+    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(interrupted, max_steps=6),
+                      train_dataset=pattern_dataset(), callbacks=[resumed])
+    trainer.train(resume_from_checkpoint=str(interrupted / "checkpoint-3"))
+    for (name, a), b in zip(full.copilot.state_dict().items(), resumed.copilot.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_offline_training_from_a_saved_log(tmp_path):
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    callback = CopilotCallback(copilot, batch_size=4, learning_rate=1e-12)
+    run(tmp_path, callback, args=trainer_args(tmp_path, learning_rate=0.0))
+    callback.mistake_log.save(tmp_path / "log")
+    log = MistakeLog.load(tmp_path / "log")
+    fresh = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    losses = train_copilot(fresh, log, num_updates=30, progress=False, learning_rate=3e-3, warmup_ratio=0.0,
+                           batch_size=8)
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
+
+
+DDP_SCRIPT = Path(__file__).with_name("ddp_train.py")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux CI")
+def test_two_processes_end_with_identical_copilots(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(DDP_SCRIPT), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "copilot_rank0.pt")
+    rank1 = torch.load(tmp_path / "copilot_rank1.pt")
+    initial = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2).state_dict()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)  # it did train
