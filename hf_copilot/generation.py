@@ -1,0 +1,245 @@
+"""CopilotLogitsProcessor: the Copilot rectifies the Pilot's next-token scores inside an ordinary ``generate()``.
+
+Each time ``generate()`` asks for processed scores, the Pilot has just run one forward; a :class:`PilotTap` captured
+its X̃ and h̄ for the new positions. The processor runs the Copilot incrementally on those positions (its own
+:class:`CopilotCache` and padding mask), reads the correction ``f`` at the last position and fuses it with the
+scores. The Copilot's inputs follow training, where prompt labels are masked: zero error over the prompt, then at
+each generated position the Copilot's own previous correction (a stand-in for the unknown true error).
+
+Where the processor runs in transformers 5.24: ``generate()`` places user processors after its built-in ones
+(repetition penalty, min-length, bad words, ...) and before the sampling warpers (temperature, top-k, top-p, min-p,
+typical, ...) and the final ``LogitNormalization``. So temperature and truncation apply to the fused scores, and
+tokens a built-in processor banned (score ``-inf``) stay banned after fusion. Greedy search and sampling pass raw
+logits; beam search passes log-probabilities (log-softmax of the logits) of the flattened ``(batch * beams)`` rows.
+
+The processor never sees ``beam_idx``, the cache position or the start of a ``generate()`` call, so it infers them:
+
+* a new call: no state yet, a multi-position Pilot forward (the prompt), a batch size change, ``input_ids`` that do
+  not extend the previous call's by exactly one token, or a row whose prefix matches no previous row;
+* beam reordering: each row's parent is a previous row equal to ``input_ids[:, :-1]`` (duplicates are harmless:
+  the same prefix means the same Copilot state). For an encoder-decoder Pilot, rows only match within the same
+  source sequence, since decoder prefixes alone (a start token) do not tell the batch items apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+from .modeling_copilot import CopilotCache, CopilotModel
+from .pilot import PilotRecord, PilotTap
+
+FUSION_SPACES = ("probs", "logits")
+
+UNSUPPORTED_DECODING = (
+    "Assisted, speculative and prompt-lookup decoding (assistant_model=..., prompt_lookup_num_tokens=...) are not "
+    "supported by CopilotLogitsProcessor: they run the processor on a draft model and verify several positions per "
+    "Pilot forward, which the Copilot cannot follow. Use greedy search, sampling or beam search."
+)
+
+
+@dataclass
+class _DecodingState:
+    """What the processor remembers between the steps of one ``generate()`` call (rows = batch * beams)."""
+
+    cache: CopilotCache
+    attention_mask: torch.Tensor  # (rows, positions so far): the Copilot's own 2D padding mask
+    input_ids: torch.Tensor  # (rows, positions so far) as seen at the last step, to find beam parents
+    corrections: torch.Tensor  # (rows, 1, |V|): the last correction, the Copilot's input at the next position
+    source_groups: torch.Tensor  # (rows,): rows sharing a source sequence (encoder-decoder beam matching)
+
+
+class CopilotLogitsProcessor(LogitsProcessor):
+    """Fuses a Copilot's corrections into the Pilot's scores during ``pilot.generate()``.
+
+    Args:
+        copilot: a :class:`CopilotModel` built for ``pilot`` (put it in eval mode: it runs as it is).
+        pilot: the Pilot that ``generate()`` runs; hooks are attached to it until :meth:`close`.
+        lam: the fusion weight λ ≥ 0; ``0`` returns the scores unchanged.
+        space: ``"probs"`` (paper Eq. 8: ``softmax(scores) + λ f``, clamped positive, renormalised, returned as log)
+            or ``"logits"`` (``scores + λ f``).
+        top_analysis: when ``n > 0``, :attr:`analysis` holds one dict per step of the current ``generate()`` call
+            with the top-n tokens of the fused scores (``token_ids``) and, for those tokens, the Pilot's scores
+            (``pilot_scores``), the Copilot's corrections (``corrections``) and the fused scores (``fused_scores``),
+            each (rows, n) on the CPU.
+
+    Usage::
+
+        with CopilotLogitsProcessor(copilot, pilot, lam=1.0) as processor:
+            out = pilot.generate(**inputs, logits_processor=[processor])
+
+    One instance can serve many ``generate()`` calls in turn (it resets itself at each new call), not several at
+    once. Pilot forwards outside ``generate()`` are captured too while it is open: close it when done.
+    """
+
+    def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0):
+        copilot.check_pilot(pilot)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam (the fusion weight λ) must be a finite number >= 0; got {lam!r}.")
+        if space not in FUSION_SPACES:
+            raise ValueError(f"space must be one of {FUSION_SPACES}; got {space!r}.")
+        if isinstance(top_analysis, bool) or not isinstance(top_analysis, int) or top_analysis < 0:
+            raise ValueError(f"top_analysis must be an int >= 0 (0 disables the analysis); got {top_analysis!r}.")
+        self.copilot = copilot
+        self.lam = float(lam)
+        self.space = space
+        self.top_analysis = top_analysis
+        self.analysis: list[dict[str, torch.Tensor]] = []
+        self.tap = PilotTap(pilot, mode="generate").attach()
+        self._state: _DecodingState | None = None
+
+    def close(self) -> None:
+        """Removes the hooks from the Pilot and forgets the decoding state."""
+        self.tap.detach()
+        self.tap.pop_records()
+        self._state = None
+
+    def __enter__(self) -> CopilotLogitsProcessor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.tap.attached:
+            raise RuntimeError("This CopilotLogitsProcessor was closed; create a new one.")
+        record = self._this_steps_record(input_ids)
+        corrections = self._advance(input_ids, record)
+        fused = self._fuse(scores, corrections)
+        if self.top_analysis:
+            self._analyse(scores, corrections, fused)
+        return fused
+
+    def _this_steps_record(self, input_ids: torch.Tensor) -> PilotRecord:
+        """The Pilot forward behind these scores: exactly one since the last call, or a fresh prompt forward
+        (earlier records then come from forwards outside this processor's generate() calls and are dropped)."""
+        records = self.tap.pop_records()
+        if not records:
+            raise RuntimeError("CopilotLogitsProcessor was called without a Pilot forward since its last call. "
+                               + UNSUPPORTED_DECODING + " (Or the processor was given to another model's generate().)")
+        record = records[-1]
+        is_prompt = tuple(record.hidden_states.shape[:2]) == tuple(input_ids.shape)
+        if len(records) > 1 and not is_prompt:
+            raise RuntimeError(f"CopilotLogitsProcessor saw {len(records)} Pilot forwards since its last call, "
+                               "expected one. " + UNSUPPORTED_DECODING)
+        return record
+
+    def _advance(self, input_ids: torch.Tensor, record: PilotRecord) -> torch.Tensor:
+        """Runs the Copilot on the record's new positions; returns the last position's corrections (rows, |V|)."""
+        state = self._state
+        parents = None
+        if state is not None and record.hidden_states.shape[1] == 1 and input_ids.shape == (
+            state.input_ids.shape[0], state.input_ids.shape[1] + 1
+        ):
+            parents = self._parents(input_ids, state)
+        if parents is None:
+            return self._start(input_ids, record)
+
+        if not torch.equal(parents, torch.arange(len(parents), device=parents.device)):
+            state.cache.reorder(parents)
+            state.attention_mask = state.attention_mask[parents]
+            state.corrections = state.corrections[parents]
+        state.attention_mask = torch.nn.functional.pad(state.attention_mask, (0, 1), value=1)
+        output = self.copilot(
+            pilot_hidden_states=record.hidden_states,
+            pilot_input_states=record.input_states if record.kind == "decoder_only" else None,
+            input_errors=state.corrections,
+            attention_mask=state.attention_mask,
+            cache=state.cache,
+            use_cache=True,
+        )
+        state.input_ids = input_ids
+        state.corrections = output.corrections[:, -1:]
+        return output.corrections[:, -1]
+
+    def _start(self, input_ids: torch.Tensor, record: PilotRecord) -> torch.Tensor:
+        """A new generate() call: the record is the prompt forward; the Copilot reads it with zero input errors."""
+        rows, length = input_ids.shape
+        if tuple(record.hidden_states.shape[:2]) != (rows, length):
+            raise RuntimeError(
+                f"CopilotLogitsProcessor expected the Pilot forward of a new generate() call to cover the whole "
+                f"decoder sequence {(rows, length)}; it covered {tuple(record.hidden_states.shape[:2])}. "
+                + UNSUPPORTED_DECODING + " A generate() that continues from a pre-filled past_key_values is not "
+                "supported either."
+            )
+        mask = _prompt_mask(record, input_ids)
+        output = self.copilot(
+            pilot_hidden_states=record.hidden_states,
+            pilot_input_states=record.input_states,
+            input_errors=None,
+            attention_mask=mask,
+            pilot_input_mask=record.input_mask if record.kind == "encoder_decoder" else None,
+            cache=CopilotCache(),
+            use_cache=True,
+        )
+        self._state = _DecodingState(
+            cache=output.cache,
+            attention_mask=mask,
+            input_ids=input_ids,
+            corrections=output.corrections[:, -1:],
+            source_groups=_source_groups(record),
+        )
+        self.analysis = []
+        return output.corrections[:, -1]
+
+    @staticmethod
+    def _parents(input_ids: torch.Tensor, state: _DecodingState) -> torch.Tensor | None:
+        """For each row, a previous row whose sequence is this row's prefix (None when some row has none)."""
+        prefixes = input_ids[:, :-1]
+        if torch.equal(prefixes, state.input_ids):
+            return torch.arange(len(prefixes), device=prefixes.device)
+        groups = state.source_groups
+        matches = (prefixes[:, None, :] == state.input_ids[None, :, :]).all(-1) & (groups[:, None] == groups[None, :])
+        if not matches.any(-1).all():
+            return None
+        return matches.int().argmax(-1)  # the first matching row
+
+    def _fuse(self, scores: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
+        if self.lam == 0:
+            return scores
+        corrections = corrections.to(scores.dtype)
+        banned = scores == float("-inf")  # set by an earlier processor (min-length, bad words, ...)
+        if self.space == "logits":
+            return (scores + self.lam * corrections).masked_fill(banned, float("-inf"))
+        probs = torch.softmax(scores, dim=-1) + self.lam * corrections
+        probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).masked_fill(banned, 0.0)
+        return (probs / probs.sum(-1, keepdim=True)).log()
+
+    def _analyse(self, scores: torch.Tensor, corrections: torch.Tensor, fused: torch.Tensor) -> None:
+        top = fused.topk(min(self.top_analysis, fused.shape[-1]), dim=-1)
+        self.analysis.append({
+            "token_ids": top.indices.cpu(),
+            "pilot_scores": scores.gather(-1, top.indices).cpu(),
+            "corrections": corrections.to(scores.dtype).gather(-1, top.indices).cpu(),
+            "fused_scores": top.values.cpu(),
+        })
+
+
+def _prompt_mask(record: PilotRecord, input_ids: torch.Tensor) -> torch.Tensor:
+    """The 2D padding mask (rows, prompt length) of the prompt forward, whatever form the Pilot received it in."""
+    rows, length = input_ids.shape
+    mask = record.attention_mask
+    if mask is None:  # generate() drops an all-ones mask; T5 decoders get none
+        return torch.ones(rows, length, dtype=torch.long, device=input_ids.device)
+    if mask.dim() == 2:
+        return mask[:, -length:].long()
+    # A 4D mask (static caches): a key is a real token when the prompt's last query may attend to it.
+    last_query = mask[:, 0, -1, :length]
+    visible = last_query if last_query.dtype == torch.bool else last_query == 0
+    return visible.long()
+
+
+def _source_groups(record: PilotRecord) -> torch.Tensor:
+    """Rows with the same source sequence share a group id; a decoder-only Pilot has one source (its prompt is
+    part of input_ids, so prefix matching alone keeps the batch items apart)."""
+    rows = record.hidden_states.shape[0]
+    if record.kind == "decoder_only":
+        return torch.zeros(rows, dtype=torch.long, device=record.hidden_states.device)
+    source = record.input_states.flatten(1).float()
+    if record.input_mask is not None:
+        source = torch.cat([source, record.input_mask.float()], dim=-1)
+    return torch.unique(source, dim=0, return_inverse=True)[1]
