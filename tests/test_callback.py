@@ -149,3 +149,18 @@ def test_two_processes_end_with_identical_copilots(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)  # it did train
+
+
+def test_seq2seq_trainer_with_a_t5_pilot(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    pilot = tiny_pilot("t5")
+    rows = []
+    for row in pattern_dataset(16):
+        rows.append({"input_ids": row["input_ids"][:8], "attention_mask": row["attention_mask"][:8],
+                     "labels": row["input_ids"][8:].clone()})
+    args = Seq2SeqTrainingArguments(**trainer_args(tmp_path).to_dict() | {"output_dir": str(tmp_path)})
+    callback = CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=2), batch_size=4)
+    Seq2SeqTrainer(model=pilot, args=args, train_dataset=rows, callbacks=[callback]).train()
+    assert len(callback.mistake_log) == 6 and callback.mistake_log.kind == "encoder_decoder"
+    assert callback.updater.updates == 6
