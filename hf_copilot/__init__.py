@@ -7,6 +7,7 @@ Copilot loads with ``AutoModel.from_pretrained(path)`` in any process that impor
 from transformers import AutoConfig, AutoModel
 
 from .configuration_copilot import CopilotConfig
+from .generation import CopilotLogitsProcessor
 from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
 from .callback import CopilotCallback
 from .mistake_log import MistakeBatch, MistakeLog
@@ -25,6 +26,7 @@ __all__ = [
     "CopilotCache",
     "CopilotCallback",
     "CopilotConfig",
+    "CopilotLogitsProcessor",
     "CopilotModel",
     "CopilotOutput",
     "CopilotTrainingConfig",

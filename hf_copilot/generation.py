@@ -132,10 +132,14 @@ class CopilotLogitsProcessor(LogitsProcessor):
         """Runs the Copilot on the record's new positions; returns the last position's corrections (rows, |V|)."""
         state = self._state
         parents = None
-        if state is not None and record.hidden_states.shape[1] == 1 and input_ids.shape == (
-            state.input_ids.shape[0], state.input_ids.shape[1] + 1
-        ):
+        if state is not None and input_ids.shape == (state.input_ids.shape[0], state.input_ids.shape[1] + 1):
             parents = self._parents(input_ids, state)
+        if parents is not None and record.hidden_states.shape[1] > 1:
+            raise RuntimeError(
+                "The Pilot re-read the whole sequence for one new token: generate(use_cache=False) is not supported "
+                "by CopilotLogitsProcessor (it cannot tell those steps from a new prompt). Generate with "
+                "use_cache=True (the default)."
+            )
         if parents is None:
             return self._start(input_ids, record)
 
