@@ -366,3 +366,44 @@ def test_generate_without_cache_is_refused(llama):
     with CopilotLogitsProcessor(copilot, pilot) as processor:
         with pytest.raises(RuntimeError, match="use_cache=False"):
             generate(pilot, processor, **prompt_inputs(), max_new_tokens=3, use_cache=False)
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer over the tiny vocabulary ("w3" ... "w95"), built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_pipeline_and_streamer_see_the_rectified_tokens(llama):
+    from transformers import pipeline
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.append(value.reshape(-1))
+
+        def end(self):
+            pass
+
+    pilot, copilot = llama
+    tokenizer = word_tokenizer()
+    ids = tokenizer("w5 w6 w7", return_tensors="pt")
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    streamer = Collect()
+    with CopilotLogitsProcessor(copilot, pilot) as processor:
+        direct = pilot.generate(**ids, logits_processor=[processor], streamer=streamer, **settings)[0, 3:]
+    plain = pilot.generate(**ids, **settings)[0, 3:]
+    assert not torch.equal(direct, plain)
+    assert torch.equal(torch.cat(streamer.tokens[1:]), direct)  # the first put() is the prompt
+    text_generation = pipeline("text-generation", model=pilot, tokenizer=tokenizer)
+    with CopilotLogitsProcessor(copilot, pilot) as processor:
+        out = text_generation("w5 w6 w7", logits_processor=[processor], return_full_text=False, **settings)
+    assert out[0]["generated_text"] == tokenizer.decode(direct, skip_special_tokens=True)
