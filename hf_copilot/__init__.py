@@ -6,10 +6,10 @@ Copilot loads with ``AutoModel.from_pretrained(path)`` in any process that impor
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_copilot import CopilotConfig
-from .generation import CopilotLogitsProcessor
-from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
 from .callback import CopilotCallback
+from .configuration_copilot import CopilotConfig
+from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
+from .generation import CopilotLogitsProcessor
 from .mistake_log import MistakeBatch, MistakeLog
 from .modeling_copilot import CopilotCache, CopilotModel, CopilotOutput
 from .pilot import PilotRecord, PilotTap

@@ -288,7 +288,7 @@ class CopilotModel(CopilotPreTrainedModel):
                 dense target row of zeros means "no label", like ``IGNORE_INDEX`` in the compact form).
             cache / use_cache: incremental decoding; outputs equal those of one full-sequence forward.
         """
-        batch, new, _ = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
+        batch, new = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
         if use_cache and cache is None:
             cache = CopilotCache()
         past = cache.get_seq_length() if cache is not None else 0
@@ -355,7 +355,7 @@ class CopilotModel(CopilotPreTrainedModel):
             if not isinstance(input_errors, CompactErrors) and input_errors.shape[-1] != config.vocab_size:
                 raise ValueError(f"Dense input_errors must have {config.vocab_size} entries per position (the "
                                  f"Copilot's vocabulary); got {input_errors.shape[-1]}.")
-        return batch, new, hidden_states.shape[-1]
+        return batch, new
 
     def _memory(self, hidden_states, input_states, attention_mask, input_mask, past, cache) -> _Memory:
         batch, new, _ = hidden_states.shape

@@ -62,8 +62,8 @@ class CopilotUpdater:
         self.copilot = copilot
         self.config = config
         self.autocast_dtype = autocast_dtype
-        decay = [p for n, p in copilot.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in copilot.named_parameters() if p.dim() < 2]
+        decay = [p for p in copilot.parameters() if p.dim() >= 2]
+        no_decay = [p for p in copilot.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.learning_rate,

@@ -120,9 +120,10 @@ def prompt_inputs():
 
 # ---- 1. decoder-only greedy ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kind", ["llama", "t5"])
 @pytest.mark.parametrize("space", ["probs", "logits"])
-def test_lam_zero_greedy_matches_plain_generate(llama, space):
-    pilot, copilot = llama
+def test_lam_zero_greedy_matches_plain_generate(llama, t5, kind, space):
+    pilot, copilot = llama if kind == "llama" else t5
     inputs = prompt_inputs()
     plain = generate(pilot, **inputs)
     with CopilotLogitsProcessor(copilot, pilot, lam=0.0, space=space) as processor:
@@ -301,8 +302,6 @@ def test_t5_greedy_matches_full_recompute_reference(t5, space):
     pilot, copilot = t5
     inputs = prompt_inputs()
     plain = generate(pilot, **inputs)
-    with CopilotLogitsProcessor(copilot, pilot, lam=0.0, space=space) as processor:
-        assert torch.equal(generate(pilot, processor, **inputs), plain)
     with CopilotLogitsProcessor(copilot, pilot, lam=1.0, space=space) as processor:
         fused = generate(pilot, processor, **inputs)
     start = torch.zeros(len(PROMPTS), 1, dtype=torch.long)
