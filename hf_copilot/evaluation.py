@@ -1,0 +1,133 @@
+"""Scoring a Pilot with and without its Copilot: generated answers, exact match, and the held-out diagnostic.
+
+Answers are generated as text and parsed (no log-likelihood shortcut), as in the paper. Every rectified run is
+compared item by item with the Pilot alone under the same decoding, so a table can say how many answers the
+Copilot fixed and how many it broke, not only the net accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .finetune import encode_example, prepare_tokenizer
+from .generation import CopilotLogitsProcessor
+from .mistake_log import MistakeLog
+from .pilot import PilotTap
+from .tasks import Example, TaskFormat
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """One way of decoding: the fusion weight λ (0 = the Pilot alone), the fusion space and the beam count."""
+
+    lam: float = 0.0
+    space: str = "probs"
+    num_beams: int = 1
+
+    @property
+    def name(self) -> str:
+        search = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
+        return f"pilot {search}" if self.lam == 0 else f"{self.space} λ={self.lam:g} {search}"
+
+
+def _batches(examples: list[Example], tokenizer, task_format: TaskFormat, batch_size: int):
+    """Prompts grouped by length (less padding), yielding (original indices, left-padded inputs)."""
+    prompts = [tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"] for example in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in chosen)
+        ids = [[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in chosen]
+        mask = [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chosen]
+        yield chosen, {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+@torch.no_grad()
+def generate_answers(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, *, copilot=None,
+                     decoding: Decoding = Decoding(), batch_size: int = 16, progress: bool = False) -> list[str]:
+    """The decoded continuation of each example's prompt, in the order of ``examples``."""
+    prepare_tokenizer(tokenizer)
+    if decoding.lam > 0 and copilot is None:
+        raise ValueError(f"Decoding {decoding.name!r} fuses a Copilot, but no copilot was given.")
+    device = next(pilot.parameters()).device
+    processor = CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space) if decoding.lam else None
+    answers: list[str] = [""] * len(examples)
+    with processor or contextlib.nullcontext():
+        batches = list(_batches(examples, tokenizer, task_format, batch_size))
+        for chosen, inputs in tqdm(batches, desc=decoding.name, disable=not progress, leave=False):
+            inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+            output = pilot.generate(
+                **inputs, max_new_tokens=task_format.max_new_tokens, do_sample=False, num_beams=decoding.num_beams,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                logits_processor=[processor] if processor else None,
+            )
+            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for index, text in zip(chosen, texts):
+                answers[index] = text
+    return answers
+
+
+def evaluate_decodings(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, decodings, *,
+                       copilot=None, batch_size: int = 16, progress: bool = False) -> list[dict]:
+    """Accuracy of each decoding, with ``fixed``/``broken`` counted against the Pilot alone at the same beams.
+
+    Returns one row per decoding: its fields, ``accuracy``, ``correct``, ``total``, ``fixed``, ``broken`` and the
+    generations themselves (``answers``).
+    """
+    decodings = list(decodings)
+    baselines = {Decoding(num_beams=d.num_beams) for d in decodings}
+    correct: dict[Decoding, list[bool]] = {}
+    answers: dict[Decoding, list[str]] = {}
+    for decoding in sorted(baselines, key=lambda d: d.num_beams) + [d for d in decodings if d not in baselines]:
+        answers[decoding] = generate_answers(pilot, tokenizer, examples, task_format, copilot=copilot,
+                                             decoding=decoding, batch_size=batch_size, progress=progress)
+        correct[decoding] = [task_format.is_correct(text, ex) for text, ex in zip(answers[decoding], examples)]
+    rows = []
+    for decoding in decodings:
+        mine, base = correct[decoding], correct[Decoding(num_beams=decoding.num_beams)]
+        rows.append({
+            **asdict(decoding), "decoding": decoding.name, "accuracy": sum(mine) / len(mine), "correct": sum(mine),
+            "total": len(mine), "fixed": sum(m and not b for m, b in zip(mine, base)),
+            "broken": sum(b and not m for m, b in zip(mine, base)), "answers": answers[decoding],
+        })
+    return rows
+
+
+@torch.no_grad()
+def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task_format: TaskFormat, *,
+                        batch_size: int = 16, max_length: int = 256, top_k: int = 32) -> dict:
+    """Teacher-forced check on unseen examples: the Copilot's RMSE divided by the all-zero predictor's.
+
+    Below 1 means the Copilot predicts the Pilot's errors on new data better than predicting nothing, the
+    prerequisite for any accuracy gain; at or above 1 it has learned nothing that transfers.
+    """
+    prepare_tokenizer(tokenizer)
+    device = next(copilot.parameters()).device
+    squared_error, squared_norm, tokens = 0.0, 0.0, 0
+    copilot.eval()
+    with PilotTap(pilot, mode="generate") as tap:
+        for start in range(0, len(examples), batch_size):
+            rows = [encode_example(ex, tokenizer, task_format, max_length) for ex in examples[start:start + batch_size]]
+            width = max(len(row["input_ids"]) for row in rows)
+
+            def padded(name, value):
+                return torch.tensor([row[name] + [value] * (width - len(row[name])) for row in rows], device=device)
+
+            pilot(input_ids=padded("input_ids", tokenizer.pad_token_id), attention_mask=padded("attention_mask", 0),
+                  labels=padded("labels", -100))
+            log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
+            for record in tap.pop_records():
+                log.add(record, step=0)
+            batch = log.sample(len(rows), device=device)
+            valid = batch.errors.valid & batch.attention_mask.bool()
+            count = int(valid.sum())
+            loss = copilot(**batch.copilot_inputs()).loss
+            squared_error += float(loss) ** 2 * count
+            squared_norm += float(batch.errors.squared_norm()[valid].sum())
+            tokens += count
+    return {"copilot_rmse": (squared_error / tokens) ** 0.5, "zero_rmse": (squared_norm / tokens) ** 0.5,
+            "ratio": (squared_error / squared_norm) ** 0.5, "tokens": tokens}

@@ -1,0 +1,114 @@
+"""Supervised fine-tuning of a Pilot on instruction examples, with the Copilot learning alongside.
+
+This is the plain ``transformers.Trainer`` path a user would write themselves (prompt tokens masked out of the
+loss, optional LoRA through ``peft``), plus :class:`~hf_copilot.CopilotCallback`. The CLI and the quality
+benchmark both go through :func:`finetune`, so what they measure is what users run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from .callback import CopilotCallback
+from .mistake_log import IGNORE_INDEX
+from .tasks import Example, TaskFormat
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def encode_example(example: Example, tokenizer, task_format: TaskFormat, max_length: int) -> dict:
+    """Token ids of prompt + target + EOS, with the prompt masked out of the labels.
+
+    Over-long prompts lose their beginning (the question and the answer format sit at the end), never the
+    target: a truncated target would teach the Pilot to stop early.
+    """
+    prompt = tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"]
+    target = tokenizer(task_format.target(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(target) >= max_length:
+        raise ValueError(f"The target alone is {len(target)} tokens, more than max_length={max_length}: raise it.")
+    prompt = prompt[-(max_length - len(target)):]
+    ids = prompt + target
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target}
+
+
+def prepare_tokenizer(tokenizer):
+    """Right padding for training, a pad token (EOS when the model has none)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token: the Pilot could never learn where an answer ends.")
+    return tokenizer
+
+
+def add_lora(model, rank: int):
+    """Wrap ``model`` with LoRA adapters on every attention and MLP projection (the paper: r=32, alpha=2r)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("LoRA fine-tuning needs peft: pip install 'hf_copilot[real]'.") from error
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [name for name in LORA_TARGETS if name in names]
+    if not targets:
+        raise ValueError(f"None of the LoRA target modules {LORA_TARGETS} exist in {type(model).__name__}.")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def finetune(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, output_dir: str | Path, *,
+             copilot=None, epochs: float = 1.0, max_steps: int = -1, learning_rate: float = 2e-4,
+             batch_size: int = 8, max_length: int = 256, seed: int = 0, progress: bool = True,
+             copilot_options: dict | None = None) -> Trainer:
+    """Fine-tune ``pilot`` (a plain or peft model) on ``examples``; train ``copilot`` alongside when given.
+
+    Returns the finished Trainer (its ``state.log_history`` holds the Pilot and Copilot losses). The Pilot's
+    own training is identical with and without a Copilot.
+    """
+    if not examples:
+        raise ValueError("No training examples.")
+    prepare_tokenizer(tokenizer)
+    rows = [encode_example(example, tokenizer, task_format, max_length) for example in examples]
+    dataset = Dataset.from_list(rows)
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size, num_train_epochs=epochs,
+        max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.03,
+        weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        train_sampling_strategy="group_by_length", disable_tqdm=not progress, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+    )
+    callbacks = []
+    if copilot is not None:
+        callbacks.append(CopilotCallback(copilot, save_dir=str(Path(output_dir) / "copilot"),
+                                         **{"seed": seed, **(copilot_options or {})}))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(model=pilot, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def save_pilot(pilot, tokenizer, folder: str | Path) -> Path:
+    """Save the fine-tuned Pilot: the full model, or only the LoRA adapter (which names its base folder)."""
+    folder = Path(folder)
+    pilot.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a Pilot saved by :func:`save_pilot` (or any causal-LM folder); LoRA adapters are merged in."""
+    folder = Path(folder)
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        if not Path(base).is_dir():
+            raise FileNotFoundError(f"{folder} is a LoRA adapter whose base model folder {base} no longer exists.")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), folder)
+        model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.eval(), prepare_tokenizer(AutoTokenizer.from_pretrained(folder))

