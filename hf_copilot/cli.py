@@ -119,8 +119,12 @@ def run_train(args) -> Path:
 def run_eval(args) -> dict:
     examples, task_format = _examples(args, "test")
     pilot, tokenizer = load_pilot(args.model)
+    if not Path(args.copilot).is_dir():  # never fall through to a Hub download of a mistyped name
+        raise FileNotFoundError(f"No Copilot folder at {str(args.copilot)!r} (train writes <output>/copilot).")
     copilot = CopilotModel.from_pretrained(args.copilot).eval()
     copilot.check_pilot(pilot)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pilot, copilot = pilot.to(device), copilot.to(device)
     decodings = [Decoding(num_beams=b) for b in args.beams] + [
         Decoding(lam, space, b) for b in args.beams for space in args.spaces for lam in args.lams if lam > 0]
     started = time.perf_counter()

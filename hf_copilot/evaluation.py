@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .errors import squared_error_norm
 from .finetune import encode_example, prepare_tokenizer
 from .generation import CopilotLogitsProcessor
-from .mistake_log import MistakeLog
+from .mistake_log import IGNORE_INDEX, MistakeLog
 from .pilot import PilotTap
 from .tasks import Example, TaskFormat
 
@@ -97,19 +98,13 @@ def evaluate_decodings(pilot, tokenizer, examples: list[Example], task_format: T
     return rows
 
 
-@torch.no_grad()
-def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task_format: TaskFormat, *,
-                        batch_size: int = 16, max_length: int = 256, top_k: int = 32) -> dict:
-    """Teacher-forced check on unseen examples: the Copilot's RMSE divided by the all-zero predictor's.
-
-    Below 1 means the Copilot predicts the Pilot's errors on new data better than predicting nothing, the
-    prerequisite for any accuracy gain; at or above 1 it has learned nothing that transfers.
-    """
+def teacher_forced_records(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, *,
+                           batch_size: int = 16, max_length: int = 256):
+    """Yields one :class:`~hf_copilot.PilotRecord` per batch of examples run through the Pilot with their answers
+    (prompt masked, no gradient, the Pilot left as it is)."""
     prepare_tokenizer(tokenizer)
-    device = next(copilot.parameters()).device
-    squared_error, squared_norm, tokens = 0.0, 0.0, 0
-    copilot.eval()
-    with PilotTap(pilot, mode="generate") as tap:
+    device = next(pilot.parameters()).device
+    with torch.no_grad(), PilotTap(pilot, mode="generate") as tap:
         for start in range(0, len(examples), batch_size):
             rows = [encode_example(ex, tokenizer, task_format, max_length) for ex in examples[start:start + batch_size]]
             width = max(len(row["input_ids"]) for row in rows)
@@ -118,16 +113,47 @@ def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task
                 return torch.tensor([row[name] + [value] * (width - len(row[name])) for row in rows], device=device)
 
             pilot(input_ids=padded("input_ids", tokenizer.pad_token_id), attention_mask=padded("attention_mask", 0),
-                  labels=padded("labels", -100))
-            log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
-            for record in tap.pop_records():
-                log.add(record, step=0)
-            batch = log.sample(len(rows), device=device)
-            valid = batch.errors.valid & batch.attention_mask.bool()
-            count = int(valid.sum())
-            loss = copilot(**batch.copilot_inputs()).loss
-            squared_error += float(loss) ** 2 * count
-            squared_norm += float(batch.errors.squared_norm()[valid].sum())
-            tokens += count
+                  labels=padded("labels", IGNORE_INDEX))
+            yield from tap.pop_records()
+
+
+def record_mistake_log(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, *, top_k: int = 32,
+                       batch_size: int = 16, max_length: int = 256, max_bytes: int = 2 * 2**30) -> MistakeLog:
+    """A Mistake Log of a fixed Pilot over all ``examples`` (one round per batch), e.g. to train a Copilot offline
+    on a finished checkpoint (the paper's "Latest" ablation). Raises rather than evict when they exceed
+    ``max_bytes``."""
+    log = MistakeLog(max_rounds=max(1, -(-len(examples) // batch_size)), max_bytes=max_bytes, top_k=top_k)
+    for step, record in enumerate(teacher_forced_records(pilot, tokenizer, examples, task_format,
+                                                         batch_size=batch_size, max_length=max_length)):
+        log.add(record, step=step)
+        if log.rounds <= step:
+            raise ValueError(f"{len(examples)} examples need more than max_bytes={max_bytes} of Mistake Log: raise "
+                             "max_bytes or record fewer examples.")
+    return log
+
+
+@torch.no_grad()
+def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task_format: TaskFormat, *,
+                        batch_size: int = 16, max_length: int = 256, top_k: int = 32) -> dict:
+    """Teacher-forced check on unseen examples: the Copilot's RMSE divided by the all-zero predictor's.
+
+    Below 1 means the Copilot predicts the Pilot's errors on new data better than predicting nothing, the
+    prerequisite for any accuracy gain; at or above 1 it has learned nothing that transfers.
+    """
+    device = next(copilot.parameters()).device
+    squared_error, squared_norm, tokens = 0.0, 0.0, 0
+    copilot.eval()
+    for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
+                                         max_length=max_length):
+        log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
+        log.add(record, step=0)
+        batch = log.sample(record.logits.shape[0], device=device)
+        valid = batch.errors.valid & batch.attention_mask.bool()
+        corrections = copilot(**batch.copilot_inputs()).corrections
+        squared_error += float(squared_error_norm(corrections, batch.errors)[valid].sum())
+        squared_norm += float(batch.errors.squared_norm()[valid].sum())
+        tokens += int(valid.sum())
+    if tokens == 0:
+        raise ValueError("The examples have no answer tokens to score (every target was empty or masked).")
     return {"copilot_rmse": (squared_error / tokens) ** 0.5, "zero_rmse": (squared_norm / tokens) ** 0.5,
             "ratio": (squared_error / squared_norm) ** 0.5, "tokens": tokens}

@@ -30,7 +30,8 @@ def encode_example(example: Example, tokenizer, task_format: TaskFormat, max_len
     prompt = tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"]
     target = tokenizer(task_format.target(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(target) >= max_length:
-        raise ValueError(f"The target alone is {len(target)} tokens, more than max_length={max_length}: raise it.")
+        raise ValueError(f"The target alone is {len(target)} tokens, which leaves no room for the prompt within "
+                         f"max_length={max_length}: raise max_length.")
     prompt = prompt[-(max_length - len(target)):]
     ids = prompt + target
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target}
@@ -100,6 +101,9 @@ def save_pilot(pilot, tokenizer, folder: str | Path) -> Path:
 def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
     """Load a Pilot saved by :func:`save_pilot` (or any causal-LM folder); LoRA adapters are merged in."""
     folder = Path(folder)
+    if not folder.is_dir():  # never fall through to a Hub download of a mistyped name
+        raise FileNotFoundError(f"No Pilot folder at {str(folder)!r}: pass a folder written by save_pilot / "
+                                "save_pretrained (hf-copilot train writes <output>/pilot).")
     adapter = folder / "adapter_config.json"
     if adapter.is_file():
         from peft import PeftModel

@@ -21,7 +21,8 @@ def plot_accuracy_vs_lambda(rows: list[dict], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 4))
     baselines = {r["num_beams"]: r["accuracy"] for r in rows if r["lam"] == 0}
     for space, beams in sorted({(r["space"], r["num_beams"]) for r in rows if r["lam"] > 0}):
-        points = sorted((r["lam"], r["accuracy"]) for r in rows if (r["space"], r["num_beams"]) == (space, beams))
+        points = sorted((r["lam"], r["accuracy"]) for r in rows
+                        if r["lam"] > 0 and (r["space"], r["num_beams"]) == (space, beams))
         if beams in baselines:
             points.insert(0, (0.0, baselines[beams]))
         axis.plot(*zip(*[(lam, 100 * acc) for lam, acc in points]), marker="o",
@@ -52,6 +53,7 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
         raise ValueError("plot_rectification shows a logit-space fusion; pass a row with space='logits'.")
     decoding = Decoding(best["lam"], best["space"], 1)
     (_, inputs), = _batches([examples[index]], tokenizer, task_format, 1)
+    inputs = {name: tensor.to(next(pilot.parameters()).device) for name, tensor in inputs.items()}
     with CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space, top_analysis=top) as processor:
         pilot.generate(**inputs, max_new_tokens=task_format.max_new_tokens, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id, logits_processor=[processor])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from conftest import VOCAB, tiny_pilot
+from conftest import VOCAB, tiny_pilot, word_tokenizer
 from hf_copilot.generation import CopilotLogitsProcessor
 from hf_copilot.modeling_copilot import CopilotModel
 
@@ -365,17 +365,6 @@ def test_generate_without_cache_is_refused(llama):
     with CopilotLogitsProcessor(copilot, pilot) as processor:
         with pytest.raises(RuntimeError, match="use_cache=False"):
             generate(pilot, processor, **prompt_inputs(), max_new_tokens=3, use_cache=False)
-
-
-def word_tokenizer():
-    """A whitespace word-level tokenizer over the tiny vocabulary ("w3" ... "w95"), built locally."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def test_pipeline_and_streamer_see_the_rectified_tokens(llama):

@@ -9,6 +9,7 @@ import json
 import datasets
 import numpy as np
 import pytest
+from conftest import word_tokenizer
 from transformers import EvalPrediction
 
 from hf_copilot import tasks
@@ -274,15 +275,7 @@ def test_answer_accuracy_and_evaluate_metric():
 
 
 def test_compute_metrics_for_generated_ids():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "### Instruction: Response: Calculate 1 + 2 = 3 4 5 6 7".split()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i for i, w in enumerate(words, 4)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer = word_tokenizer("### Instruction: Response: Calculate 1 + 2 = 3 4 5 6 7".split())
     examples = [Example("Calculate 1 + 2 =", "3"), Example("Calculate 2 + 2 =", "4")]
     fmt = TASKS["basic_arithmetic"].format
 

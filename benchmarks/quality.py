@@ -1,0 +1,198 @@
+"""The paper's Table 1 in miniature: does the Copilot make a real Pilot more accurate, against fair controls?
+
+    python benchmarks/quality.py --protocol cpu       # SmolLM2-135M, 4 tasks x 3 seeds, CPU-sized (resumable)
+    python benchmarks/quality.py --protocol gpu       # the same at paper-like sizes, for a GPU machine
+    python benchmarks/quality.py --protocol cpu --tasks basic_arithmetic --seeds 0   # one cell
+
+For every (task, seed) cell, with the same LoRA Pilot training in every arm:
+  joint   the Pilot fine-tuned with CopilotCallback; scored alone and rectified (both fusion spaces, fixed λ values
+          chosen before looking at any test item);
+  longer  control (b): the Pilot alone, trained for extra steps worth the wall-clock time the Copilot used;
+  latest  control (c), the paper's "Latest" ablation: a fresh Copilot trained offline, for as many updates, on a
+          Mistake Log of the *final* Pilot only.
+Each finished cell is one JSON file under ``--runs``; a rerun skips finished cells and finished stages, so the
+protocol resumes where it stopped. The table goes to ``benchmarks/results/quality_<protocol>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+from hf_copilot import CopilotModel, train_copilot
+from hf_copilot.assets import resolve_model
+from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ratio, record_mistake_log
+from hf_copilot.finetune import add_lora, finetune, load_pilot, save_pilot
+from hf_copilot.tasks import TASKS, load_task
+
+ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
+PROTOCOLS = {
+    # Sized to finish on 2 CPU cores in about 2 hours: 1 epoch over a few hundred examples, greedy decoding.
+    "cpu": dict(train_size=600, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8, lora_rank=32,
+                copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=16,
+                decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,)),
+    # Closer to the paper (3 epochs, all training rows, beam 4 too); hours on one GPU.
+    "gpu": dict(train_size=None, test_size=None, epochs=3.0, learning_rate=2e-4, batch_size=16, lora_rank=32,
+                copilot_layers=4, copilot_learning_rate=5e-4, copilot_batch_size=16,
+                decodings=[("probs", lam) for lam in (0.1, 0.3, 0.5, 0.8, 1.0)]
+                + [("logits", lam) for lam in (0.5, 1.0, 3.0)], beams=(1, 4)),
+}
+
+
+def _write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    temporary.replace(path)
+
+
+def _base(model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+
+
+def _scores(rows: list[dict]) -> dict:
+    return {row["decoding"]: {k: row[k] for k in ("accuracy", "correct", "total", "fixed", "broken")} for row in rows}
+
+
+def _train_pilot(model_dir, folder, examples, task_format, p, seed, *, with_copilot: bool, max_steps: int = -1):
+    """Fine-tune a fresh LoRA Pilot (and Copilot) into ``folder``; returns the run summary."""
+    set_seed(seed)
+    pilot, tokenizer = _base(model_dir)
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=p["copilot_layers"]) if with_copilot else None
+    pilot = add_lora(pilot, p["lora_rank"])
+    started = time.perf_counter()
+    trainer = finetune(pilot, tokenizer, examples, task_format, folder, copilot=copilot, epochs=p["epochs"],
+                       max_steps=max_steps, learning_rate=p["learning_rate"], batch_size=p["batch_size"], seed=seed,
+                       copilot_options=dict(learning_rate=p["copilot_learning_rate"],
+                                            batch_size=p["copilot_batch_size"]))
+    seconds = time.perf_counter() - started
+    save_pilot(pilot, tokenizer, folder / "pilot")
+    copilot_seconds = next((e["copilot_seconds"] for e in reversed(trainer.state.log_history)
+                            if "copilot_seconds" in e), 0.0)
+    summary = {"seconds": seconds, "steps": trainer.state.global_step, "copilot_seconds": copilot_seconds,
+               "train_loss": trainer.state.log_history[-1].get("train_loss")}
+    _write(folder / "run.json", summary)
+    return summary
+
+
+def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -> dict:
+    p = PROTOCOLS[protocol]
+    cell = runs / protocol / task / f"seed{seed}"
+    result_file = cell / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    task_format = TASKS[task].format
+    train = load_task(task, "train", train_size=p["train_size"])
+    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
+    decodings = [Decoding(num_beams=b) for b in p["beams"]] + [
+        Decoding(lam, space, b) for b in p["beams"] for space, lam in p["decodings"]]
+    started = time.perf_counter()
+    result = {"task": task, "seed": seed, "protocol": protocol, "train_examples": len(train), "test_examples": len(test)}
+
+    joint = cell / "joint"
+    if not (joint / "run.json").is_file():
+        _train_pilot(model_dir, joint, train, task_format, p, seed, with_copilot=True)
+    result["joint_training"] = json.loads((joint / "run.json").read_text())
+    pilot, tokenizer = load_pilot(joint / "pilot")
+    copilot = CopilotModel.from_pretrained(joint / "copilot").eval()
+    result["joint"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format, decodings, copilot=copilot,
+                                                 batch_size=32))
+    result["joint_heldout"] = heldout_error_ratio(pilot, copilot, tokenizer, test, task_format)
+    result["joint_train_ratio"] = heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format)
+
+    # (c) Latest: the same number of Copilot updates, but only on the finished Pilot's errors.
+    set_seed(seed)
+    latest = CopilotModel.from_pilot(pilot, num_hidden_layers=p["copilot_layers"])
+    log = record_mistake_log(pilot, tokenizer, train, task_format)
+    train_copilot(latest, log, num_updates=result["joint_training"]["steps"], progress=False,
+                  learning_rate=p["copilot_learning_rate"], batch_size=p["copilot_batch_size"], seed=seed)
+    latest.eval()
+    result["latest"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
+                                                  [d for d in decodings if d.lam > 0], copilot=latest, batch_size=32))
+    result["latest_heldout"] = heldout_error_ratio(pilot, latest, tokenizer, test, task_format)
+    del pilot, copilot, latest, log
+
+    # (b) The Pilot alone, trained longer by the Copilot's share of the joint run's wall-clock time.
+    joint_run = result["joint_training"]
+    share = joint_run["copilot_seconds"] / max(joint_run["seconds"] - joint_run["copilot_seconds"], 1e-9)
+    extra_steps = math.ceil(joint_run["steps"] * (1 + share))
+    longer = cell / "longer"
+    if not (longer / "run.json").is_file():
+        _train_pilot(model_dir, longer, train, task_format, p, seed, with_copilot=False, max_steps=extra_steps)
+    result["longer_training"] = json.loads((longer / "run.json").read_text())
+    pilot, tokenizer = load_pilot(longer / "pilot")
+    result["longer"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
+                                                  [d for d in decodings if d.lam == 0], batch_size=32))
+    result["seconds"] = time.perf_counter() - started
+    _write(result_file, result)
+    return result
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def summarise(results: list[dict], protocol: str, command: str, hours: float) -> str:
+    """Markdown: one row per method, mean ± std over seeds per task, the average and its relative change."""
+    tasks = [t for t in ALL_TASKS if any(r["task"] == t for r in results)]
+    seeds = sorted({r["seed"] for r in results})
+    greedy = Decoding().name
+    methods = [("Pilot alone", "joint", greedy), ("(b) Pilot trained longer", "longer", greedy)]
+    for name in results[0]["joint"]:
+        if name != greedy and "greedy" in name:
+            methods.append((f"Copilot, {name}", "joint", name))
+            methods.append((f"(c) Latest, {name}", "latest", name))
+    accuracy = {(m, t): [r[arm][decoding]["accuracy"] for r in results if r["task"] == t]
+                for m, arm, decoding in methods for t in tasks}
+    base = statistics.fmean(statistics.fmean(accuracy[(methods[0][0], t)]) for t in tasks)
+    lines = [f"| method | {' | '.join(tasks)} | average | relative to Pilot alone |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for method, _, _ in methods:
+        average = statistics.fmean(statistics.fmean(accuracy[(method, t)]) for t in tasks)
+        lines.append(f"| {method} | " + " | ".join(_mean_std(accuracy[(method, t)]) for t in tasks)
+                     + f" | {100 * average:.1f} | {100 * (average - base) / base:+.1f}% |")
+    ratios = [f"{t}: joint {statistics.fmean(r['joint_heldout']['ratio'] for r in results if r['task'] == t):.4f}, "
+              f"latest {statistics.fmean(r['latest_heldout']['ratio'] for r in results if r['task'] == t):.4f}, "
+              f"joint on training items {statistics.fmean(r['joint_train_ratio']['ratio'] for r in results if r['task'] == t):.4f}"
+              for t in tasks]
+    header = (f"# Quality benchmark, protocol `{protocol}`\n\n`{command}`: {len(results)} cells, seeds {seeds}, "
+              f"{hours:.2f} h of compute in total (sum of cell times).\n\nAccuracy (%) of generated, parsed answers on "
+              "each task's test split, mean ± std over seeds.\n\n")
+    return header + "\n".join(lines) + "\n\nCopilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = learned " \
+        "something that transfers):\n\n" + "\n".join(f"- {line}" for line in ratios) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
+    parser.add_argument("--tasks", type=lambda t: t.split(","), default=list(ALL_TASKS))
+    parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0, 1, 2])
+    parser.add_argument("--model", default="smollm2-135m", help="Pilot base model folder, or smollm2-135m")
+    parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="where cells and checkpoints go")
+    parser.add_argument("--table", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
+    args = parser.parse_args()
+    model_dir = resolve_model(args.model)
+    results = []
+    for seed in args.seeds:  # seed-major: one full pass over the tasks gives a first table early
+        for task in args.tasks:
+            print(f"== {task} seed {seed}", flush=True)
+            results.append(run_cell(task, seed, args.protocol, args.runs, model_dir))
+            print(json.dumps({k: v for k, v in results[-1].items() if k in ("joint", "longer")}, indent=1), flush=True)
+    command = f"python benchmarks/quality.py --protocol {args.protocol} --tasks {','.join(args.tasks)} " \
+              f"--seeds {','.join(map(str, args.seeds))}"
+    table = summarise(results, args.protocol, command, sum(r["seconds"] for r in results) / 3600)
+    path = args.table or Path(__file__).parent / "results" / f"quality_{args.protocol}.md"
+    path.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

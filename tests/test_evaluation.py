@@ -1,0 +1,220 @@
+"""Scoring a Pilot with and without its Copilot, each checked against a slow, obviously-correct recomputation."""
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
+
+from hf_copilot import CopilotModel
+from hf_copilot.evaluation import Decoding, evaluate_decodings, generate_answers, heldout_error_ratio
+from hf_copilot.finetune import finetune
+from hf_copilot.tasks import DEFAULT_FORMAT
+
+FMT = dataclasses.replace(DEFAULT_FORMAT, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return qa_tokenizer()
+
+
+def train(tmp_path_factory, tokenizer, steps):
+    pilot = tiny_pilot("llama")
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2)
+    finetune(pilot, tokenizer, qa_examples(12), FMT, tmp_path_factory.mktemp("ft"), copilot=copilot, max_steps=steps,
+             batch_size=4, learning_rate=3e-3, progress=False, copilot_options=dict(batch_size=4))
+    return pilot.eval(), copilot.eval()
+
+
+@pytest.fixture(scope="module")
+def early(tmp_path_factory, tokenizer):
+    """A Pilot fine-tuned for a few steps: it has learnt to end some answers, not all."""
+    return train(tmp_path_factory, tokenizer, steps=6)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer):
+    """A Pilot fine-tuned until it answers about half of the questions right, and the Copilot trained alongside."""
+    return train(tmp_path_factory, tokenizer, steps=10)
+
+
+def word_ids(tokenizer, text):
+    vocab = tokenizer.get_vocab()
+    return [vocab[word] for word in text.split()]
+
+
+@torch.no_grad()
+def slow_greedy(pilot, tokenizer, example, max_new_tokens):
+    """Batch of one, no padding, no cache: a full forward per new token, argmax, stop at EOS."""
+    ids = word_ids(tokenizer, FMT.prompt(example))
+    new = []
+    while len(new) < max_new_tokens:
+        logits = pilot(input_ids=torch.tensor([ids + new])).logits[0, -1]
+        new.append(int(logits.argmax()))
+        if new[-1] == tokenizer.eos_token_id:
+            break
+    return tokenizer.decode(new, skip_special_tokens=True), new[-1] == tokenizer.eos_token_id
+
+
+def test_greedy_answers_match_a_slow_loop_in_example_order(early, tokenizer):
+    pilot, _ = early
+    examples = qa_examples(8, start=12)
+    lengths = [len(word_ids(tokenizer, FMT.prompt(example))) for example in examples]
+    assert sorted(range(8), key=lengths.__getitem__) != list(range(8))  # batching really reorders them
+
+    answers = generate_answers(pilot, tokenizer, examples, FMT, batch_size=2)
+    reference = [slow_greedy(pilot, tokenizer, example, FMT.max_new_tokens) for example in examples]
+    assert answers == [text for text, _ in reference]
+    assert len(set(answers)) > 2  # distinct answers, so a permutation would be caught
+    ended = [stopped for _, stopped in reference]
+    assert any(ended) and not all(ended)  # both ways of stopping occur
+
+
+def recount(answer: str, example) -> bool:
+    """Hand-written scoring of DEFAULT_FORMAT: the first in-range "answerK" names the choice; else the first line."""
+    if example.choices:
+        for k in re.findall(r"answer(\d+)", answer.lower()):
+            if 1 <= int(k) <= len(example.choices):
+                return example.choices[int(k) - 1] == example.answer
+        return False
+    return answer.strip().split("\n")[0].strip().lower().rstrip(".") == example.answer.lower()
+
+
+def test_evaluate_decodings_counts_fixed_and_broken_against_the_pilot_alone(trained, tokenizer):
+    pilot, copilot = trained
+    noisy = CopilotModel.from_pilot(pilot, num_hidden_layers=2).eval()
+    noisy.load_state_dict(copilot.state_dict())
+    torch.manual_seed(2)  # a head that both fixes and breaks answers of this Pilot
+    with torch.no_grad():
+        noisy.correction_head.weight.normal_(0, 0.1)  # corrections large enough to change answers
+    examples = qa_examples(8, start=12) + qa_examples(4)
+    decodings = [Decoding(), Decoding(1.0, "logits"), Decoding(0.5, "probs"), Decoding(num_beams=2),
+                 Decoding(1.0, "logits", 2)]
+    rows = evaluate_decodings(pilot, tokenizer, examples, FMT, decodings, copilot=noisy, batch_size=3)
+
+    assert [row["decoding"] for row in rows] == [
+        "pilot greedy", "logits λ=1 greedy", "probs λ=0.5 greedy", "pilot beam2", "logits λ=1 beam2"]
+    assert rows[0]["answers"] == generate_answers(pilot, tokenizer, examples, FMT, batch_size=5)
+    baselines = {row["num_beams"]: [recount(a, ex) for a, ex in zip(row["answers"], examples)]
+                 for row in rows if row["lam"] == 0}
+    for row, decoding in zip(rows, decodings):
+        assert (row["lam"], row["space"], row["num_beams"]) == (decoding.lam, decoding.space, decoding.num_beams)
+        assert len(row["answers"]) == len(examples)
+        mine, base = [recount(a, ex) for a, ex in zip(row["answers"], examples)], baselines[row["num_beams"]]
+        assert row["total"] == len(examples)
+        assert row["correct"] == sum(mine)
+        assert row["accuracy"] == sum(mine) / len(examples)
+        assert row["fixed"] == sum(m and not b for m, b in zip(mine, base))
+        assert row["broken"] == sum(b and not m for m, b in zip(mine, base))
+    assert any(row["fixed"] for row in rows) and any(row["broken"] for row in rows)  # the counts have teeth
+    assert 0 < rows[0]["correct"] < len(examples)
+
+    with pytest.raises(ValueError, match="no copilot was given"):
+        evaluate_decodings(pilot, tokenizer, examples, FMT, [Decoding(), Decoding(0.5)])
+    with pytest.raises(ValueError, match="probs λ=0.3 greedy"):
+        generate_answers(pilot, tokenizer, examples, FMT, decoding=Decoding(0.3))
+
+
+@torch.no_grad()
+def reference_errors(pilot, copilot, tokenizer, examples):
+    """Σ‖f − ℓ‖², Σ‖ℓ‖² and the token count, one unpadded example at a time, with dense errors throughout."""
+    captured = {}
+    hooks = [pilot.model.embed_tokens.register_forward_hook(lambda m, a, out: captured.__setitem__("x", out))]
+    for index, layer in enumerate(pilot.model.layers):
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, out, index=index: captured.__setitem__(index, out[0] if isinstance(out, tuple) else out)))
+    squared_error = squared_norm = 0.0
+    tokens = 0
+    try:
+        for example in examples:
+            prompt = word_ids(tokenizer, FMT.prompt(example))
+            target = word_ids(tokenizer, FMT.target(example)) + [tokenizer.eos_token_id]
+            ids = torch.tensor([prompt + target])
+            logits = pilot(input_ids=ids).logits[0].double()
+            h_mean = sum(captured[i] for i in range(len(pilot.model.layers))) / len(pilot.model.layers)
+            length = ids.shape[1]
+            errors = torch.zeros(length, VOCAB, dtype=torch.float64)
+            valid = torch.zeros(length, dtype=torch.bool)
+            for t in range(len(prompt) - 1, length - 1):  # logits at t predict token t + 1, a target token
+                errors[t] = -torch.softmax(logits[t], -1)
+                errors[t, ids[0, t + 1]] += 1.0
+                valid[t] = True
+            shifted = torch.cat([torch.zeros(1, VOCAB, dtype=torch.float64), errors[:-1]])
+            corrections = copilot(pilot_hidden_states=h_mean, pilot_input_states=captured["x"],
+                                  input_errors=shifted[None].float()).corrections[0].double()
+            squared_error += float((corrections - errors)[valid].pow(2).sum())
+            squared_norm += float(errors[valid].pow(2).sum())
+            tokens += int(valid.sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return squared_error, squared_norm, tokens
+
+
+def test_heldout_error_ratio_matches_a_dense_recomputation(trained, tokenizer):
+    pilot, copilot = trained
+    examples = qa_examples(7, start=20)  # 7 with batch_size=3: padded batches and a short last one
+    result = heldout_error_ratio(pilot, copilot, tokenizer, examples, FMT, batch_size=3, top_k=VOCAB)
+    squared_error, squared_norm, tokens = reference_errors(pilot, copilot, tokenizer, examples)
+    assert result["tokens"] == tokens
+    assert result["ratio"] == pytest.approx((squared_error / squared_norm) ** 0.5, rel=1e-5)
+    assert result["copilot_rmse"] == pytest.approx((squared_error / tokens) ** 0.5, rel=1e-5)
+    assert result["zero_rmse"] == pytest.approx((squared_norm / tokens) ** 0.5, rel=1e-5)
+    assert abs(result["ratio"] - 1) > 1e-3  # the trained Copilot's corrections are not zero
+
+    fresh = CopilotModel.from_pilot(pilot, num_hidden_layers=2)
+    untrained = heldout_error_ratio(pilot, fresh, tokenizer, examples, FMT, batch_size=3, top_k=VOCAB)
+    # Zero corrections: the Copilot's squared error is exactly the errors' own squared norm.
+    assert untrained["ratio"] == 1.0
+    assert untrained["zero_rmse"] == pytest.approx((squared_norm / tokens) ** 0.5, rel=1e-5)
+    assert untrained["copilot_rmse"] == pytest.approx(untrained["zero_rmse"], rel=1e-6)
+
+
+def test_accuracy_plot_draws_one_line_per_space_and_beams_from_the_pilot_alone(tmp_path, monkeypatch):
+    from hf_copilot import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    rows = [dict(lam=lam, space=space, num_beams=beams, accuracy=accuracy) for lam, space, beams, accuracy in [
+        (0.0, "probs", 1, 0.5), (1.0, "logits", 1, 0.7), (0.5, "probs", 1, 0.6), (1.0, "probs", 1, 0.4),
+        (0.5, "logits", 1, 0.55), (0.0, "probs", 2, 0.45), (1.0, "logits", 2, 0.5)]]
+    path = plots.plot_accuracy_vs_lambda(rows, tmp_path / "accuracy.png")
+    assert path.stat().st_size > 1000
+    (figure,) = figures
+    lines = {line.get_label(): [(float(x), round(float(y), 9)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+             for line in figure.axes[0].lines}
+    assert lines == {  # the Pilot-alone row (space "probs" by default) starts every line once, at λ=0
+        "logits, greedy": [(0.0, 50.0), (0.5, 55.0), (1.0, 70.0)],
+        "logits, beam 2": [(0.0, 45.0), (1.0, 50.0)],
+        "probs, greedy": [(0.0, 50.0), (0.5, 60.0), (1.0, 40.0)],
+    }
+
+
+def test_rectification_plot_shows_the_first_fixed_example_and_adds_up(trained, tokenizer, tmp_path, monkeypatch):
+    from hf_copilot import plots
+
+    pilot, copilot = trained
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    examples = qa_examples(4, start=12)  # choices: answer2, answer1, answer1 (3 choices), free-form "red"
+    right = [FMT.target(example) for example in examples]
+    baseline = dict(lam=0.0, space="probs", num_beams=1, answers=["no", right[1], "no", "no"])
+    best = dict(lam=1.5, space="logits", num_beams=1, answers=["no", "changed", right[2], "no"])
+    with pytest.raises(ValueError, match="space='logits'"):
+        plots.plot_rectification(pilot, copilot, tokenizer, examples, FMT, [baseline, best],
+                                 dict(best, space="probs"), tmp_path / "probs.png")
+    path = plots.plot_rectification(pilot, copilot, tokenizer, examples, FMT, [baseline, best], best,
+                                    tmp_path / "rectification.png", top=4)
+    assert path.stat().st_size > 1000
+    (figure,) = figures
+    axis = figure.axes[0]
+    assert axis.get_title().startswith("example 2, step ")  # index 1 only changed; index 2 was fixed
+    pilot_bars, copilot_bars, fused_bars = ([bar.get_height() for bar in bars] for bars in axis.containers)
+    assert len(pilot_bars) == len(copilot_bars) == len(fused_bars) == 4
+    for p, c, f in zip(pilot_bars, copilot_bars, fused_bars):
+        assert f == pytest.approx(p + c, abs=1e-5)  # logit space: fused = Pilot + λ × correction
+    assert fused_bars == sorted(fused_bars, reverse=True)  # the fused top tokens, best first
+    vocab = tokenizer.get_vocab()
+    assert all(label.get_text().strip("'\"") in vocab or label.get_text() == "''" for label in axis.get_xticklabels())
