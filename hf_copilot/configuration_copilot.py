@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 PILOT_KINDS = ("decoder_only", "encoder_decoder")
+CORRECTIONS = ("vocabulary", "rerank")
 
 
 class CopilotConfig(PreTrainedConfig):
@@ -27,6 +28,12 @@ class CopilotConfig(PreTrainedConfig):
         attention_bias: bias on the query/key/value projections; ``attention_output_bias`` on the output
             projection; ``mlp_bias`` on the feed-forward projections.
         pilot_model_type: the Pilot's ``model_type`` (informational, checked by the callback and processor).
+        correction: how the correction f is produced. ``"vocabulary"`` (the paper): a linear head d_C → |V|.
+            ``"rerank"``: a residual re-ranking of the Pilot's own top ``rerank_top_k`` candidates,
+            ``f = softmax(log p̂_top + δ) · Σp̂_top − p̂_top`` on those tokens and 0 elsewhere, with
+            ``δ_j = ⟨h_i, w_{token j}⟩`` read from the same (|V|, d) head matrix. It is exactly 0 when δ = 0, keeps
+            ``p̂ + f`` a distribution, and costs k instead of |V| dot products per position.
+        rerank_top_k: candidates re-ranked by ``correction="rerank"`` (at most the Mistake Log's ``top_k``).
     """
 
     model_type = "copilot"
@@ -52,6 +59,8 @@ class CopilotConfig(PreTrainedConfig):
         mlp_bias: bool = False,
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
+        correction: str = "vocabulary",
+        rerank_top_k: int = 32,
         **kwargs,
     ):
         if pilot_kind not in PILOT_KINDS:
@@ -66,6 +75,10 @@ class CopilotConfig(PreTrainedConfig):
                 f"hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}); "
                 "change one of them or pass head_dim explicitly."
             )
+        if correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}.")
+        if rerank_top_k < 2:
+            raise ValueError(f"rerank_top_k must be >= 2 (one candidate cannot be re-ranked), got {rerank_top_k}.")
         num_key_value_heads = num_key_value_heads or num_attention_heads
         if num_attention_heads % num_key_value_heads != 0:
             raise ValueError(
@@ -91,6 +104,8 @@ class CopilotConfig(PreTrainedConfig):
         self.mlp_bias = mlp_bias
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
+        self.correction = correction
+        self.rerank_top_k = rerank_top_k
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

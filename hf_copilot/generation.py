@@ -155,6 +155,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             attention_mask=state.attention_mask,
             cache=state.cache,
             use_cache=True,
+            **self._candidates(record),
         )
         state.input_ids = input_ids
         state.corrections = output.corrections[:, -1:]
@@ -179,6 +180,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             pilot_input_mask=record.input_mask if record.kind == "encoder_decoder" else None,
             cache=CopilotCache(),
             use_cache=True,
+            **self._candidates(record),
         )
         self._state = _DecodingState(
             cache=output.cache,
@@ -189,6 +191,20 @@ class CopilotLogitsProcessor(LogitsProcessor):
         )
         self.analysis = []
         return output.corrections[:, -1]
+
+    def _candidates(self, record: PilotRecord) -> dict:
+        """The Pilot's top tokens for a re-ranking Copilot, at the positions the Pilot computed logits for (the
+        last ones); other positions get probability 0, hence no correction (their corrections are never used)."""
+        if self.copilot.config.correction != "rerank":
+            return {}
+        rows, new = record.hidden_states.shape[:2]
+        k = self.copilot.config.rerank_top_k
+        top = torch.softmax(record.logits.float(), dim=-1).topk(k, dim=-1)
+        known = top.values.shape[1]
+        ids = torch.zeros(rows, new, k, dtype=torch.long, device=top.indices.device)
+        probs = torch.zeros(rows, new, k, device=top.values.device)
+        ids[:, new - known:], probs[:, new - known:] = top.indices, top.values
+        return {"pilot_top_ids": ids, "pilot_top_probs": probs}
 
     @staticmethod
     def _parents(input_ids: torch.Tensor, state: _DecodingState) -> torch.Tensor | None:

@@ -55,6 +55,8 @@ class MistakeBatch:
             attention_mask=self.attention_mask,
             pilot_input_mask=self.pilot_input_mask,
             target_errors=self.errors,
+            pilot_top_ids=self.errors.ids,
+            pilot_top_probs=self.errors.probs,
         )
 
 

@@ -269,6 +269,8 @@ class CopilotModel(CopilotPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pilot_input_mask: torch.Tensor | None = None,
         target_errors: Errors | None = None,
+        pilot_top_ids: torch.Tensor | None = None,
+        pilot_top_probs: torch.Tensor | None = None,
         cache: CopilotCache | None = None,
         use_cache: bool = False,
         **kwargs,
@@ -286,6 +288,10 @@ class CopilotModel(CopilotPreTrainedModel):
             target_errors: the true errors ℓ at the new positions; when given, ``loss`` is the RMSE (Eq. 7)
                 ``sqrt(Σ_i ‖f_i − ℓ_i‖² / N)`` over the N positions that carry a label and are not padding (a
                 dense target row of zeros means "no label", like ``IGNORE_INDEX`` in the compact form).
+            pilot_top_ids / pilot_top_probs: the Pilot's most probable tokens and their probabilities at the new
+                positions, (batch, new positions, ≥ rerank_top_k), sorted by probability; needed by
+                ``correction="rerank"`` only (positions whose candidates are unknown carry probabilities 0 and
+                get no correction).
             cache / use_cache: incremental decoding; outputs equal those of one full-sequence forward.
         """
         batch, new = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
@@ -308,7 +314,10 @@ class CopilotModel(CopilotPreTrainedModel):
         memory = self._memory(pilot_hidden_states, pilot_input_states, attention_mask, pilot_input_mask, past, cache)
         for layer in self.layers:
             hidden = layer(hidden, memory, cache)
-        corrections = self.correction_head(self.norm(hidden))
+        if self.config.correction == "rerank":
+            corrections = self._rerank(self.norm(hidden), pilot_top_ids, pilot_top_probs)
+        else:
+            corrections = self.correction_head(self.norm(hidden))
         if cache is not None:
             cache.seq_length = past + new
 
@@ -322,6 +331,25 @@ class CopilotModel(CopilotPreTrainedModel):
             squared = squared_error_norm(corrections, target_errors)
             loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
         return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None)
+
+    def _rerank(self, hidden: torch.Tensor, top_ids: torch.Tensor | None, top_probs: torch.Tensor | None):
+        """The residual re-ranking correction (see ``CopilotConfig.correction``), scattered into |V|."""
+        k = self.config.rerank_top_k
+        if top_ids is None or top_probs is None:
+            raise ValueError("A Copilot with correction='rerank' needs pilot_top_ids and pilot_top_probs (the Pilot's "
+                             "top candidates at each position; MistakeBatch.copilot_inputs() provides them).")
+        if top_ids.shape != top_probs.shape or top_ids.shape[:2] != hidden.shape[:2] or top_ids.shape[-1] < k:
+            raise ValueError(f"pilot_top_ids/pilot_top_probs must both be (batch, new positions, >= {k}) matching "
+                             f"the new positions {tuple(hidden.shape[:2])}; got {tuple(top_ids.shape)} and "
+                             f"{tuple(top_probs.shape)}. Record the Mistake Log with top_k >= rerank_top_k.")
+        ids, probs = top_ids[..., :k], top_probs[..., :k].float()
+        scores = torch.einsum("btd,btkd->btk", hidden, self.correction_head.weight[ids]).float()
+        # p_j · (ratio_j − 1) with ratio_j = e^δ_j · Σp / Σ p e^δ: written so that δ = 0 gives exactly 0.
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        ratio = weights * probs.sum(-1, keepdim=True) / (probs * weights).sum(-1, keepdim=True).clamp(
+            min=torch.finfo(probs.dtype).tiny)
+        corrections = hidden.new_zeros(*hidden.shape[:2], self.config.vocab_size, dtype=torch.float32)
+        return corrections.scatter(-1, ids, probs * (ratio - 1)).to(hidden.dtype)
 
     def _check_inputs(self, hidden_states, input_states, input_errors, cache):
         config = self.config

@@ -19,9 +19,9 @@ def left_padded(prompts):
     return ids, (ids != 0).long()
 
 
-def noisy_copilot(pilot, std=0.5, seed=1):
+def noisy_copilot(pilot, std=0.5, seed=1, **config):
     """A Copilot whose corrections are large enough to change what the Pilot generates."""
-    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2).eval()
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2, **config).eval()
     torch.manual_seed(seed)
     with torch.no_grad():
         copilot.correction_head.weight.normal_(std=std)
@@ -62,14 +62,15 @@ def pilot_states(pilot, decoder_ids, decoder_mask, source=None, source_mask=None
     finally:
         for handle in handles:
             handle.remove()
-    return out.logits[:, -1].float(), inputs, torch.stack(outputs).float().mean(0)
+    return out.logits.float(), inputs, torch.stack(outputs).float().mean(0)
 
 
 @torch.no_grad()
 def reference_correction(copilot, pilot, decoder_ids, decoder_mask, prompt_length, source=None, source_mask=None):
     """The Copilot's correction at the last position: full-sequence forwards over growing prefixes, with zero input
     over the prompt and, at each generated position, the Copilot's own output at the position before."""
-    _, inputs, hidden = pilot_states(pilot, decoder_ids, decoder_mask, source, source_mask)
+    logits, inputs, hidden = pilot_states(pilot, decoder_ids, decoder_mask, source, source_mask)
+    top = logits.softmax(-1).topk(copilot.config.rerank_top_k, dim=-1)  # a re-ranking Copilot's candidates
     rows = decoder_ids.shape[0]
     errors = torch.zeros(rows, prompt_length, VOCAB)
     for length in range(prompt_length, decoder_ids.shape[1] + 1):
@@ -78,7 +79,8 @@ def reference_correction(copilot, pilot, decoder_ids, decoder_mask, prompt_lengt
         else:
             kwargs = dict(pilot_input_states=inputs, pilot_input_mask=source_mask)
         out = copilot(pilot_hidden_states=hidden[:, :length], input_errors=errors[:, :length],
-                      attention_mask=decoder_mask[:, :length], **kwargs)
+                      attention_mask=decoder_mask[:, :length], pilot_top_ids=top.indices[:, :length],
+                      pilot_top_probs=top.values[:, :length], **kwargs)
         errors = torch.cat([errors, out.corrections[:, -1:]], dim=1)
     return errors[:, -1]
 
@@ -96,7 +98,8 @@ def fuse(scores, correction, lam, space):
 def reference_greedy(pilot, copilot, ids, mask, lam, space, source=None, source_mask=None):
     prompt_length = ids.shape[1]
     for _ in range(NEW_TOKENS):
-        scores, _, _ = pilot_states(pilot, ids, mask, source, source_mask)
+        logits, _, _ = pilot_states(pilot, ids, mask, source, source_mask)
+        scores = logits[:, -1]
         scores[:, pilot.config.eos_token_id] = float("-inf")  # what min_new_tokens does in generate()
         correction = reference_correction(copilot, pilot, ids, mask, prompt_length, source, source_mask)
         next_token = fuse(scores, correction, lam, space).argmax(-1, keepdim=True)
@@ -138,6 +141,18 @@ def test_greedy_matches_full_recompute_reference(llama, space):
         fused = generate(pilot, processor, **inputs)
     assert torch.equal(reference_greedy(pilot, copilot, inputs["input_ids"], inputs["attention_mask"], 0.0, space),
                        generate(pilot, **inputs)), "the reference Pilot must reproduce plain generate()"
+    assert torch.equal(fused, reference_greedy(pilot, copilot, inputs["input_ids"], inputs["attention_mask"], 1.0,
+                                               space))
+    assert not torch.equal(fused, generate(pilot, **inputs)), "the Copilot should change the output"
+
+
+@pytest.mark.parametrize("space", ["probs", "logits"])
+def test_rerank_copilot_greedy_matches_full_recompute_reference(llama, space):
+    pilot, _ = llama
+    copilot = noisy_copilot(pilot, std=3.0, correction="rerank", rerank_top_k=6)
+    inputs = prompt_inputs()
+    with CopilotLogitsProcessor(copilot, pilot, lam=1.0, space=space) as processor:
+        fused = generate(pilot, processor, **inputs)
     assert torch.equal(fused, reference_greedy(pilot, copilot, inputs["input_ids"], inputs["attention_mask"], 1.0,
                                                space))
     assert not torch.equal(fused, generate(pilot, **inputs)), "the Copilot should change the output"

@@ -110,6 +110,50 @@ def test_no_leak_from_future_positions(kind):
     assert not torch.allclose(after[:, cut + 1:], before[:, cut + 1:])
 
 
+def test_rerank_correction_matches_a_reference_built_from_the_vocabulary_head():
+    """correction="rerank" re-scores the Pilot's top candidates by the same head a vocabulary Copilot applies to
+    every token: f = softmax(log p_top + head scores of those tokens) · Σp_top − p_top, zero elsewhere."""
+    vocabulary = trained_looking(CopilotModel(small_config()))
+    rerank = CopilotModel(small_config(correction="rerank", rerank_top_k=5)).eval()
+    rerank.load_state_dict(vocabulary.state_dict())
+    logits, _, errors = random_errors(top_k=8)
+    top = logits.softmax(-1).topk(8, dim=-1)
+    common = dict(**inputs("decoder_only"), input_errors=errors.shift_right())
+    with torch.no_grad():
+        head_scores = vocabulary(**common).corrections
+        out = rerank(**common, pilot_top_ids=top.indices, pilot_top_probs=top.values).corrections
+    expected = torch.zeros(B, T, VOCAB)
+    for b in range(B):
+        for t in range(T):
+            ids, p = top.indices[b, t, :5], top.values[b, t, :5]
+            expected[b, t, ids] = torch.softmax(p.log() + head_scores[b, t, ids], -1) * p.sum() - p
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.sum(-1), torch.zeros(B, T), atol=1e-6, rtol=0)  # mass moves, none is created
+    assert (out.gather(-1, top.indices[..., :5]) + top.values[..., :5] >= 0).all()  # p̂ + f stays a distribution
+    assert out.abs().sum() > 0.1
+
+
+def test_rerank_copilot_starts_at_zero_and_trains_from_a_mistake_batch():
+    copilot = CopilotModel(small_config(correction="rerank", rerank_top_k=4))
+    logits, labels, errors = random_errors(top_k=8)
+    top = logits.softmax(-1).topk(8, dim=-1)
+    x = inputs("decoder_only")
+    out = copilot(**x, input_errors=errors.shift_right(), target_errors=errors, pilot_top_ids=top.indices,
+                  pilot_top_probs=top.values)
+    assert torch.equal(out.corrections, torch.zeros(B, T, VOCAB))
+    out.loss.backward()
+    grad = copilot.correction_head.weight.grad
+    touched = torch.zeros(VOCAB, dtype=torch.bool)
+    touched[top.indices[..., :4][errors.valid]] = True
+    assert grad[touched].abs().sum() > 0 and torch.equal(grad[~touched], torch.zeros_like(grad[~touched]))
+    with pytest.raises(ValueError, match="needs pilot_top_ids"):
+        copilot(**x)
+    with pytest.raises(ValueError, match="top_k >= rerank_top_k"):
+        copilot(**x, pilot_top_ids=top.indices[..., :3], pilot_top_probs=top.values[..., :3])
+    with pytest.raises(ValueError, match="correction must be one of"):
+        small_config(correction="topk")
+
+
 def test_encoder_padding_is_invisible():
     copilot = trained_looking(CopilotModel(small_config("encoder_decoder")))
     pilot = inputs("encoder_decoder")
