@@ -71,7 +71,7 @@ def _train_pilot(model_dir, folder, examples, task_format, p, seed, *, with_copi
     trainer = finetune(pilot, tokenizer, examples, task_format, folder, copilot=copilot, epochs=p["epochs"],
                        max_steps=max_steps, learning_rate=p["learning_rate"], batch_size=p["batch_size"], seed=seed,
                        copilot_options=dict(learning_rate=p["copilot_learning_rate"],
-                                            batch_size=p["copilot_batch_size"]))
+                                            batch_size=p["copilot_batch_size"], save_mistake_log=True))
     seconds = time.perf_counter() - started
     save_pilot(pilot, tokenizer, folder / "pilot")
     copilot_seconds = next((e["copilot_seconds"] for e in reversed(trainer.state.log_history)

@@ -218,6 +218,21 @@ class MistakeLog:
             return torch.empty(tensor.shape, dtype=dtype, pin_memory=True).copy_(tensor)
         return tensor.to(self.device)
 
+    def until(self, step: int) -> MistakeLog:
+        """The log as it stood after round ``step``: a view sharing this log's tensors.
+
+        Replaying a saved log round by round (``for step in sorted(set(log.steps)): updater.step(log.until(step))``)
+        trains a
+        Copilot offline exactly as joint training did, so Copilot variants can be compared on one Pilot run.
+        """
+        view = MistakeLog(self.max_rounds, self.max_bytes, self.top_k, self.storage_dtype, self.device)
+        view.kind, view.vocab_size, view.hidden_size = self.kind, self.vocab_size, self.hidden_size
+        view._entries = deque(entry for entry in self._entries if entry.step <= step)
+        if not view._entries:
+            raise ValueError(f"The Mistake Log has no round at or before step {step} (its steps: {self.steps[:5]}...).")
+        view.bytes = sum(entry.nbytes for entry in view._entries)
+        return view
+
     def sample(
         self,
         batch_size: int,

@@ -8,7 +8,7 @@ import torch
 from conftest import VOCAB, tiny_pilot
 from transformers import Trainer, TrainingArguments
 
-from hf_copilot import CopilotCallback, CopilotModel, MistakeLog, train_copilot
+from hf_copilot import CopilotCallback, CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog, train_copilot
 
 SEQ = 16
 
@@ -131,6 +131,24 @@ def test_offline_training_from_a_saved_log(tmp_path):
     losses = train_copilot(fresh, log, num_updates=30, progress=False, learning_rate=3e-3, warmup_ratio=0.0,
                            batch_size=8)
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
+
+
+def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path):
+    """MistakeLog.until(step) is the log as it stood at that step, so an offline replay equals the joint run."""
+    joint = CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=3,
+                            save_mistake_log=True, seed=5)
+    run(tmp_path, joint)
+    log = MistakeLog.load(tmp_path / "copilot" / "mistake_log")
+    assert sorted(set(log.steps)) == list(range(1, 7))
+    assert log.until(2).steps == [1, 2] and log.until(2).bytes < log.bytes
+    replayed = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    updater = CopilotUpdater(replayed, CopilotTrainingConfig(batch_size=3, seed=5), total_updates=6)
+    for step in sorted(set(log.steps)):
+        updater.step(log.until(step))
+    for (name, a), b in zip(joint.copilot.state_dict().items(), replayed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="no round at or before step 0"):
+        log.until(0)
 
 
 DDP_SCRIPT = Path(__file__).with_name("ddp_train.py")
