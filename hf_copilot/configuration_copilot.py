@@ -6,6 +6,7 @@ from transformers import PreTrainedConfig
 
 PILOT_KINDS = ("decoder_only", "encoder_decoder")
 CORRECTIONS = ("vocabulary", "rerank")
+LOSSES = ("rmse", "cross_entropy")
 
 
 class CopilotConfig(PreTrainedConfig):
@@ -34,6 +35,9 @@ class CopilotConfig(PreTrainedConfig):
             ``δ_j = ⟨h_i, w_{token j}⟩`` read from the same (|V|, d) head matrix. It is exactly 0 when δ = 0, keeps
             ``p̂ + f`` a distribution, and costs k instead of |V| dot products per position.
         rerank_top_k: candidates re-ranked by ``correction="rerank"`` (at most the Mistake Log's ``top_k``).
+        loss: ``"rmse"`` (the paper's Eq. 7) or, with ``correction="rerank"``, ``"cross_entropy"``: the negative
+            log-likelihood of the label under the re-ranked candidate distribution (positions whose label is not
+            among the candidates are skipped).
     """
 
     model_type = "copilot"
@@ -61,6 +65,7 @@ class CopilotConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         correction: str = "vocabulary",
         rerank_top_k: int = 32,
+        loss: str = "rmse",
         **kwargs,
     ):
         if pilot_kind not in PILOT_KINDS:
@@ -77,6 +82,11 @@ class CopilotConfig(PreTrainedConfig):
             )
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}.")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        if loss == "cross_entropy" and correction != "rerank":
+            raise ValueError("loss='cross_entropy' needs correction='rerank' (a vocabulary-wide correction has no "
+                             "distribution of its own to score the label with).")
         if rerank_top_k < 2:
             raise ValueError(f"rerank_top_k must be >= 2 (one candidate cannot be re-ranked), got {rerank_top_k}.")
         num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -106,6 +116,7 @@ class CopilotConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.correction = correction
         self.rerank_top_k = rerank_top_k
+        self.loss = loss
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

@@ -315,7 +315,7 @@ class CopilotModel(CopilotPreTrainedModel):
         for layer in self.layers:
             hidden = layer(hidden, memory, cache)
         if self.config.correction == "rerank":
-            corrections = self._rerank(self.norm(hidden), pilot_top_ids, pilot_top_probs)
+            corrections, log_q, candidate_ids = self._rerank(self.norm(hidden), pilot_top_ids, pilot_top_probs)
         else:
             corrections = self.correction_head(self.norm(hidden))
         if cache is not None:
@@ -328,12 +328,20 @@ class CopilotModel(CopilotPreTrainedModel):
                 labelled = labelled & target_errors.valid
             else:
                 labelled = labelled & (target_errors != 0).any(-1)
-            squared = squared_error_norm(corrections, target_errors)
-            loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
+            if self.config.loss == "cross_entropy":
+                if not isinstance(target_errors, CompactErrors):
+                    raise ValueError("loss='cross_entropy' needs target_errors as CompactErrors (they carry the labels).")
+                hit = candidate_ids == target_errors.labels.unsqueeze(-1)
+                labelled = labelled & hit.any(-1)  # a label outside the candidates cannot be re-ranked up
+                loss = -(log_q * hit).sum(-1)[labelled].sum() / labelled.sum().clamp(min=1)
+            else:
+                squared = squared_error_norm(corrections, target_errors)
+                loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
         return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None)
 
     def _rerank(self, hidden: torch.Tensor, top_ids: torch.Tensor | None, top_probs: torch.Tensor | None):
-        """The residual re-ranking correction (see ``CopilotConfig.correction``), scattered into |V|."""
+        """The residual re-ranking correction (see ``CopilotConfig.correction``) scattered into |V|, and the
+        re-ranked log-distribution over the candidates with their ids (for the cross-entropy loss)."""
         k = self.config.rerank_top_k
         if top_ids is None or top_probs is None:
             raise ValueError("A Copilot with correction='rerank' needs pilot_top_ids and pilot_top_probs (the Pilot's "
@@ -349,7 +357,9 @@ class CopilotModel(CopilotPreTrainedModel):
         ratio = weights * probs.sum(-1, keepdim=True) / (probs * weights).sum(-1, keepdim=True).clamp(
             min=torch.finfo(probs.dtype).tiny)
         corrections = hidden.new_zeros(*hidden.shape[:2], self.config.vocab_size, dtype=torch.float32)
-        return corrections.scatter(-1, ids, probs * (ratio - 1)).to(hidden.dtype)
+        corrections = corrections.scatter(-1, ids, probs * (ratio - 1)).to(hidden.dtype)
+        log_q = torch.log_softmax(probs.clamp(min=torch.finfo(probs.dtype).tiny).log() + scores, dim=-1)
+        return corrections, log_q, ids
 
     def _check_inputs(self, hidden_states, input_states, input_errors, cache):
         config = self.config

@@ -154,6 +154,32 @@ def test_rerank_copilot_starts_at_zero_and_trains_from_a_mistake_batch():
         small_config(correction="topk")
 
 
+def test_rerank_cross_entropy_loss_matches_a_per_position_reference():
+    vocabulary = trained_looking(CopilotModel(small_config()))
+    rerank = CopilotModel(small_config(correction="rerank", rerank_top_k=6, loss="cross_entropy")).eval()
+    rerank.load_state_dict(vocabulary.state_dict())
+    logits, labels, errors = random_errors(top_k=8)
+    top = logits.softmax(-1).topk(8, dim=-1)
+    labels[1, 3] = top.indices[1, 3, 2]  # make sure some labels are among the candidates
+    labels[2, 5] = top.indices[2, 5, 0]
+    errors = CompactErrors(labels, errors.ids, errors.probs)
+    common = dict(**inputs("decoder_only"), input_errors=errors.shift_right())
+    with torch.no_grad():
+        head_scores = vocabulary(**common).corrections
+        loss = rerank(**common, target_errors=errors, pilot_top_ids=top.indices, pilot_top_probs=top.values).loss
+    terms = []
+    for b in range(B):
+        for t in range(T):
+            ids, p = top.indices[b, t, :6], top.values[b, t, :6]
+            if labels[b, t] in ids.tolist():
+                q = torch.softmax(p.log() + head_scores[b, t, ids], -1)
+                terms.append(-q[ids.tolist().index(int(labels[b, t]))].log())
+    assert len(terms) >= 2
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs correction='rerank'"):
+        small_config(loss="cross_entropy")
+
+
 def test_encoder_padding_is_invisible():
     copilot = trained_looking(CopilotModel(small_config("encoder_decoder")))
     pilot = inputs("encoder_decoder")

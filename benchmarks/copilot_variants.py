@@ -1,0 +1,120 @@
+"""Compare Copilot variants on one real Pilot run, without retraining the Pilot for each.
+
+    python benchmarks/copilot_variants.py --task basic_arithmetic --seed 0 --variants paper,rerank
+
+The Pilot's training is identical whatever the Copilot does, so each variant replays the Mistake Log that
+``benchmarks/quality.py`` saved from the joint run round by round (``MistakeLog.until``), which is exactly what
+joint training would have shown it, then is scored like the benchmark: the held-out diagnostic (Copilot RMSE ÷
+all-zero RMSE on teacher-forced test items, and on 200 training items) and test accuracy at fixed λ values.
+One JSON per (task, seed, variant) under ``--runs``; the table goes to ``benchmarks/results/copilot_variants.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, set_seed
+
+from hf_copilot import CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog
+from hf_copilot.assets import resolve_model
+from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ratio
+from hf_copilot.finetune import load_pilot
+from hf_copilot.tasks import TASKS, load_task
+
+from quality import PROTOCOLS
+
+# name: (CopilotConfig overrides, CopilotTrainingConfig overrides, what the variant tests)
+VARIANTS = {
+    "paper": ({}, {}, "the paper's Copilot: |V|-wide linear head, RMSE, one update per Pilot step"),
+    "rerank": ({"correction": "rerank"}, {}, "residual re-ranking of the Pilot's top-32 candidates"),
+    "rerank_ce": ({"correction": "rerank", "loss": "cross_entropy"}, {},
+                  "re-ranking trained with cross-entropy on the label instead of RMSE"),
+}
+DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits")]
+
+
+def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, model_dir: Path) -> dict:
+    out = runs / protocol / task / f"seed{seed}" / "variants" / f"{variant}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    config_overrides, training_overrides, _ = VARIANTS[variant]
+    p = PROTOCOLS[protocol]
+    joint = runs / protocol / task / f"seed{seed}" / "joint"
+    log_dir = joint / "copilot" / "mistake_log"
+    if not log_dir.is_dir():
+        raise FileNotFoundError(f"{log_dir} is missing: run benchmarks/quality.py for this cell first.")
+    started = time.perf_counter()
+    set_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    copilot = CopilotModel.from_pilot(base, num_hidden_layers=p["copilot_layers"], **config_overrides)
+    del base
+    log = MistakeLog.load(log_dir, copilot=copilot)
+    steps = sorted(set(log.steps))
+    training = dict(learning_rate=p["copilot_learning_rate"], batch_size=p["copilot_batch_size"], seed=seed)
+    training.update(training_overrides)
+    config = CopilotTrainingConfig(**training)
+    updater = CopilotUpdater(copilot, config, total_updates=len(steps) * config.updates_per_step)
+    losses = [updater.step(log.until(step)) for step in steps for _ in range(config.updates_per_step)]
+    copilot.eval()
+    pilot, tokenizer = load_pilot(joint / "pilot")
+    task_format = TASKS[task].format
+    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
+    train = load_task(task, "train", train_size=p["train_size"])
+    rows = evaluate_decodings(pilot, tokenizer, test, task_format, DECODINGS, copilot=copilot, batch_size=32)
+    result = {
+        "task": task, "seed": seed, "variant": variant, "copilot_config": config_overrides,
+        "copilot_training": config.to_dict(), "first_losses": losses[:5], "last_losses": losses[-5:],
+        "heldout": heldout_error_ratio(pilot, copilot, tokenizer, test, task_format),
+        "train_items": heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format),
+        "accuracy": {r["decoding"]: {k: r[k] for k in ("accuracy", "fixed", "broken")} for r in rows},
+        "seconds": time.perf_counter() - started,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    names = [d.name for d in DECODINGS]
+    lines = ["| task | seed | variant | held-out ratio | train-items ratio | " + " | ".join(names) + " |",
+             "|---" * (5 + len(names)) + "|"]
+    for r in results:
+        cells = [f"{100 * r['accuracy'][n]['accuracy']:.1f}"
+                 + (f" (+{r['accuracy'][n]['fixed']}/−{r['accuracy'][n]['broken']})" if i else "")
+                 for i, n in enumerate(names)]
+        lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {r['heldout']['ratio']:.4f} | "
+                     f"{r['train_items']['ratio']:.4f} | " + " | ".join(cells) + " |")
+    legend = "\n".join(f"- `{name}`: {about}" for name, (_, _, about) in VARIANTS.items())
+    return ("# Copilot variants on one Pilot run\n\nAccuracy (%) on the test split; (+fixed/−broken) against the "
+            "Pilot alone. Ratios: Copilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = better than predicting "
+            "nothing).\n\n" + "\n".join(lines) + "\n\n" + legend + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=lambda t: t.split(","), default=["basic_arithmetic"])
+    parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0])
+    parser.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS))
+    parser.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--table", type=Path, default=Path(__file__).parent / "results" / "copilot_variants.md")
+    args = parser.parse_args()
+    model_dir = resolve_model(args.model)
+    results = []
+    for task in args.tasks:
+        for seed in args.seeds:
+            for variant in args.variants:
+                print(f"== {task} seed {seed} {variant}", flush=True)
+                results.append(run_variant(task, seed, variant, args.protocol, args.runs, model_dir))
+                print(table(results[-1:]), flush=True)
+    args.table.write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
