@@ -1,0 +1,115 @@
+"""Synthetic sanity benchmark: a tiny Pilot trained from scratch on two-number addition, in minutes on a CPU.
+
+    python benchmarks/sanity.py                     # default knobs and the cost/quality trade-off table
+
+It runs the real path (``finetune`` with ``CopilotCallback``, ``evaluate_decodings``, ``heldout_error_ratio``) on
+a task small enough to repeat, so it is where the joint-training knobs are compared: Copilot updates every n Pilot
+steps and the Copilot's batch size. Time ratios are measured in this process against the same Pilot training
+without the callback (median of ``--repeats`` runs each). Writes ``benchmarks/results/sanity.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+
+from hf_copilot import CopilotModel
+from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ratio
+from hf_copilot.finetune import finetune
+from hf_copilot.tasks import DEFAULT_FORMAT, Example
+
+LARGEST = 20
+TASK_FORMAT = DEFAULT_FORMAT
+
+
+def addition_examples(count: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    pairs = [(rng.randrange(LARGEST), rng.randrange(LARGEST)) for _ in range(count)]
+    return [Example(question=f"Calculate {a} + {b} =", answer=str(a + b)) for a, b in pairs]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """Whole numbers are single words, so the Pilot must learn each sum (no digit-wise shortcut)."""
+    words = ["<pad>", "<unk>", "<s>", "</s>", "###", "Instruction:", "Response:", "Calculate", "+", "="]
+    words += [str(n) for n in range(2 * LARGEST)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def pilot(vocab_size: int) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return LlamaForCausalLM(config)
+
+
+def run(train, test, knobs: dict | None, epochs: float, seed: int) -> dict:
+    """One Pilot training (with a Copilot when ``knobs`` is not None); returns time and scores."""
+    set_seed(seed)
+    tok = tokenizer()
+    model = pilot(len(tok))
+    copilot = CopilotModel.from_pilot(model, num_hidden_layers=2) if knobs is not None else None
+    with tempfile.TemporaryDirectory() as output:
+        started = time.perf_counter()
+        finetune(model, tok, train, TASK_FORMAT, output, copilot=copilot, epochs=epochs, learning_rate=3e-3,
+                 batch_size=32, seed=seed, progress=False, copilot_options=knobs)
+        seconds = time.perf_counter() - started
+    model.eval()
+    decodings = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits")] if copilot else [Decoding()]
+    rows = evaluate_decodings(model, tok, test, TASK_FORMAT, decodings, copilot=copilot.eval() if copilot else None,
+                              batch_size=64)
+    result = {"seconds": seconds, "accuracy": {r["decoding"]: r["accuracy"] for r in rows}}
+    if copilot is not None:
+        result["heldout_ratio"] = heldout_error_ratio(model, copilot, tok, test, TASK_FORMAT)["ratio"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=float, default=12.0)
+    parser.add_argument("--train-size", type=int, default=1500)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "sanity.md")
+    args = parser.parse_args()
+    train, test = addition_examples(args.train_size, seed=1), addition_examples(200, seed=2)
+    settings = {
+        "Pilot alone": None,
+        "Copilot, default (every step, batch 16)": {},
+        "update every 2 steps": {"update_every": 2},
+        "update every 4 steps": {"update_every": 4},
+        "Copilot batch 8": {"batch_size": 8},
+        "Copilot batch 32": {"batch_size": 32},
+    }
+    results = {name: [run(train, test, knobs, args.epochs, seed) for seed in range(args.repeats)]
+               for name, knobs in settings.items()}
+    base_time = statistics.median(r["seconds"] for r in results["Pilot alone"])
+    lines = ["| setting | time ÷ Pilot alone (median) | Pilot greedy | probs λ=1 | logits λ=1 | held-out ratio |",
+             "|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        def mean(key):
+            values = [r["accuracy"].get(key) for r in runs]
+            return "–" if values[0] is None else f"{100 * statistics.fmean(values):.1f}"
+        ratio = statistics.median(r["seconds"] for r in runs) / base_time
+        held = "–" if "heldout_ratio" not in runs[0] else f"{statistics.fmean(r['heldout_ratio'] for r in runs):.3f}"
+        lines.append(f"| {name} | {ratio:.2f}× | {mean('pilot greedy')} | {mean('probs λ=1 greedy')} | "
+                     f"{mean('logits λ=1 greedy')} | {held} |")
+    text = (f"# Sanity benchmark: tiny Pilot from scratch on addition\n\n`python benchmarks/sanity.py --repeats "
+            f"{args.repeats}`, {torch.get_num_threads()} CPU threads; {len(train)} training and {len(test)} test "
+            f"sums, {args.epochs:g} epochs; accuracy (%) is the mean over {args.repeats} seeds, time the median.\n\n"
+            + "\n".join(lines) + "\n")
+    args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
