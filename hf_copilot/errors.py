@@ -46,9 +46,12 @@ class CompactErrors:
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> CompactErrors:
-        """Compact errors of ``logits`` against ``labels``, keeping the ``top_k`` most probable tokens."""
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_probs, top_ids = probs.topk(min(top_k, logits.shape[-1]), dim=-1)
+        """Compact errors of ``logits`` against ``labels``, keeping the ``top_k`` most probable tokens.
+
+        Only reads ``logits`` (top-k and log-normaliser): no |V|-wide probability tensor is written.
+        """
+        top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        top_probs = (top_logits.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)).exp()
         valid = (labels != IGNORE_INDEX).unsqueeze(-1)
         return cls(labels=labels, ids=top_ids, probs=top_probs * valid)
 

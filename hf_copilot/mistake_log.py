@@ -190,7 +190,8 @@ class MistakeLog:
             input_states, input_lengths = record.input_states[source_mask], source_mask.sum(-1)[kept_sequences]
         else:
             input_states, input_lengths = record.input_states[keep], None
-        errors = CompactErrors.from_logits(record.logits[keep], labels[keep], self.top_k)
+        # On the full (batch, positions) grid, then select: indexing the |V|-wide logits first would copy them.
+        errors = CompactErrors.from_logits(record.logits, labels, self.top_k).map(lambda tensor: tensor[keep])
         entry = _Entry(
             step=int(step),
             input_states=self._store(input_states, self.storage_dtype),
