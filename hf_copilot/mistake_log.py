@@ -91,6 +91,14 @@ class _Entry:
         return len(self.lengths)
 
     @functools.cached_property
+    def error_sums(self) -> tuple[int, float, float]:
+        """(labelled tokens, Σ‖ℓ‖, Σ dropped mass), computed once: entries never change, so stats() stays cheap."""
+        errors = CompactErrors(self.labels.long(), self.ids.long(), self.probs)
+        valid = errors.valid
+        return (int(valid.sum()), float(errors.squared_norm().clamp(min=0).sqrt()[valid].sum()),
+                float(errors.dropped_mass()[valid].sum()))
+
+    @functools.cached_property
     def spans(self) -> list[tuple[int, int]]:
         """(start, end) rows of each sequence's decoder positions."""
         return _spans(self.lengths)
@@ -296,13 +304,8 @@ class MistakeLog:
         ``mean_error_norm`` is the mean ‖ℓ‖ over labelled tokens; ``mean_dropped_mass`` the mean probability mass
         outside the stored top-k (what the compact form loses; both NaN for an empty log).
         """
-        labelled, norm_sum, dropped_sum = 0, 0.0, 0.0
-        for entry in self._entries:
-            errors = CompactErrors(entry.labels.long(), entry.ids.long(), entry.probs)
-            valid = errors.valid
-            labelled += int(valid.sum())
-            norm_sum += float(errors.squared_norm().clamp(min=0).sqrt()[valid].sum())
-            dropped_sum += float(errors.dropped_mass()[valid].sum())
+        labelled, norm_sum, dropped_sum = (sum(column) for column in zip((0, 0.0, 0.0), *(
+            entry.error_sums for entry in self._entries)))
         return {
             "entries": len(self._entries),
             "rounds": self.rounds,
