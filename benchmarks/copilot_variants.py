@@ -34,7 +34,8 @@ VARIANTS = {
     "rerank_ce": ({"correction": "rerank", "loss": "cross_entropy"}, {},
                   "re-ranking trained with cross-entropy on the label instead of RMSE"),
 }
-DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits")]
+DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits"),
+             Decoding(1.0, "probs", gate=0.5), Decoding(3.0, "logits", gate=0.5)]
 
 
 def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, model_dir: Path) -> dict:

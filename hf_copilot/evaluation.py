@@ -23,16 +23,21 @@ from .tasks import Example, TaskFormat
 
 @dataclass(frozen=True)
 class Decoding:
-    """One way of decoding: the fusion weight λ (0 = the Pilot alone), the fusion space and the beam count."""
+    """One way of decoding: the fusion weight λ (0 = the Pilot alone), the fusion space, the beam count and the
+    confidence gate (see :class:`~hf_copilot.CopilotLogitsProcessor`)."""
 
     lam: float = 0.0
     space: str = "probs"
     num_beams: int = 1
+    gate: float | None = None
 
     @property
     def name(self) -> str:
         search = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
-        return f"pilot {search}" if self.lam == 0 else f"{self.space} λ={self.lam:g} {search}"
+        if self.lam == 0:
+            return f"pilot {search}"
+        gate = "" if self.gate is None else f" gate<{self.gate:g}"
+        return f"{self.space} λ={self.lam:g}{gate} {search}"
 
 
 def _batches(examples: list[Example], tokenizer, task_format: TaskFormat, batch_size: int):
@@ -55,7 +60,8 @@ def generate_answers(pilot, tokenizer, examples: list[Example], task_format: Tas
     if decoding.lam > 0 and copilot is None:
         raise ValueError(f"Decoding {decoding.name!r} fuses a Copilot, but no copilot was given.")
     device = next(pilot.parameters()).device
-    processor = CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space) if decoding.lam else None
+    processor = (CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space, gate=decoding.gate)
+                 if decoding.lam else None)
     answers: list[str] = [""] * len(examples)
     with processor or contextlib.nullcontext():
         batches = list(_batches(examples, tokenizer, task_format, batch_size))

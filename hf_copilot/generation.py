@@ -61,6 +61,8 @@ class CopilotLogitsProcessor(LogitsProcessor):
         lam: the fusion weight λ ≥ 0; ``0`` returns the scores unchanged.
         space: ``"probs"`` (paper Eq. 8: ``softmax(scores) + λ f``, clamped positive, renormalised, returned as log)
             or ``"logits"`` (``scores + λ f``).
+        gate: when set (0 < gate ≤ 1), fuse only where the Pilot is unsure: rows whose highest Pilot probability is
+            below ``gate`` are rectified, the others keep the Pilot's scores (default: every step is rectified).
         top_analysis: when ``n > 0``, :attr:`analysis` holds one dict per step of the current ``generate()`` call
             with the top-n tokens of the fused scores (``token_ids``) and, for those tokens, the Pilot's scores
             (``pilot_scores``), the Copilot's corrections (``corrections``) and the fused scores (``fused_scores``),
@@ -75,7 +77,8 @@ class CopilotLogitsProcessor(LogitsProcessor):
     once. Pilot forwards outside ``generate()`` are captured too while it is open: close it when done.
     """
 
-    def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0):
+    def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0,
+                 gate: float | None = None):
         copilot.check_pilot(pilot)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam (the fusion weight λ) must be a finite number >= 0; got {lam!r}.")
@@ -83,6 +86,9 @@ class CopilotLogitsProcessor(LogitsProcessor):
             raise ValueError(f"space must be one of {FUSION_SPACES}; got {space!r}.")
         if isinstance(top_analysis, bool) or not isinstance(top_analysis, int) or top_analysis < 0:
             raise ValueError(f"top_analysis must be an int >= 0 (0 disables the analysis); got {top_analysis!r}.")
+        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1):
+            raise ValueError(f"gate must be None or a Pilot probability in (0, 1]; got {gate!r}.")
+        self.gate = gate
         self.copilot = copilot
         self.lam = float(lam)
         self.space = space
@@ -224,10 +230,15 @@ class CopilotLogitsProcessor(LogitsProcessor):
         corrections = corrections.to(scores.dtype)
         banned = scores == float("-inf")  # set by an earlier processor (min-length, bad words, ...)
         if self.space == "logits":
-            return (scores + self.lam * corrections).masked_fill(banned, float("-inf"))
-        probs = torch.softmax(scores, dim=-1) + self.lam * corrections
-        probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).masked_fill(banned, 0.0)
-        return (probs / probs.sum(-1, keepdim=True)).log()
+            fused = (scores + self.lam * corrections).masked_fill(banned, float("-inf"))
+        else:
+            probs = torch.softmax(scores, dim=-1) + self.lam * corrections
+            probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).masked_fill(banned, 0.0)
+            fused = (probs / probs.sum(-1, keepdim=True)).log()
+        if self.gate is None:
+            return fused
+        unsure = torch.softmax(scores, dim=-1).amax(-1, keepdim=True) < self.gate
+        return torch.where(unsure, fused, scores)
 
     def _analyse(self, scores: torch.Tensor, corrections: torch.Tensor, fused: torch.Tensor) -> None:
         top = fused.topk(min(self.top_analysis, fused.shape[-1]), dim=-1)

@@ -95,14 +95,17 @@ def fuse(scores, correction, lam, space):
     return (probs / probs.sum(-1, keepdim=True)).log()
 
 
-def reference_greedy(pilot, copilot, ids, mask, lam, space, source=None, source_mask=None):
+def reference_greedy(pilot, copilot, ids, mask, lam, space, source=None, source_mask=None, gate=None):
     prompt_length = ids.shape[1]
     for _ in range(NEW_TOKENS):
         logits, _, _ = pilot_states(pilot, ids, mask, source, source_mask)
         scores = logits[:, -1]
         scores[:, pilot.config.eos_token_id] = float("-inf")  # what min_new_tokens does in generate()
         correction = reference_correction(copilot, pilot, ids, mask, prompt_length, source, source_mask)
-        next_token = fuse(scores, correction, lam, space).argmax(-1, keepdim=True)
+        fused = fuse(scores, correction, lam, space)
+        if gate is not None:  # rows where the Pilot is sure keep its own scores
+            fused = torch.where(scores.softmax(-1).amax(-1, keepdim=True) < gate, fused, scores)
+        next_token = fused.argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
     return ids
 
@@ -156,6 +159,26 @@ def test_rerank_copilot_greedy_matches_full_recompute_reference(llama, space):
     assert torch.equal(fused, reference_greedy(pilot, copilot, inputs["input_ids"], inputs["attention_mask"], 1.0,
                                                space))
     assert not torch.equal(fused, generate(pilot, **inputs)), "the Copilot should change the output"
+
+
+def test_gate_rectifies_only_where_the_pilot_is_unsure(llama):
+    pilot, copilot = llama
+    inputs = prompt_inputs()
+    plain = generate(pilot, output_scores=True, return_dict_in_generate=True, **inputs)
+    confidence = torch.stack([step.softmax(-1).amax(-1) for step in plain.scores])
+    gate = float(confidence.median())  # about half of the Pilot's steps are "sure"
+    with CopilotLogitsProcessor(copilot, pilot, lam=1.0, space="logits", gate=gate) as processor:
+        gated = generate(pilot, processor, **inputs)
+    reference = reference_greedy(pilot, copilot, inputs["input_ids"], inputs["attention_mask"], 1.0, "logits",
+                                 gate=gate)
+    assert torch.equal(gated, reference)
+    with CopilotLogitsProcessor(copilot, pilot, lam=1.0, space="logits") as processor:
+        assert not torch.equal(gated, generate(pilot, processor, **inputs)), "the gate should keep some Pilot steps"
+    with CopilotLogitsProcessor(copilot, pilot, lam=1.0, space="logits", gate=1e-9) as processor:
+        assert torch.equal(generate(pilot, processor, **inputs), plain.sequences)  # the Pilot is never that unsure
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="gate must be None or a Pilot probability"):
+            CopilotLogitsProcessor(copilot, pilot, gate=bad)
 
 
 def test_static_cache_four_dimensional_mask_gives_the_same_output(llama):
