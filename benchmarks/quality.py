@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_copilot import CopilotModel, train_copilot
 from hf_copilot.assets import resolve_model
-from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ratio, record_mistake_log
+from hf_copilot.evaluation import (Decoding, evaluate_decodings, first_error_ranks, heldout_error_ratio,
+                                   record_mistake_log)
 from hf_copilot.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.tasks import TASKS, load_task
 
@@ -106,6 +107,7 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
                                                  batch_size=32))
     result["joint_heldout"] = heldout_error_ratio(pilot, copilot, tokenizer, test, task_format)
     result["joint_train_ratio"] = heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format)
+    result["first_error_ranks"] = first_error_ranks(pilot, tokenizer, test, task_format)
 
     # (c) Latest: the same number of Copilot updates, but only on the finished Pilot's errors.
     set_seed(seed)
@@ -163,11 +165,22 @@ def summarise(results: list[dict], protocol: str, command: str, hours: float) ->
               f"latest {statistics.fmean(r['latest_heldout']['ratio'] for r in results if r['task'] == t):.4f}, "
               f"joint on training items {statistics.fmean(r['joint_train_ratio']['ratio'] for r in results if r['task'] == t):.4f}"
               for t in tasks]
+    anatomy = ["| task | no teacher-forced error | right token 2nd | 3rd-5th | 6th-32nd | beyond 32nd |",
+               "|---|---|---|---|---|---|"]
+    for t in tasks:
+        ranks = [rank for r in results if r["task"] == t and "first_error_ranks" in r for rank in r["first_error_ranks"]]
+        if ranks:
+            bins = [sum(rank is None for rank in ranks)] + [
+                sum(rank is not None and low <= rank <= high for rank in ranks)
+                for low, high in ((1, 1), (2, 4), (5, 31), (32, 10**9))]
+            anatomy.append(f"| {t} | " + " | ".join(f"{100 * b / len(ranks):.0f}%" for b in bins) + " |")
     header = (f"# Quality benchmark, protocol `{protocol}`\n\n`{command}`: {len(results)} cells, seeds {seeds}, "
               f"{hours:.2f} h of compute in total (sum of cell times).\n\nAccuracy (%) of generated, parsed answers on "
               "each task's test split, mean ± std over seeds.\n\n")
     return header + "\n".join(lines) + "\n\nCopilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = learned " \
-        "something that transfers):\n\n" + "\n".join(f"- {line}" for line in ratios) + "\n"
+        "something that transfers):\n\n" + "\n".join(f"- {line}" for line in ratios) + "\n\nWhere the Pilot " \
+        "first goes wrong on each test item, teacher-forced (rank of the right token at the first wrong answer " \
+        "position; what re-ranking the Pilot's own candidates could reach):\n\n" + "\n".join(anatomy) + "\n"
 
 
 def main() -> None:

@@ -138,6 +138,30 @@ def record_mistake_log(pilot, tokenizer, examples: list[Example], task_format: T
     return log
 
 
+def first_error_ranks(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, *, batch_size: int = 16,
+                      max_length: int = 256) -> list[int | None]:
+    """Where the Pilot first goes wrong on each example, teacher-forced: the rank of the right token among the
+    Pilot's predictions at the first answer position whose top prediction is wrong (``None``: no such position).
+
+    Rank 1 is a near miss that re-ranking the Pilot's top two could fix; a large rank is an error no re-ranking of
+    the Pilot's own candidates can reach.
+    """
+    ranks: list[int | None] = []
+    for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
+                                         max_length=max_length):
+        labels = record.next_token_labels()
+        wrong = (record.logits.argmax(-1) != labels) & (labels != IGNORE_INDEX)
+        for row in range(labels.shape[0]):
+            positions = wrong[row].nonzero()
+            if len(positions) == 0:
+                ranks.append(None)
+                continue
+            position = int(positions[0])
+            scores = record.logits[row, position]
+            ranks.append(int((scores > scores[labels[row, position]]).sum()))
+    return ranks
+
+
 @torch.no_grad()
 def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task_format: TaskFormat, *,
                         batch_size: int = 16, max_length: int = 256, top_k: int = 32) -> dict:

@@ -8,8 +8,9 @@ import torch
 from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
 from hf_copilot import CopilotModel
-from hf_copilot.evaluation import Decoding, evaluate_decodings, generate_answers, heldout_error_ratio
-from hf_copilot.finetune import finetune
+from hf_copilot.evaluation import (Decoding, evaluate_decodings, first_error_ranks, generate_answers,
+                                   heldout_error_ratio)
+from hf_copilot.finetune import encode_example, finetune
 from hf_copilot.tasks import DEFAULT_FORMAT
 
 FMT = dataclasses.replace(DEFAULT_FORMAT, max_new_tokens=12)
@@ -218,3 +219,21 @@ def test_rectification_plot_shows_the_first_fixed_example_and_adds_up(trained, t
     assert fused_bars == sorted(fused_bars, reverse=True)  # the fused top tokens, best first
     vocab = tokenizer.get_vocab()
     assert all(label.get_text().strip("'\"") in vocab or label.get_text() == "''" for label in axis.get_xticklabels())
+
+
+def test_first_error_ranks_match_a_per_example_recount(trained, tokenizer):
+    pilot, _ = trained
+    examples = qa_examples(7)
+    ranks = first_error_ranks(pilot, tokenizer, examples, FMT, batch_size=3)
+    assert len(ranks) == len(examples)
+    for example, rank in zip(examples, ranks):
+        row = encode_example(example, tokenizer, FMT, 256)  # one example alone, no padding
+        with torch.no_grad():
+            logits = pilot(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+        expected = None
+        for position, label in enumerate(row["labels"][1:]):  # logits at position t predict label t + 1
+            if label != -100 and int(logits[position].argmax()) != label:
+                expected = int((logits[position] > logits[position, label]).sum())
+                break
+        assert rank == expected
+    assert any(rank is not None for rank in ranks)
