@@ -33,6 +33,9 @@ VARIANTS = {
     "rerank": ({"correction": "rerank"}, {}, "residual re-ranking of the Pilot's top-32 candidates"),
     "rerank_ce": ({"correction": "rerank", "loss": "cross_entropy"}, {},
                   "re-ranking trained with cross-entropy on the label instead of RMSE"),
+    "paper_blind": ({"read_errors": False}, {}, "the paper's Copilot reading no error sequence (no exposure bias)"),
+    "rerank_ce_blind": ({"correction": "rerank", "loss": "cross_entropy", "read_errors": False}, {},
+                        "rerank_ce reading no error sequence"),
 }
 DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits"),
              Decoding(1.0, "probs", gate=0.5), Decoding(3.0, "logits", gate=0.5)]

@@ -38,6 +38,9 @@ class CopilotConfig(PreTrainedConfig):
         loss: ``"rmse"`` (the paper's Eq. 7) or, with ``correction="rerank"``, ``"cross_entropy"``: the negative
             log-likelihood of the label under the re-ranked candidate distribution (positions whose label is not
             among the candidates are skipped).
+        read_errors: whether the Copilot reads the error sequence (the paper: true errors ℓ_<i in training, its own
+            corrections f_<i in generation). ``False`` feeds zeros instead, in training and generation alike, so
+            the Copilot sees the same kind of input in both (no exposure bias) and relies on the Pilot's states.
     """
 
     model_type = "copilot"
@@ -66,6 +69,7 @@ class CopilotConfig(PreTrainedConfig):
         correction: str = "vocabulary",
         rerank_top_k: int = 32,
         loss: str = "rmse",
+        read_errors: bool = True,
         **kwargs,
     ):
         if pilot_kind not in PILOT_KINDS:
@@ -117,6 +121,7 @@ class CopilotConfig(PreTrainedConfig):
         self.correction = correction
         self.rerank_top_k = rerank_top_k
         self.loss = loss
+        self.read_errors = read_errors
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

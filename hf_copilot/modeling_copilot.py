@@ -307,7 +307,7 @@ class CopilotModel(CopilotPreTrainedModel):
                 f"{tuple(attention_mask.shape)}."
             )
         dtype = self.correction_head.weight.dtype
-        if input_errors is None:
+        if input_errors is None or not self.config.read_errors:
             hidden = torch.zeros(batch, new, self.config.hidden_size, dtype=dtype, device=device)
         else:
             hidden = self.error_projection(input_errors)

@@ -180,6 +180,18 @@ def test_rerank_cross_entropy_loss_matches_a_per_position_reference():
         small_config(loss="cross_entropy")
 
 
+def test_a_copilot_that_does_not_read_errors_ignores_them():
+    copilot = trained_looking(CopilotModel(small_config(read_errors=False)))
+    reading = trained_looking(CopilotModel(small_config()))
+    _, _, errors = random_errors()
+    x = inputs("decoder_only")
+    with torch.no_grad():
+        blind = copilot(**x, input_errors=errors.shift_right()).corrections
+        torch.testing.assert_close(blind, copilot(**x).corrections, atol=0, rtol=0)
+        reading.load_state_dict(copilot.state_dict())
+        assert not torch.allclose(reading(**x, input_errors=errors.shift_right()).corrections, blind)
+
+
 def test_encoder_padding_is_invisible():
     copilot = trained_looking(CopilotModel(small_config("encoder_decoder")))
     pilot = inputs("encoder_decoder")
