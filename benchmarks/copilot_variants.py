@@ -33,6 +33,8 @@ VARIANTS = {
     "rerank": ({"correction": "rerank"}, {}, "residual re-ranking of the Pilot's top-32 candidates"),
     "rerank_ce": ({"correction": "rerank", "loss": "cross_entropy"}, {},
                   "re-ranking trained with cross-entropy on the label instead of RMSE"),
+    "rerank_ce_lr4": ({"correction": "rerank", "loss": "cross_entropy"}, {"learning_rate": 2e-3},
+                      "rerank_ce with a 4x higher Copilot learning rate (2e-3)"),
     "paper_blind": ({"read_errors": False}, {}, "the paper's Copilot reading no error sequence (no exposure bias)"),
     "rerank_ce_blind": ({"correction": "rerank", "loss": "cross_entropy", "read_errors": False}, {},
                         "rerank_ce reading no error sequence"),
