@@ -64,7 +64,9 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     training.update(training_overrides)
     config = CopilotTrainingConfig(**training)
     updater = CopilotUpdater(copilot, config, total_updates=len(steps) * config.updates_per_step)
+    replay_started = time.perf_counter()
     losses = [updater.step(log.until(step)) for step in steps for _ in range(config.updates_per_step)]
+    update_seconds = (time.perf_counter() - replay_started) / len(losses)
     copilot.eval()
     pilot, tokenizer = load_pilot(joint / "pilot")
     task_format = TASKS[task].format
@@ -74,6 +76,7 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     result = {
         "task": task, "seed": seed, "variant": variant, "copilot_config": config_overrides,
         "copilot_training": config.to_dict(), "first_losses": losses[:5], "last_losses": losses[-5:],
+        "seconds_per_update": update_seconds, "copilot_parameters": copilot.num_parameters(),
         "heldout": heldout_error_ratio(pilot, copilot, tokenizer, test, task_format),
         "train_items": heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format),
         "accuracy": {r["decoding"]: {k: r[k] for k in ("accuracy", "fixed", "broken")} for r in rows},
