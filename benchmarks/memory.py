@@ -1,0 +1,119 @@
+"""Memory of joint training: peak with vs without the callback, and growth over a long run.
+
+    python benchmarks/memory.py --steps 1000
+
+Each setting runs in its own fresh process (peak resident memory is per process): the Pilot alone, then the Pilot
+with CopilotCallback. Every step records the process's resident memory (and, on CUDA, the allocator's peak); the
+report gives the peak ratio and the growth after the Mistake Log has filled (rounds > ``--log-rounds``), which
+must be ~0 for a bounded log. Writes ``benchmarks/results/memory.md``.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def peak_resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+class MemoryTrace(TrainerCallback):
+    def __init__(self):
+        self.resident = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.resident.append(resident_bytes())
+
+
+def child(args) -> None:
+    """One training run; prints a JSON line with the trace."""
+    from hf_copilot import CopilotCallback, CopilotModel
+
+    torch.manual_seed(0)
+    pilot = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.width,
+                                         intermediate_size=2 * args.width, num_hidden_layers=args.layers,
+                                         num_attention_heads=4))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, args.vocab, (256, args.seq), generator=gen)
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    trace = MemoryTrace()
+    callbacks = [trace]
+    callback = None
+    if args.setting == "with callback":
+        callback = CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=2), batch_size=args.batch,
+                                   log_rounds=args.log_rounds)
+        callbacks.insert(0, callback)
+    training = TrainingArguments(output_dir="/tmp/hf_copilot_memory", max_steps=args.steps,
+                                 per_device_train_batch_size=args.batch, logging_steps=50, save_strategy="no",
+                                 report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    Trainer(model=pilot, args=training, train_dataset=data, callbacks=callbacks).train()
+    print(json.dumps({"resident": trace.resident, "peak_resident": peak_resident_bytes(),
+                      "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                      "log_bytes": callback.mistake_log.bytes if callback else 0}))
+
+
+def growth_per_1000_steps(resident: list[int], start: int) -> float:
+    """Least-squares slope of resident memory over the steps after ``start``, in bytes per 1000 steps."""
+    points = list(enumerate(resident))[start:]
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return 1000 * slope
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--log-rounds", type=int, default=128)
+    parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "memory.md")
+    args = parser.parse_args()
+    if args.setting:
+        child(args)
+        return
+    runs = {}
+    for setting in ("Pilot alone", "with callback"):
+        command = [sys.executable, __file__, "--setting", setting] + [
+            f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+            if name not in ("setting", "output")]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        runs[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+    plain, joint = runs["Pilot alone"], runs["with callback"]
+    start = min(args.log_rounds + 10, args.steps // 2)
+    rows = [
+        f"| peak resident memory | {plain['peak_resident'] / 2**20:.0f} MiB | {joint['peak_resident'] / 2**20:.0f} MiB "
+        f"| {joint['peak_resident'] / plain['peak_resident']:.3f}× |",
+        f"| growth after step {start} (per 1000 steps) | {growth_per_1000_steps(plain['resident'], start) / 2**20:+.1f} "
+        f"MiB | {growth_per_1000_steps(joint['resident'], start) / 2**20:+.1f} MiB | |",
+        f"| Mistake Log at the end | | {joint['log_bytes'] / 2**20:.0f} MiB | |",
+    ]
+    if plain["cuda_peak"]:
+        rows.insert(1, f"| CUDA peak allocated | {plain['cuda_peak'] / 2**20:.0f} MiB | "
+                       f"{joint['cuda_peak'] / 2**20:.0f} MiB | {joint['cuda_peak'] / plain['cuda_peak']:.3f}× |")
+    text = (f"# Memory of joint training\n\n`python benchmarks/memory.py --steps {args.steps}`: Pilot "
+            f"{args.layers}×{args.width} (|V|={args.vocab}), batch {args.batch}×{args.seq}, 2-layer Copilot, log of "
+            f"{args.log_rounds} rounds.\n\n| | Pilot alone | with callback | ratio |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+    args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
