@@ -186,6 +186,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             pilot_input_mask=record.input_mask if record.kind == "encoder_decoder" else None,
             cache=CopilotCache(),
             use_cache=True,
+            corrections_to_keep=1,  # only the last prompt position's correction is used
             **self._candidates(record),
         )
         self._state = _DecodingState(

@@ -273,6 +273,7 @@ class CopilotModel(CopilotPreTrainedModel):
         pilot_top_probs: torch.Tensor | None = None,
         cache: CopilotCache | None = None,
         use_cache: bool = False,
+        corrections_to_keep: int = 0,
         **kwargs,
     ) -> CopilotOutput:
         r"""
@@ -293,6 +294,9 @@ class CopilotModel(CopilotPreTrainedModel):
                 ``correction="rerank"`` only (positions whose candidates are unknown carry probabilities 0 and
                 get no correction).
             cache / use_cache: incremental decoding; outputs equal those of one full-sequence forward.
+            corrections_to_keep: when n > 0, corrections are computed for the last n new positions only (like
+                ``logits_to_keep``: reading a prompt in generate() needs the last one, and the |V|-wide head is
+                the most expensive part of the Copilot). Not with ``target_errors``.
         """
         batch, new = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
         if use_cache and cache is None:
@@ -314,6 +318,14 @@ class CopilotModel(CopilotPreTrainedModel):
         memory = self._memory(pilot_hidden_states, pilot_input_states, attention_mask, pilot_input_mask, past, cache)
         for layer in self.layers:
             hidden = layer(hidden, memory, cache)
+        if corrections_to_keep:
+            if target_errors is not None:
+                raise ValueError("corrections_to_keep cannot be combined with target_errors: the loss needs the "
+                                 "corrections of every position.")
+            hidden = hidden[:, -corrections_to_keep:]
+            if pilot_top_ids is not None and pilot_top_probs is not None:
+                pilot_top_ids = pilot_top_ids[:, -corrections_to_keep:]
+                pilot_top_probs = pilot_top_probs[:, -corrections_to_keep:]
         if self.config.correction == "rerank":
             corrections, log_q, candidate_ids = self._rerank(self.norm(hidden), pilot_top_ids, pilot_top_probs)
         else:

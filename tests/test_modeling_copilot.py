@@ -192,6 +192,22 @@ def test_a_copilot_that_does_not_read_errors_ignores_them():
         assert not torch.allclose(reading(**x, input_errors=errors.shift_right()).corrections, blind)
 
 
+@pytest.mark.parametrize("correction", ["vocabulary", "rerank"])
+def test_corrections_to_keep_gives_the_last_positions_of_a_full_forward(correction):
+    copilot = trained_looking(CopilotModel(small_config(correction=correction, rerank_top_k=4)))
+    logits, _, errors = random_errors(top_k=8)
+    top = logits.softmax(-1).topk(8, dim=-1)
+    common = dict(**inputs("decoder_only"), input_errors=errors.shift_right(), attention_mask=left_padded_mask(),
+                  pilot_top_ids=top.indices, pilot_top_probs=top.values)
+    with torch.no_grad():
+        full = copilot(**common).corrections
+        last_two = copilot(**common, corrections_to_keep=2).corrections
+    assert last_two.shape == (B, 2, VOCAB)
+    torch.testing.assert_close(last_two, full[:, -2:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot be combined with target_errors"):
+        copilot(**common, target_errors=errors, corrections_to_keep=1)
+
+
 def test_encoder_padding_is_invisible():
     copilot = trained_looking(CopilotModel(small_config("encoder_decoder")))
     pilot = inputs("encoder_decoder")
