@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=int, default=256)
     train.add_argument("--lora-rank", type=int, default=32, help="LoRA rank of the Pilot; 0 = full fine-tuning")
     train.add_argument("--copilot-layers", type=int, default=4)
+    train.add_argument("--copilot-correction", choices=("vocabulary", "rerank"), default="vocabulary",
+                       help="the paper's |V|-wide head, or re-ranking of the Pilot's top candidates")
+    train.add_argument("--copilot-loss", choices=("rmse", "cross_entropy"), default="rmse",
+                       help="cross_entropy needs --copilot-correction rerank")
     train.add_argument("--copilot-learning-rate", type=float, default=5e-4)
     train.add_argument("--copilot-batch-size", type=int, default=16)
     train.add_argument("--seed", type=int, default=0)
@@ -94,7 +98,8 @@ def run_train(args) -> Path:
     model_dir = resolve_model(args.model)
     pilot = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=args.copilot_layers)
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=args.copilot_layers,
+                                      correction=args.copilot_correction, loss=args.copilot_loss)
     if args.lora_rank:
         pilot = add_lora(pilot, args.lora_rank)
     print(f"Fine-tuning {model_dir} on {len(examples)} examples; Copilot {copilot.num_parameters() / 1e6:.1f}M "
@@ -169,7 +174,8 @@ def run_demo(args) -> dict:
     common = dict(task=DEMO["task"], data=None, data_seed=0, test_size=DEMO["test_size"])
     train = argparse.Namespace(**common, model="smollm2-135m", output=args.output, train_size=DEMO["train_size"],
                                epochs=DEMO["epochs"], learning_rate=2e-4, batch_size=8, max_length=256, lora_rank=32,
-                               copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=16, seed=0)
+                               copilot_layers=2, copilot_correction="vocabulary", copilot_loss="rmse",
+                               copilot_learning_rate=5e-4, copilot_batch_size=16, seed=0)
     run_train(train)
     evaluation = argparse.Namespace(**common, model=args.output / "pilot", copilot=args.output / "copilot",
                                     output=args.output / "eval", lams=DEMO["lams"], spaces=("probs", "logits"),

@@ -87,7 +87,10 @@ def test_lora_train_then_eval_from_another_directory(user_files, tmp_path, monke
     model_dir, data = user_files
     monkeypatch.chdir(model_dir.parent)
     out = tmp_path / "lora"
-    assert main(train_args(model_dir.name, data, out, lora_rank=4)) == 0
+    rerank = ["--copilot-correction", "rerank", "--copilot-loss", "cross_entropy"]  # the re-ranking Copilot too
+    assert main(train_args(model_dir.name, data, out, lora_rank=4) + rerank) == 0
+    copilot_config = json.loads((out / "copilot" / "config.json").read_text())
+    assert (copilot_config["correction"], copilot_config["loss"]) == ("rerank", "cross_entropy")
     assert (out / "pilot" / "adapter_config.json").is_file()
     assert not (out / "pilot" / "model.safetensors").exists()
     monkeypatch.chdir(tmp_path)
