@@ -191,16 +191,24 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="Pilot base model folder, or smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="where cells and checkpoints go")
     parser.add_argument("--table", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished cells, run nothing")
     args = parser.parse_args()
-    model_dir = resolve_model(args.model)
     results = []
-    for seed in args.seeds:  # seed-major: one full pass over the tasks gives a first table early
+    if args.report_only:
+        files = [args.runs / args.protocol / task / f"seed{seed}" / "result.json"
+                 for seed in args.seeds for task in args.tasks]
+        results = [json.loads(path.read_text()) for path in files if path.is_file()]
+        if not results:
+            parser.error(f"no finished cells under {args.runs / args.protocol}")
+    model_dir = None if args.report_only else resolve_model(args.model)
+    for seed in [] if args.report_only else args.seeds:  # seed-major: a full pass over the tasks gives a first table
         for task in args.tasks:
             print(f"== {task} seed {seed}", flush=True)
             results.append(run_cell(task, seed, args.protocol, args.runs, model_dir))
             print(json.dumps({k: v for k, v in results[-1].items() if k in ("joint", "longer")}, indent=1), flush=True)
-    command = f"python benchmarks/quality.py --protocol {args.protocol} --tasks {','.join(args.tasks)} " \
-              f"--seeds {','.join(map(str, args.seeds))}"
+    command = "python benchmarks/quality.py --protocol {} --tasks {} --seeds {}".format(
+        args.protocol, ",".join(sorted({r["task"] for r in results}, key=ALL_TASKS.index)),
+        ",".join(map(str, sorted({r["seed"] for r in results}))))
     table = summarise(results, args.protocol, command, sum(r["seconds"] for r in results) / 3600)
     path = args.table or Path(__file__).parent / "results" / f"quality_{args.protocol}.md"
     path.write_text(table)
