@@ -40,8 +40,8 @@ class Decoding:
         return f"{self.space} λ={self.lam:g}{gate} {search}"
 
 
-def _batches(examples: list[Example], tokenizer, task_format: TaskFormat, batch_size: int):
-    """Prompts grouped by length (less padding), yielding (original indices, left-padded inputs)."""
+def _batches(examples: list[Example], tokenizer, task_format: TaskFormat, batch_size: int, device):
+    """Prompts grouped by length (less padding), yielding (original indices, left-padded inputs on ``device``)."""
     prompts = [tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"] for example in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
@@ -49,7 +49,8 @@ def _batches(examples: list[Example], tokenizer, task_format: TaskFormat, batch_
         width = max(len(prompts[i]) for i in chosen)
         ids = [[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in chosen]
         mask = [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chosen]
-        yield chosen, {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        yield chosen, {"input_ids": torch.tensor(ids, device=device),
+                       "attention_mask": torch.tensor(mask, device=device)}
 
 
 @torch.no_grad()
@@ -64,9 +65,8 @@ def generate_answers(pilot, tokenizer, examples: list[Example], task_format: Tas
                  if decoding.lam else None)
     answers: list[str] = [""] * len(examples)
     with processor or contextlib.nullcontext():
-        batches = list(_batches(examples, tokenizer, task_format, batch_size))
+        batches = list(_batches(examples, tokenizer, task_format, batch_size, device))
         for chosen, inputs in tqdm(batches, desc=decoding.name, disable=not progress, leave=False):
-            inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
             output = pilot.generate(
                 **inputs, max_new_tokens=task_format.max_new_tokens, do_sample=False, num_beams=decoding.num_beams,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

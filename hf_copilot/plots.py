@@ -52,8 +52,7 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
     if best["space"] != "logits":
         raise ValueError("plot_rectification shows a logit-space fusion; pass a row with space='logits'.")
     decoding = Decoding(best["lam"], best["space"], 1)
-    (_, inputs), = _batches([examples[index]], tokenizer, task_format, 1)
-    inputs = {name: tensor.to(next(pilot.parameters()).device) for name, tensor in inputs.items()}
+    (_, inputs), = _batches([examples[index]], tokenizer, task_format, 1, next(pilot.parameters()).device)
     with CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space, top_analysis=top) as processor:
         pilot.generate(**inputs, max_new_tokens=task_format.max_new_tokens, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id, logits_processor=[processor])
