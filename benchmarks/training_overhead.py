@@ -1,12 +1,18 @@
 """Trainer step time without the CopilotCallback, with capture only, and with joint training; log bytes per token.
 
-Launch (one process measures all three settings, alternating, so they share the machine's state):
+Launch (one process measures every setting, alternating, so they share the machine's state):
 
-    python benchmarks/training_overhead.py --repeats 5 --steps 12
+    python benchmarks/training_overhead.py --pilot tiny --repeats 5 --steps 25
+    python benchmarks/training_overhead.py --pilot smollm2 --repeats 5 --steps 6 --warmup 2 --settings all
 
-Each repeat trains a fresh Pilot for `--steps` steps per setting; a step's time is measured from one
-`on_step_begin` to the next (so the callback's own work after the Pilot's optimizer step is included), the first
-3 steps are warm-up, and the table reports the median over repeats of each run's median step time.
+Each repeat trains the Pilot from the same initial weights for ``--steps`` steps per setting on random tokens (every
+position labelled: the worst case for the capture, which skips unlabelled positions). A step's time is measured
+from one ``on_step_begin`` to the next, so the callback's work after the Pilot's optimizer step counts; the first
+``--warmup`` steps are dropped and the table reports the median over repeats of each run's mean step time (keep
+``steps - warmup`` a multiple of 4 for the update-every settings).
+
+r is measured, not estimated: the matmul FLOPs (``torch.utils.flop_counter``) of one Copilot update divided by those
+of one Pilot forward + backward, times the updates per Pilot step.
 """
 
 import argparse
@@ -14,15 +20,28 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import CopilotCallback, CopilotModel
+from hf_copilot.assets import fetch_smollm2
 
-WARMUP_STEPS = 3
+SETTINGS = {
+    "pilot only": None,
+    "capture only": dict(update_every=10**9),  # the log fills, the Copilot never updates
+    "joint (defaults)": {},
+    "joint, update every 2 steps": dict(update_every=2),
+    "joint, update every 4 steps": dict(update_every=4),
+    "joint, Copilot batch 4": dict(batch_size=4),
+    "joint, rerank correction": dict(correction="rerank"),
+}
+BASIC = ["pilot only", "capture only", "joint (defaults)"]
+COPILOT_FIELDS = ("correction", "num_hidden_layers")
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self):
+    def __init__(self, warmup):
+        self.warmup = warmup
         self.starts = []
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -31,78 +50,105 @@ class StepTimer(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.starts.append(time.perf_counter())
 
-    def median_step(self):
-        return statistics.median(b - a for a, b in zip(self.starts[WARMUP_STEPS:], self.starts[WARMUP_STEPS + 1:]))
+    def mean_step(self):
+        """Mean, not median: with ``update_every=n`` one step in n carries the Copilot update."""
+        kept = self.starts[self.warmup:]
+        return (kept[-1] - kept[0]) / (len(kept) - 1)
 
 
-def make_pilot(args):
+def load_pilot(args):
+    if args.pilot == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(fetch_smollm2(), dtype=torch.float32)
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=2 * args.width,
-                                        num_hidden_layers=args.layers, num_attention_heads=4))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                        num_attention_heads=4))
 
 
-def dataset(args):
+def dataset(args, vocab):
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, args.vocab, (args.batch * (args.steps + 1), args.seq), generator=gen)
+    ids = torch.randint(3, vocab, (args.batch * (args.steps + 1), args.seq), generator=gen)
     return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
 
 
-def run(args, setting, data):
-    pilot = make_pilot(args)
-    timer = StepTimer()
-    callbacks = [timer]
-    copilot_callback = None
-    if setting != "pilot only":
-        copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=args.copilot_layers)
-        update_every = 10**9 if setting == "capture only" else 1  # capture only: the log fills, no Copilot update
-        copilot_callback = CopilotCallback(copilot, batch_size=args.copilot_batch, update_every=update_every)
-        callbacks.insert(0, copilot_callback)
+def make_callback(pilot, setting):
+    options = dict(SETTINGS[setting])
+    copilot_options = {name: options.pop(name) for name in COPILOT_FIELDS if name in options}
+    return CopilotCallback(CopilotModel.from_pilot(pilot, **copilot_options), **options)
+
+
+def run(args, setting, pilot, initial_state, data):
+    pilot.load_state_dict(initial_state)
+    timer = StepTimer(args.warmup)
+    callback = None if SETTINGS[setting] is None else make_callback(pilot, setting)
     training_args = TrainingArguments(output_dir="/tmp/hf_copilot_bench", max_steps=args.steps,
-                                      per_device_train_batch_size=args.batch, learning_rate=1e-4, report_to=[],
+                                      per_device_train_batch_size=args.batch, learning_rate=1e-5, report_to=[],
                                       save_strategy="no", logging_strategy="no", disable_tqdm=True,
                                       use_cpu=not torch.cuda.is_available())
-    Trainer(model=pilot, args=training_args, train_dataset=data, callbacks=callbacks).train()
-    return timer.median_step(), copilot_callback
+    Trainer(model=pilot, args=training_args, train_dataset=data,
+            callbacks=[timer] + ([callback] if callback else [])).train()
+    return timer.mean_step(), callback
+
+
+def matmul_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def pilot_step_flops(pilot, data, batch) -> int:
+    inputs = {name: torch.stack([row[name] for row in data[:batch]]).to(pilot.device) for name in data[0]}
+    flops = matmul_flops(lambda: pilot(**inputs).loss.backward())
+    pilot.zero_grad(set_to_none=True)
+    return flops
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pilot", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--copilot_layers", type=int, default=2)
-    parser.add_argument("--copilot_batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 128 tiny, 256 smollm2)")
+    parser.add_argument("--settings", default="basic", help=f"'basic' ({', '.join(BASIC)}), 'all', or a "
+                        "comma-separated list of: " + ", ".join(SETTINGS))
     args = parser.parse_args()
+    args.seq = args.seq or (256 if args.pilot == "smollm2" else 128)
+    settings = (BASIC if args.settings == "basic" else list(SETTINGS) if args.settings == "all"
+                else [name.strip() for name in args.settings.split(",")])
 
-    data = dataset(args)
-    settings = ["pilot only", "capture only", "joint training"]
-    times = {s: [] for s in settings}
-    last = {}
+    pilot = load_pilot(args)
+    initial_state = {name: tensor.clone() for name, tensor in pilot.state_dict().items()}
+    data = dataset(args, pilot.config.vocab_size)
+    times = {setting: [] for setting in settings}
+    callbacks = {}
     for _ in range(args.repeats):
         for setting in settings:
-            seconds, callback = run(args, setting, data)
+            seconds, callbacks[setting] = run(args, setting, pilot, initial_state, data)
             times[setting].append(seconds)
-            last[setting] = callback
-    pilot_params = sum(p.numel() for p in make_pilot(args).parameters())
-    copilot_params = sum(p.numel() for p in last["joint training"].copilot.parameters())
-    # Training FLOPs ~ 6 x parameters x tokens, for the Pilot step and for one Copilot update.
-    r = (copilot_params * args.copilot_batch) / (pilot_params * args.batch)
-    base = statistics.median(times["pilot only"])
-    print(f"Pilot {pilot_params / 1e6:.1f}M params, Copilot {copilot_params / 1e6:.1f}M params, batch {args.batch} x "
-          f"{args.seq} tokens, {torch.get_num_threads()} threads, median of {args.repeats} repeats; "
-          f"r = Copilot/Pilot training FLOPs per step ~ {r:.2f}\n")
-    print("| setting | step time (s) | ratio |\n|---|---|---|")
+
+    pilot_flops = pilot_step_flops(pilot, data, args.batch)
+    base = statistics.median(times["pilot only"]) if "pilot only" in times else None
+    pilot_params = sum(p.numel() for p in pilot.parameters())
+    print(f"Pilot {args.pilot} ({pilot_params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, fp32, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} repeats ({args.steps} steps, first "
+          f"{args.warmup} dropped)\n")
+    print("| setting | Copilot parameters | r | step time (s) | ratio | 1 + 1.1 r |\n|---|---|---|---|---|---|")
     for setting in settings:
         median = statistics.median(times[setting])
-        print(f"| {setting} | {median:.3f} | {median / base:.3f}x |")
-    stats = last["capture only"].mistake_log.stats()
-    print(f"\nMistake Log: {stats['bytes'] / stats['tokens']:.0f} bytes per token "
-          f"({stats['tokens']} tokens, {stats['bytes'] / 2**20:.1f} MiB), mean dropped top-k mass "
-          f"{stats['mean_dropped_mass']:.3f}")
+        callback = callbacks[setting]
+        r, params = 0.0, ""
+        if callback is not None:
+            config = callback.config
+            update_flops = matmul_flops(lambda: callback.updater.step(callback.mistake_log))
+            r = update_flops * config.updates_per_step / config.update_every / pilot_flops
+            params = f"{sum(p.numel() for p in callback.copilot.parameters()) / 1e6:.1f}M"
+        ratio = f"{median / base:.3f}x" if base else ""
+        print(f"| {setting} | {params} | {r:.3f} | {median:.3f} | {ratio} | {1 + 1.1 * r:.3f} |")
+    if "capture only" in callbacks:
+        stats = callbacks["capture only"].mistake_log.stats()
+        print(f"\nMistake Log: {stats['bytes'] / stats['tokens']:.0f} bytes per token ({stats['tokens']} tokens, "
+              f"{stats['bytes'] / 2**20:.1f} MiB), mean dropped top-k mass {stats['mean_dropped_mass']:.3f}")
 
 
 if __name__ == "__main__":

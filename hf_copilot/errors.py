@@ -15,6 +15,10 @@ import torch
 IGNORE_INDEX = -100
 """Label value of a position without a target (prompt, padding); its error is the zero vector."""
 
+CHUNK_BYTES = {True: 4 * 2**20, False: 256 * 2**20}
+"""fp32 bytes of logits :meth:`CompactErrors.from_logits` handles at once, on CPU (``True``: small enough to stay in
+cache) and on an accelerator (``False``: large enough to keep it busy, small enough to bound the temporary)."""
+
 
 def dense_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Exact errors one-hot(label) − softmax(logits), zero where ``labels == IGNORE_INDEX``."""
@@ -48,12 +52,25 @@ class CompactErrors:
     def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> CompactErrors:
         """Compact errors of ``logits`` against ``labels``, keeping the ``top_k`` most probable tokens.
 
-        Only reads ``logits`` (top-k and log-normaliser): no |V|-wide probability tensor is written.
+        The rows go through in chunks of :data:`CHUNK_BYTES`: each chunk's log-softmax stays in cache on CPU
+        (faster than a top-k and a logsumexp over all rows) and the temporary stays small on an accelerator.
+        Chunks without a labelled position are skipped (in SFT the prompt is often most of the sequence).
+        Unlabelled positions get zero probabilities; their ids mean nothing.
         """
-        top_logits, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-        top_probs = (top_logits.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)).exp()
-        valid = (labels != IGNORE_INDEX).unsqueeze(-1)
-        return cls(labels=labels, ids=top_ids, probs=top_probs * valid)
+        vocab = logits.shape[-1]
+        k = min(top_k, vocab)
+        flat = logits.reshape(-1, vocab)
+        valid = labels != IGNORE_INDEX
+        rows = max(1, CHUNK_BYTES[flat.device.type == "cpu"] // (vocab * 4))
+        chunk_has_labels = torch.nn.functional.pad(valid.reshape(-1), (0, -len(flat) % rows)).view(-1, rows).any(-1)
+        ids = torch.zeros(len(flat), k, dtype=torch.long, device=flat.device)
+        log_probs = torch.full((len(flat), k), -torch.inf, dtype=torch.float32, device=flat.device)
+        for start, needed in zip(range(0, len(flat), rows), chunk_has_labels.tolist()):
+            if needed:
+                chunk = slice(start, start + rows)
+                log_probs[chunk], ids[chunk] = flat[chunk].float().log_softmax(-1).topk(k, dim=-1)
+        shape = (*logits.shape[:-1], k)
+        return cls(labels=labels, ids=ids.view(shape), probs=log_probs.exp().view(shape) * valid.unsqueeze(-1))
 
     @property
     def top_k(self) -> int:
@@ -98,6 +115,12 @@ class CompactErrors:
         """Per-position inner product ⟨error, dense⟩ with a dense (..., |V|) tensor."""
         label_term = dense.gather(-1, self.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * self.valid
         return label_term - (dense.gather(-1, self.ids) * self.probs.to(dense.dtype)).sum(-1)
+
+    def values_at(self, ids: torch.Tensor) -> torch.Tensor:
+        """The error's entries at token ``ids`` (..., n): 1[id = label] − p̂[id], p̂ being 0 outside the top-k."""
+        matches = ids.unsqueeze(-1) == self.ids.unsqueeze(-2)  # (..., n, k)
+        probs = (matches * self.probs.float().unsqueeze(-2)).sum(-1)
+        return ((ids == self.labels.unsqueeze(-1)) & self.valid.unsqueeze(-1)).float() - probs
 
     def squared_norm(self) -> torch.Tensor:
         """Per-position ‖error‖² = 1 − 2·p̂[label] + Σ p̂_j² (the label's probability is 0 outside the top-k)."""

@@ -45,7 +45,8 @@ class CopilotOutput(ModelOutput):
 
     Args:
         loss: the RMSE loss (Eq. 7) when ``target_errors`` were given.
-        corrections: the predicted errors ``f^C`` (batch, new positions, |V|), added to the Pilot's prediction.
+        corrections: the predicted errors ``f^C`` (batch, new positions, |V|), added to the Pilot's prediction;
+            ``None`` when the forward was called with ``return_corrections=False``.
         cache: the :class:`CopilotCache` to pass back for incremental decoding.
     """
 
@@ -274,6 +275,7 @@ class CopilotModel(CopilotPreTrainedModel):
         cache: CopilotCache | None = None,
         use_cache: bool = False,
         corrections_to_keep: int = 0,
+        return_corrections: bool = True,
         **kwargs,
     ) -> CopilotOutput:
         r"""
@@ -297,6 +299,10 @@ class CopilotModel(CopilotPreTrainedModel):
             corrections_to_keep: when n > 0, corrections are computed for the last n new positions only (like
                 ``logits_to_keep``: reading a prompt in generate() needs the last one, and the |V|-wide head is
                 the most expensive part of the Copilot). Not with ``target_errors``.
+            return_corrections: ``False`` skips building the |V|-wide corrections when only the loss is needed
+                (Copilot training): the loss never needs them (see :meth:`_squared_errors`), so a training step
+                costs O(d² + k·d) per position in its output layer instead of O(|V|·d), and no (batch, positions,
+                |V|) tensor is allocated.
         """
         batch, new = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
         if use_cache and cache is None:
@@ -326,10 +332,13 @@ class CopilotModel(CopilotPreTrainedModel):
             if pilot_top_ids is not None and pilot_top_probs is not None:
                 pilot_top_ids = pilot_top_ids[:, -corrections_to_keep:]
                 pilot_top_probs = pilot_top_probs[:, -corrections_to_keep:]
+        hidden = self.norm(hidden)
         if self.config.correction == "rerank":
-            corrections, log_q, candidate_ids = self._rerank(self.norm(hidden), pilot_top_ids, pilot_top_probs)
+            candidate_ids, values, log_q = self._rerank(hidden, pilot_top_ids, pilot_top_probs)
+            corrections = (hidden.new_zeros(*hidden.shape[:2], self.config.vocab_size, dtype=torch.float32)
+                           .scatter(-1, candidate_ids, values).to(hidden.dtype) if return_corrections else None)
         else:
-            corrections = self.correction_head(self.norm(hidden))
+            corrections = self.correction_head(hidden) if return_corrections else None
         if cache is not None:
             cache.seq_length = past + new
 
@@ -347,13 +356,37 @@ class CopilotModel(CopilotPreTrainedModel):
                 labelled = labelled & hit.any(-1)  # a label outside the candidates cannot be re-ranked up
                 loss = -(log_q * hit).sum(-1)[labelled].sum() / labelled.sum().clamp(min=1)
             else:
-                squared = squared_error_norm(corrections, target_errors)
+                sparse = (candidate_ids, values) if self.config.correction == "rerank" else None
+                squared = self._squared_errors(hidden, target_errors, sparse)
                 loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
         return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None)
 
+    def _squared_errors(self, hidden: torch.Tensor, target: Errors, sparse=None) -> torch.Tensor:
+        """Per-position ‖f − ℓ‖² = ‖f‖² − 2⟨f, ℓ⟩ + ‖ℓ‖², exactly, without building the |V|-wide f.
+
+        Vocabulary head f = W h: ‖f‖² = hᵀ(WᵀW)h with the d×d Gram matrix (|V|·d² once per batch instead of |V|·d
+        per position) and ⟨f, ℓ⟩ = ⟨ℓ W, h⟩, a lookup of k + 1 rows of W for compact errors. Re-ranking head:
+        f is ``values`` on the ``ids`` of ``sparse`` and 0 elsewhere. Computed in fp32, outside autocast.
+        """
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.float()
+            if sparse is not None:
+                ids, values = sparse
+                values = values.float()
+                at_ids = (target.values_at(ids) if isinstance(target, CompactErrors)
+                          else target.float().gather(-1, ids))
+                prediction_norm, cross = values.pow(2).sum(-1), (values * at_ids).sum(-1)
+            else:
+                weight = self.correction_head.weight.float()
+                prediction_norm = ((hidden @ (weight.T @ weight)) * hidden).sum(-1)
+                target_rows = target.project(weight) if isinstance(target, CompactErrors) else target.float() @ weight
+                cross = (target_rows * hidden).sum(-1)
+            target_norm = target.squared_norm() if isinstance(target, CompactErrors) else target.float().pow(2).sum(-1)
+            return prediction_norm - 2.0 * cross + target_norm
+
     def _rerank(self, hidden: torch.Tensor, top_ids: torch.Tensor | None, top_probs: torch.Tensor | None):
-        """The residual re-ranking correction (see ``CopilotConfig.correction``) scattered into |V|, and the
-        re-ranked log-distribution over the candidates with their ids (for the cross-entropy loss)."""
+        """The residual re-ranking correction (see ``CopilotConfig.correction``) as its candidate ids and values,
+        and the re-ranked log-distribution over the candidates (for the cross-entropy loss)."""
         k = self.config.rerank_top_k
         if top_ids is None or top_probs is None:
             raise ValueError("A Copilot with correction='rerank' needs pilot_top_ids and pilot_top_probs (the Pilot's "
@@ -368,10 +401,8 @@ class CopilotModel(CopilotPreTrainedModel):
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
         ratio = weights * probs.sum(-1, keepdim=True) / (probs * weights).sum(-1, keepdim=True).clamp(
             min=torch.finfo(probs.dtype).tiny)
-        corrections = hidden.new_zeros(*hidden.shape[:2], self.config.vocab_size, dtype=torch.float32)
-        corrections = corrections.scatter(-1, ids, probs * (ratio - 1)).to(hidden.dtype)
         log_q = torch.log_softmax(probs.clamp(min=torch.finfo(probs.dtype).tiny).log() + scores, dim=-1)
-        return corrections, log_q, ids
+        return ids, probs * (ratio - 1), log_q
 
     def _check_inputs(self, hidden_states, input_states, input_errors, cache):
         config = self.config

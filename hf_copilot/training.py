@@ -86,7 +86,7 @@ class CopilotUpdater:
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            loss = self.copilot(**batch.copilot_inputs()).loss
+            loss = self.copilot(**batch.copilot_inputs(), return_corrections=False).loss
         loss.backward()
         _average_gradients(self.copilot)
         if self.config.max_grad_norm > 0:

@@ -8,6 +8,7 @@ from conftest import VOCAB, WIDTH, tiny_pilot
 from transformers import AutoModel, BertConfig, BertForMaskedLM
 
 from hf_copilot import CompactErrors, CopilotConfig, CopilotModel, dense_errors, shift_right
+from hf_copilot import errors as errors_module
 
 B, T, S = 3, 7, 5
 
@@ -243,20 +244,38 @@ def test_compact_form_reconstructs_dense_errors():
     torch.testing.assert_close(gap, top8.dropped_mass(), atol=1e-5, rtol=1e-5)
 
 
-def test_loss_is_rmse_over_labelled_positions():
-    copilot = trained_looking(CopilotModel(small_config()))
+def test_errors_read_in_small_chunks_match_dense_errors(monkeypatch):
+    logits, labels, _ = random_errors(batch=4, length=9)
+    labels[1] = -100  # an unlabelled sequence: its chunks are skipped
+    monkeypatch.setitem(errors_module.CHUNK_BYTES, True, 3 * VOCAB * 4 + 1)  # 3 positions per chunk
+    compact = CompactErrors.from_logits(logits, labels, top_k=VOCAB)
+    torch.testing.assert_close(compact.to_dense(VOCAB), dense_errors(logits, labels), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("correction", ["vocabulary", "rerank"])
+def test_loss_is_rmse_over_labelled_positions(correction):
+    """The training loss, computed without the |V|-wide corrections, equals a slow per-token RMSE of the dense
+    corrections against the dense errors, in value and in gradient."""
+    copilot = trained_looking(CopilotModel(small_config(correction=correction, rerank_top_k=6)))
     logits, labels, errors = random_errors()
-    pilot = inputs("decoder_only")
+    top = logits.softmax(-1).topk(8, dim=-1)
     mask = left_padded_mask()
-    out = copilot(**pilot, input_errors=shift_right(errors), target_errors=errors, attention_mask=mask)
+    common = dict(**inputs("decoder_only"), input_errors=shift_right(errors), attention_mask=mask,
+                  pilot_top_ids=top.indices, pilot_top_probs=top.values)
+    out = copilot(**common, target_errors=errors, return_corrections=False)
+    assert out.corrections is None
+    corrections = copilot(**common).corrections
     exact = errors.to_dense(VOCAB)
     per_token = []
     for b in range(B):
         for t in range(T):
             if mask[b, t] and labels[b, t] != -100:
-                per_token.append(((out.corrections[b, t] - exact[b, t]) ** 2).sum())
+                per_token.append(((corrections[b, t] - exact[b, t]) ** 2).sum())
     reference = torch.stack(per_token).mean().sqrt()
     torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=1e-5)
+    weights = [copilot.correction_head.weight, copilot.layers[0].mlp.down_proj.weight]
+    for grad, reference_grad in zip(torch.autograd.grad(out.loss, weights), torch.autograd.grad(reference, weights)):
+        torch.testing.assert_close(grad, reference_grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])
