@@ -1,11 +1,15 @@
 """What CopilotLogitsProcessor adds to generate(): wall time with and without it, in one process.
 
-The Pilot is a randomly initialised ~8M-parameter Llama (width 256, 4 layers, vocabulary 8192); the Copilot is
-``CopilotModel.from_pilot(pilot, num_hidden_layers=2)`` with a non-zero head, so the fusion really runs. Every
+    python benchmarks/generation_overhead.py --pilot tiny [--repeats 5] [--device cpu]
+    python benchmarks/generation_overhead.py --pilot smollm2 --beams 1 4 --batches 1 8 --new-tokens 64 256
+
+The Pilots are described in ``benchmarks/pilots.py``. The Copilot is
+``CopilotModel.from_pilot(pilot)`` (the default shape) with a non-zero head, so the fusion really runs. Every
 configuration generates exactly the requested number of tokens (min_new_tokens = max_new_tokens). Plain and Copilot
 runs alternate so that drift in machine load hits both alike; the table reports medians.
 
-    python benchmarks/generation_overhead.py [--repeats 5] [--device cpu]
+r_inf is measured, not estimated: the matmul FLOPs (``torch.utils.flop_counter``) of a Copilot forward over 64
+positions divided by those of the Pilot's forward over the same positions.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch.utils.flop_counter import FlopCounterMode
+from pilots import PILOTS, load_pilot
 
 from hf_copilot.generation import CopilotLogitsProcessor
 from hf_copilot.modeling_copilot import CopilotModel
@@ -23,16 +28,25 @@ from hf_copilot.modeling_copilot import CopilotModel
 PROMPT_LENGTH = 32
 
 
-def build_models(device: str):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    pilot = LlamaForCausalLM(config).eval().to(device)
-    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2).eval().to(device)
+def build_models(name: str, device: str):
+    pilot = load_pilot(name).eval().to(device)
+    copilot = CopilotModel.from_pilot(pilot).eval().to(device)
     with torch.no_grad():
         copilot.correction_head.weight.normal_(std=0.02)
     return pilot, copilot
+
+
+def inference_flop_ratio(pilot, copilot, positions: int = 64) -> float:
+    """r_inf: Copilot forward FLOPs over Pilot forward FLOPs, for the same positions."""
+    device = pilot.device
+    ids = torch.randint(3, pilot.config.vocab_size, (1, positions), device=device)
+    states = torch.randn(1, positions, pilot.config.hidden_size, device=device)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as pilot_count:
+            pilot(input_ids=ids)
+        with FlopCounterMode(display=False) as copilot_count:
+            copilot(pilot_hidden_states=states, pilot_input_states=states)
+    return copilot_count.get_total_flops() / pilot_count.get_total_flops()
 
 
 def timed_generate(pilot, prompt, new_tokens, num_beams, processors) -> float:
@@ -40,7 +54,8 @@ def timed_generate(pilot, prompt, new_tokens, num_beams, processors) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     pilot.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False, logits_processor=processors)
+                   min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False, logits_processor=processors,
+                   pad_token_id=pilot.config.eos_token_id)
     if prompt.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -48,24 +63,30 @@ def timed_generate(pilot, prompt, new_tokens, num_beams, processors) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pilot", choices=PILOTS, default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args()
 
-    pilot, copilot = build_models(args.device)
+    pilot, copilot = build_models(args.pilot, args.device)
     pilot_params = sum(p.numel() for p in pilot.parameters()) / 1e6
     copilot_params = sum(p.numel() for p in copilot.parameters()) / 1e6
-    print(f"Pilot {pilot_params:.1f}M parameters, Copilot {copilot_params:.1f}M, device {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} runs\n")
+    r_inf = inference_flop_ratio(pilot, copilot)
+    print(f"Pilot {args.pilot} ({pilot_params:.1f}M parameters), Copilot {copilot_params:.1f}M "
+          f"({copilot.config.num_hidden_layers} layers), device {args.device}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} runs; r_inf = {r_inf:.3f}, so the target is <= {1 + 1.1 * r_inf:.3f}\n")
     print("| decoding | batch | new tokens | plain (s) | with Copilot (s) | ratio | extra per step (ms) |")
     print("|---|---|---|---|---|---|---|")
     with CopilotLogitsProcessor(copilot, pilot, lam=1.0) as processor:
-        for num_beams in (1, 4):
-            for batch in (1, 8):
+        for num_beams in args.beams:
+            for batch in args.batches:
                 generator = torch.Generator().manual_seed(batch)
                 prompt = torch.randint(3, pilot.config.vocab_size, (batch, PROMPT_LENGTH), generator=generator)
                 prompt = prompt.to(args.device)
-                for new_tokens in (64, 256):
+                for new_tokens in args.new_tokens:
                     timed_generate(pilot, prompt, 4, num_beams, [processor])  # warm-up
                     plain, fused = [], []
                     for _ in range(args.repeats):

@@ -1,11 +1,12 @@
 """Memory of joint training: peak with vs without the callback, and growth over a long run.
 
-    python benchmarks/memory.py --steps 1000
+    python benchmarks/memory.py --pilot tiny --steps 1000
+    python benchmarks/memory.py --pilot smollm2 --steps 20 --seq 256
 
 Each setting runs in its own fresh process (peak resident memory is per process): the Pilot alone, then the Pilot
 with CopilotCallback. Every step records the process's resident memory (and, on CUDA, the allocator's peak); the
 report gives the peak ratio and the growth after the Mistake Log has filled (rounds > ``--log-rounds``), which
-must be ~0 for a bounded log. Writes ``benchmarks/results/memory.md``.
+must be ~0 for a bounded log. Writes ``benchmarks/results/memory_<pilot>.md``.
 """
 
 import argparse
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from pilots import PILOTS, load_pilot, random_token_rows
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 
 def resident_bytes() -> int:
@@ -41,19 +43,13 @@ def child(args) -> None:
     """One training run; prints a JSON line with the trace."""
     from hf_copilot import CopilotCallback, CopilotModel
 
-    torch.manual_seed(0)
-    pilot = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.width,
-                                         intermediate_size=2 * args.width, num_hidden_layers=args.layers,
-                                         num_attention_heads=4))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, args.vocab, (256, args.seq), generator=gen)
-    data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    pilot = load_pilot(args.pilot)
+    data = random_token_rows(256, args.seq, pilot.config.vocab_size)
     trace = MemoryTrace()
     callbacks = [trace]
     callback = None
     if args.setting == "with callback":
-        callback = CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=2), batch_size=args.batch,
-                                   log_rounds=args.log_rounds)
+        callback = CopilotCallback(CopilotModel.from_pilot(pilot), log_rounds=args.log_rounds)
         callbacks.insert(0, callback)
     training = TrainingArguments(output_dir="/tmp/hf_copilot_memory", max_steps=args.steps,
                                  per_device_train_batch_size=args.batch, logging_steps=50, save_strategy="no",
@@ -78,12 +74,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--pilot", choices=PILOTS, default="tiny")
     parser.add_argument("--log-rounds", type=int, default=128)
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "memory.md")
+    parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/memory_<pilot>.md")
     args = parser.parse_args()
     if args.setting:
         child(args)
@@ -107,11 +101,11 @@ def main() -> None:
     if plain["cuda_peak"]:
         rows.insert(1, f"| CUDA peak allocated | {plain['cuda_peak'] / 2**20:.0f} MiB | "
                        f"{joint['cuda_peak'] / 2**20:.0f} MiB | {joint['cuda_peak'] / plain['cuda_peak']:.3f}× |")
-    text = (f"# Memory of joint training\n\n`python benchmarks/memory.py --steps {args.steps}`: Pilot "
-            f"{args.layers}×{args.width} (|V|={args.vocab}), batch {args.batch}×{args.seq}, 2-layer Copilot, log of "
-            f"{args.log_rounds} rounds.\n\n| | Pilot alone | with callback | ratio |\n|---|---|---|---|\n"
+    text = (f"# Memory of joint training\n\n`python benchmarks/memory.py --pilot {args.pilot} --steps {args.steps} "
+            f"--seq {args.seq}`: batch {args.batch}×{args.seq}, the default Copilot, log of {args.log_rounds} rounds."
+            f"\n\n| | Pilot alone | with callback | ratio |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
-    args.output.write_text(text)
+    (args.output or Path(__file__).parent / "results" / f"memory_{args.pilot}.md").write_text(text)
     print(text)
 
 

@@ -84,11 +84,11 @@ def main() -> None:
     train, test = addition_examples(args.train_size, seed=1), addition_examples(200, seed=2)
     settings = {
         "Pilot alone": None,
-        "Copilot, default (every step, batch 16)": {},
+        "Copilot, default (every step, batch 8)": {},
         "update every 2 steps": {"update_every": 2},
         "update every 4 steps": {"update_every": 4},
-        "Copilot batch 8": {"batch_size": 8},
-        "Copilot batch 32": {"batch_size": 32},
+        "Copilot batch 4": {"batch_size": 4},
+        "Copilot batch 16": {"batch_size": 16},
     }
     results = {name: [run(train, test, knobs, args.epochs, seed) for seed in range(args.repeats)]
                for name, knobs in settings.items()}

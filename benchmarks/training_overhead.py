@@ -21,10 +21,10 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from pilots import PILOTS, load_pilot, random_token_rows
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import CopilotCallback, CopilotModel
-from hf_copilot.assets import fetch_smollm2
 
 SETTINGS = {
     "pilot only": None,
@@ -54,20 +54,6 @@ class StepTimer(TrainerCallback):
         """Mean, not median: with ``update_every=n`` one step in n carries the Copilot update."""
         kept = self.starts[self.warmup:]
         return (kept[-1] - kept[0]) / (len(kept) - 1)
-
-
-def load_pilot(args):
-    if args.pilot == "smollm2":
-        return AutoModelForCausalLM.from_pretrained(fetch_smollm2(), dtype=torch.float32)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                        num_attention_heads=4))
-
-
-def dataset(args, vocab):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (args.batch * (args.steps + 1), args.seq), generator=gen)
-    return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
 
 
 def make_callback(pilot, setting):
@@ -104,22 +90,22 @@ def pilot_step_flops(pilot, data, batch) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pilot", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--pilot", choices=PILOTS, default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 128 tiny, 256 smollm2)")
-    parser.add_argument("--settings", default="basic", help=f"'basic' ({', '.join(BASIC)}), 'all', or a "
-                        "comma-separated list of: " + ", ".join(SETTINGS))
+    parser.add_argument("--settings", default="basic", help=f"'basic' ({'; '.join(BASIC)}), 'all', or a "
+                        "semicolon-separated list of: " + "; ".join(SETTINGS))
     args = parser.parse_args()
     args.seq = args.seq or (256 if args.pilot == "smollm2" else 128)
     settings = (BASIC if args.settings == "basic" else list(SETTINGS) if args.settings == "all"
-                else [name.strip() for name in args.settings.split(",")])
+                else [name.strip() for name in args.settings.split(";")])
 
-    pilot = load_pilot(args)
+    pilot = load_pilot(args.pilot)
     initial_state = {name: tensor.clone() for name, tensor in pilot.state_dict().items()}
-    data = dataset(args, pilot.config.vocab_size)
+    data = random_token_rows(args.batch * (args.steps + 1), args.seq, pilot.config.vocab_size)
     times = {setting: [] for setting in settings}
     callbacks = {}
     for _ in range(args.repeats):

@@ -68,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--max-length", type=int, default=256)
     train.add_argument("--lora-rank", type=int, default=32, help="LoRA rank of the Pilot; 0 = full fine-tuning")
-    train.add_argument("--copilot-layers", type=int, default=4)
+    train.add_argument("--copilot-layers", type=int, default=2)
     train.add_argument("--copilot-correction", choices=("vocabulary", "rerank"), default="vocabulary",
                        help="the paper's |V|-wide head, or re-ranking of the Pilot's top candidates")
     train.add_argument("--copilot-loss", choices=("rmse", "cross_entropy"), default="rmse",
                        help="cross_entropy needs --copilot-correction rerank")
     train.add_argument("--copilot-learning-rate", type=float, default=5e-4)
-    train.add_argument("--copilot-batch-size", type=int, default=16)
+    train.add_argument("--copilot-batch-size", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
 
     evaluate = commands.add_parser("eval", help="Pilot alone vs Pilot + Copilot over a λ grid")

@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import ModelOutput
 
 from .configuration_copilot import CopilotConfig
-from .errors import CompactErrors, squared_error_norm
+from .errors import CompactErrors
 from .pilot import decoder_layers, logits_width, pilot_kind, unwrap_pilot
 
 logger = logging.getLogger(__name__)
@@ -238,6 +238,20 @@ class CopilotPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+class _Gram(torch.autograd.Function):
+    """WᵀW with the backward of a symmetric product: W(G' + G'ᵀ), one |V|·d² matmul instead of autograd's two."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.save_for_backward(weight)
+        return weight.T @ weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return weight @ (grad + grad.T)
+
+
 class CopilotModel(CopilotPreTrainedModel):
     """The Copilot of Transformer Copilot (Zou et al., NeurIPS 2025).
 
@@ -378,7 +392,7 @@ class CopilotModel(CopilotPreTrainedModel):
                 prediction_norm, cross = values.pow(2).sum(-1), (values * at_ids).sum(-1)
             else:
                 weight = self.correction_head.weight.float()
-                prediction_norm = ((hidden @ (weight.T @ weight)) * hidden).sum(-1)
+                prediction_norm = ((hidden @ _Gram.apply(weight)) * hidden).sum(-1)
                 target_rows = target.project(weight) if isinstance(target, CompactErrors) else target.float() @ weight
                 cross = (target_rows * hidden).sum(-1)
             target_norm = target.squared_norm() if isinstance(target, CompactErrors) else target.float().pow(2).sum(-1)
@@ -523,7 +537,7 @@ class CopilotModel(CopilotPreTrainedModel):
             pilot_hidden_size=width,
             pilot_kind=pilot_kind(model),
             pilot_model_type=model.config.model_type,
-            num_hidden_layers=num_hidden_layers or 4,
+            num_hidden_layers=num_hidden_layers or 2,
             num_attention_heads=heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or width // heads,

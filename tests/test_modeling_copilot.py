@@ -221,14 +221,16 @@ def test_encoder_padding_is_invisible():
     assert not torch.allclose(copilot(**pilot).corrections[1, 0], before[1, 0])
 
 
-def test_compact_and_dense_errors_agree():
-    copilot = trained_looking(CopilotModel(small_config()))
-    _, _, errors = random_errors()
+@pytest.mark.parametrize("correction", ["vocabulary", "rerank"])
+def test_compact_and_dense_errors_agree(correction):
+    copilot = trained_looking(CopilotModel(small_config(correction=correction, rerank_top_k=6)))
+    logits, _, errors = random_errors()
+    top = logits.softmax(-1).topk(8, dim=-1)
     dense = errors.to_dense(VOCAB)
-    pilot = inputs("decoder_only")
-    mask = left_padded_mask()
-    compact_out = copilot(**pilot, input_errors=shift_right(errors), target_errors=errors, attention_mask=mask)
-    dense_out = copilot(**pilot, input_errors=shift_right(dense), target_errors=dense, attention_mask=mask)
+    pilot = dict(**inputs("decoder_only"), attention_mask=left_padded_mask(), pilot_top_ids=top.indices,
+                 pilot_top_probs=top.values)
+    compact_out = copilot(**pilot, input_errors=shift_right(errors), target_errors=errors)
+    dense_out = copilot(**pilot, input_errors=shift_right(dense), target_errors=dense)
     torch.testing.assert_close(compact_out.corrections, dense_out.corrections, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compact_out.loss, dense_out.loss, atol=1e-4, rtol=1e-5)
 
