@@ -106,10 +106,16 @@ class CompactErrors:
         return dense + onehot * self.valid.unsqueeze(-1)
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
-        """``error @ weight`` for a (|V|, d) matrix: one row lookup minus a probability-weighted sum of k rows."""
-        label_rows = weight[self.labels.clamp(min=0)] * self.valid.unsqueeze(-1).to(weight.dtype)
-        topk_rows = weight[self.ids]  # (..., k, d)
-        return label_rows - torch.einsum("...k,...kd->...d", self.probs.to(weight.dtype), topk_rows)
+        """``error @ weight`` for a (|V|, d) matrix: the label's row minus the probability-weighted top-k rows.
+
+        One ``embedding_bag`` (a weighted sum of k + 1 rows per position): neither the (..., k, d) gathered rows nor
+        their gradient are ever built, which matters for the backward into a |V|-row matrix.
+        """
+        ids = torch.cat([self.labels.clamp(min=0).unsqueeze(-1), self.ids], dim=-1)
+        weights = torch.cat([self.valid.unsqueeze(-1).to(weight.dtype), -self.probs.to(weight.dtype)], dim=-1)
+        rows = torch.nn.functional.embedding_bag(ids.reshape(-1, ids.shape[-1]), weight, mode="sum",
+                                                 per_sample_weights=weights.reshape(-1, ids.shape[-1]))
+        return rows.view(*self.labels.shape, weight.shape[-1])
 
     def dot(self, dense: torch.Tensor) -> torch.Tensor:
         """Per-position inner product ⟨error, dense⟩ with a dense (..., |V|) tensor."""
