@@ -131,6 +131,10 @@ def test_offline_training_from_a_saved_log(tmp_path):
     losses = train_copilot(fresh, log, num_updates=30, progress=False, learning_rate=3e-3, warmup_ratio=0.0,
                            batch_size=8)
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    whole_log = CopilotUpdater(fresh, CopilotTrainingConfig(batch_size=10_000), total_updates=2)
+    whole_log.step(log)
+    whole_log.step(log)
+    assert whole_log.tokens == 2 * log.stats()["tokens"]  # every sequence drawn twice; padding not counted
 
 
 def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path):
