@@ -13,7 +13,7 @@ import statistics
 import time
 
 import torch
-from pilots import PILOTS, load_pilot, random_token_rows
+from pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 
 from hf_copilot import CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog, PilotTap
 
@@ -24,7 +24,7 @@ def record_log(pilot, rows: list[dict], batch: int) -> MistakeLog:
     log = MistakeLog()
     with torch.no_grad(), PilotTap(pilot, mode="generate") as tap:
         for step, start in enumerate(range(0, len(rows), batch)):
-            pilot(**{name: torch.stack([row[name] for row in rows[start:start + batch]]) for name in rows[0]})
+            pilot(**stack_rows(rows[start:start + batch]))
             for record in tap.pop_records():
                 log.add(record, step=step)
     return log
@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 128 tiny, 256 smollm2)")
     args = parser.parse_args()
-    seq = args.seq or (256 if args.pilot == "smollm2" else 128)
+    seq = args.seq or SEQUENCE_LENGTH[args.pilot]
 
     pilot = load_pilot(args.pilot).eval()
     log = record_log(pilot, random_token_rows(4 * args.batch, seq, pilot.config.vocab_size), args.batch)

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hf_copilot.assets import fetch_smollm2
 
 PILOTS = ("tiny", "smollm2")
+SEQUENCE_LENGTH = {"tiny": 128, "smollm2": 256}
+"""Tokens per training row unless a benchmark is told otherwise."""
 
 
 def load_pilot(name: str):
@@ -26,3 +28,8 @@ def random_token_rows(count: int, length: int, vocab: int) -> list[dict]:
     """Training rows of random tokens, every position labelled (the worst case for the capture)."""
     ids = torch.randint(3, vocab, (count, length), generator=torch.Generator().manual_seed(0))
     return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+
+
+def stack_rows(rows: list[dict], device=None) -> dict:
+    """One batch of model inputs from training rows."""
+    return {name: torch.stack([row[name] for row in rows]).to(device) for name in rows[0]}

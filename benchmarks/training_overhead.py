@@ -21,7 +21,7 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from pilots import PILOTS, load_pilot, random_token_rows
+from pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import CopilotCallback, CopilotModel
@@ -82,7 +82,7 @@ def matmul_flops(fn) -> int:
 
 
 def pilot_step_flops(pilot, data, batch) -> int:
-    inputs = {name: torch.stack([row[name] for row in data[:batch]]).to(pilot.device) for name in data[0]}
+    inputs = stack_rows(data[:batch], pilot.device)
     flops = matmul_flops(lambda: pilot(**inputs).loss.backward())
     pilot.zero_grad(set_to_none=True)
     return flops
@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--settings", default="basic", help=f"'basic' ({'; '.join(BASIC)}), 'all', or a "
                         "semicolon-separated list of: " + "; ".join(SETTINGS))
     args = parser.parse_args()
-    args.seq = args.seq or (256 if args.pilot == "smollm2" else 128)
+    args.seq = args.seq or SEQUENCE_LENGTH[args.pilot]
     settings = (BASIC if args.settings == "basic" else list(SETTINGS) if args.settings == "all"
                 else [name.strip() for name in args.settings.split(";")])
 

@@ -15,9 +15,10 @@ import torch
 IGNORE_INDEX = -100
 """Label value of a position without a target (prompt, padding); its error is the zero vector."""
 
-CHUNK_BYTES = {True: 4 * 2**20, False: 256 * 2**20}
-"""fp32 bytes of logits :meth:`CompactErrors.from_logits` handles at once, on CPU (``True``: small enough to stay in
-cache) and on an accelerator (``False``: large enough to keep it busy, small enough to bound the temporary)."""
+CPU_CHUNK_BYTES = 4 * 2**20
+"""fp32 bytes of logits :meth:`CompactErrors.from_logits` handles at once on CPU: small enough to stay in cache."""
+ACCELERATOR_CHUNK_BYTES = 256 * 2**20
+"""The same on an accelerator: large enough to keep it busy, small enough to bound the temporary."""
 
 
 def dense_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ class CompactErrors:
     def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> CompactErrors:
         """Compact errors of ``logits`` against ``labels``, keeping the ``top_k`` most probable tokens.
 
-        The rows go through in chunks of :data:`CHUNK_BYTES`: each chunk's log-softmax stays in cache on CPU
+        The rows go through in chunks of :data:`CPU_CHUNK_BYTES` (:data:`ACCELERATOR_CHUNK_BYTES` off CPU): each chunk's log-softmax stays in cache on CPU
         (faster than a top-k and a logsumexp over all rows) and the temporary stays small on an accelerator.
         Chunks without a labelled position are skipped (in SFT the prompt is often most of the sequence).
         Unlabelled positions get zero probabilities; their ids mean nothing.
@@ -61,7 +62,8 @@ class CompactErrors:
         k = min(top_k, vocab)
         flat = logits.reshape(-1, vocab)
         valid = labels != IGNORE_INDEX
-        rows = max(1, CHUNK_BYTES[flat.device.type == "cpu"] // (vocab * 4))
+        chunk_bytes = CPU_CHUNK_BYTES if flat.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+        rows = max(1, chunk_bytes // (vocab * 4))
         chunk_has_labels = torch.nn.functional.pad(valid.reshape(-1), (0, -len(flat) % rows)).view(-1, rows).any(-1)
         ids = torch.zeros(len(flat), k, dtype=torch.long, device=flat.device)
         log_probs = torch.full((len(flat), k), -torch.inf, dtype=torch.float32, device=flat.device)

@@ -249,7 +249,7 @@ def test_compact_form_reconstructs_dense_errors():
 def test_errors_read_in_small_chunks_match_dense_errors(monkeypatch):
     logits, labels, _ = random_errors(batch=4, length=9)
     labels[1] = -100  # an unlabelled sequence: its chunks are skipped
-    monkeypatch.setitem(errors_module.CHUNK_BYTES, True, 3 * VOCAB * 4 + 1)  # 3 positions per chunk
+    monkeypatch.setattr(errors_module, "CPU_CHUNK_BYTES", 3 * VOCAB * 4 + 1)  # 3 positions per chunk
     compact = CompactErrors.from_logits(logits, labels, top_k=VOCAB)
     torch.testing.assert_close(compact.to_dense(VOCAB), dense_errors(logits, labels), atol=1e-6, rtol=0)
 
