@@ -25,7 +25,7 @@ from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ra
 from hf_copilot.finetune import load_pilot
 from hf_copilot.tasks import TASKS, load_task
 
-from quality import PROTOCOLS
+from quality import PROTOCOLS, on_accelerator
 
 # name: (CopilotConfig overrides, CopilotTrainingConfig overrides, what the variant tests)
 VARIANTS = {
@@ -60,7 +60,7 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     started = time.perf_counter()
     set_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    copilot = CopilotModel.from_pilot(base, num_hidden_layers=p["copilot_layers"], **config_overrides)
+    copilot = on_accelerator(CopilotModel.from_pilot(base, num_hidden_layers=p["copilot_layers"], **config_overrides))
     del base
     log = MistakeLog.load(log_dir, copilot=copilot)
     steps = sorted(set(log.steps))
@@ -73,10 +73,12 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     update_seconds = (time.perf_counter() - replay_started) / len(losses)
     copilot.eval()
     pilot, tokenizer = load_pilot(joint / "pilot")
+    pilot = on_accelerator(pilot)
     task_format = TASKS[task].format
     test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
     train = load_task(task, "train", train_size=p["train_size"])
-    rows = evaluate_decodings(pilot, tokenizer, test, task_format, DECODINGS, copilot=copilot, batch_size=32)
+    rows = evaluate_decodings(pilot, tokenizer, test, task_format, DECODINGS, copilot=copilot,
+                               batch_size=p["eval_batch_size"])
     result = {
         "task": task, "seed": seed, "variant": variant, "copilot_config": config_overrides,
         "copilot_training": config.to_dict(), "first_losses": losses[:5], "last_losses": losses[-5:],
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=Path(__file__).parent / "results" / "copilot_variants.md")
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/quality.py
     results = []
     for task in args.tasks:
         for seed in args.seeds:

@@ -2,6 +2,7 @@
 
     python benchmarks/generation_overhead.py --pilot tiny [--repeats 5] [--device cpu]
     python benchmarks/generation_overhead.py --pilot smollm2 --beams 1 4 --batches 1 8 --new-tokens 64 256
+    python benchmarks/generation_overhead.py --pilot smollm2 --device cuda --dtype bfloat16    # on a GPU
 
 The Pilots are described in ``benchmarks/pilots.py``. The Copilot is
 ``CopilotModel.from_pilot(pilot)`` (the default shape) with a non-zero head, so the fusion really runs. Every
@@ -28,9 +29,9 @@ from hf_copilot.modeling_copilot import CopilotModel
 PROMPT_LENGTH = 32
 
 
-def build_models(name: str, device: str):
-    pilot = load_pilot(name).eval().to(device)
-    copilot = CopilotModel.from_pilot(pilot).eval().to(device)
+def build_models(name: str, device: str, dtype: torch.dtype):
+    pilot = load_pilot(name).eval().to(device, dtype)
+    copilot = CopilotModel.from_pilot(pilot).eval().to(device, dtype)
     with torch.no_grad():
         copilot.correction_head.weight.normal_(std=0.02)
     return pilot, copilot
@@ -40,7 +41,7 @@ def inference_flop_ratio(pilot, copilot, positions: int = 64) -> float:
     """r_inf: Copilot forward FLOPs over Pilot forward FLOPs, for the same positions."""
     device = pilot.device
     ids = torch.randint(3, pilot.config.vocab_size, (1, positions), device=device)
-    states = torch.randn(1, positions, pilot.config.hidden_size, device=device)
+    states = torch.randn(1, positions, pilot.config.hidden_size, device=device, dtype=pilot.dtype)
     with torch.no_grad():
         with FlopCounterMode(display=False) as pilot_count:
             pilot(input_ids=ids)
@@ -66,17 +67,20 @@ def main():
     parser.add_argument("--pilot", choices=PILOTS, default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="Pilot and Copilot weights")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args()
 
-    pilot, copilot = build_models(args.pilot, args.device)
+    pilot, copilot = build_models(args.pilot, args.device, getattr(torch, args.dtype))
     pilot_params = sum(p.numel() for p in pilot.parameters()) / 1e6
     copilot_params = sum(p.numel() for p in copilot.parameters()) / 1e6
     r_inf = inference_flop_ratio(pilot, copilot)
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU, {torch.get_num_threads()} threads")
     print(f"Pilot {args.pilot} ({pilot_params:.1f}M parameters), Copilot {copilot_params:.1f}M "
-          f"({copilot.config.num_hidden_layers} layers), device {args.device}, {torch.get_num_threads()} threads, "
+          f"({copilot.config.num_hidden_layers} layers), {args.dtype}, {where}, "
           f"median of {args.repeats} runs; r_inf = {r_inf:.3f}, so the target is <= {1 + 1.1 * r_inf:.3f}\n")
     print("| decoding | batch | new tokens | plain (s) | with Copilot (s) | ratio | extra per step (ms) |")
     print("|---|---|---|---|---|---|---|")

@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py --pilot tiny --steps 1000
     python benchmarks/memory.py --pilot smollm2 --steps 20 --seq 256
+    python benchmarks/memory.py --pilot smollm2 --steps 20 --seq 256 --bf16 --output memory_gpu.md    # on a GPU
 
 Each setting runs in its own fresh process (peak resident memory is per process): the Pilot alone, then the Pilot
 with CopilotCallback. Every step records the process's resident memory (and, on CUDA, the allocator's peak); the
@@ -53,7 +54,7 @@ def child(args) -> None:
         callbacks.insert(0, callback)
     training = TrainingArguments(output_dir="/tmp/hf_copilot_memory", max_steps=args.steps,
                                  per_device_train_batch_size=args.batch, logging_steps=50, save_strategy="no",
-                                 report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+                                 report_to=[], disable_tqdm=True, bf16=args.bf16, use_cpu=not torch.cuda.is_available())
     Trainer(model=pilot, args=training, train_dataset=data, callbacks=callbacks).train()
     print(json.dumps({"resident": trace.resident, "peak_resident": peak_resident_bytes(),
                       "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--pilot", choices=PILOTS, default="tiny")
     parser.add_argument("--log-rounds", type=int, default=128)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (Trainer's --bf16), as on a GPU")
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/memory_<pilot>.md")
     args = parser.parse_args()
@@ -86,7 +88,7 @@ def main() -> None:
     for setting in ("Pilot alone", "with callback"):
         command = [sys.executable, __file__, "--setting", setting] + [
             f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-            if name not in ("setting", "output")]
+            if name not in ("setting", "output", "bf16")] + (["--bf16"] if args.bf16 else [])
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         runs[setting] = json.loads(done.stdout.strip().splitlines()[-1])
     plain, joint = runs["Pilot alone"], runs["with callback"]
@@ -102,7 +104,7 @@ def main() -> None:
         rows.insert(1, f"| CUDA peak allocated | {plain['cuda_peak'] / 2**20:.0f} MiB | "
                        f"{joint['cuda_peak'] / 2**20:.0f} MiB | {joint['cuda_peak'] / plain['cuda_peak']:.3f}× |")
     text = (f"# Memory of joint training\n\n`python benchmarks/memory.py --pilot {args.pilot} --steps {args.steps} "
-            f"--seq {args.seq}`: batch {args.batch}×{args.seq}, the default Copilot, log of {args.log_rounds} rounds."
+            f"--seq {args.seq}{' --bf16' if args.bf16 else ''}`: batch {args.batch}×{args.seq}, the default Copilot, log of {args.log_rounds} rounds."
             f"\n\n| | Pilot alone | with callback | ratio |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
     (args.output or Path(__file__).parent / "results" / f"memory_{args.pilot}.md").write_text(text)

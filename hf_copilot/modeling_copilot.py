@@ -516,10 +516,11 @@ class CopilotModel(CopilotPreTrainedModel):
         layer i whose name and shape match (Llama, Qwen2, Mistral: the whole block; cross-attention layers take
         the Pilot layer's attention weights), and the error projection copies the Pilot's input embeddings when
         their shape matches. Everything else (GPT2, T5, a different width) starts fresh. What was copied is logged.
+        The Copilot is created on the Pilot's (first) device, in its dtype.
         """
         model = unwrap_pilot(pilot)
         config = cls._config_for(model, num_hidden_layers, config_overrides)
-        copilot = cls(config).to(model.dtype)
+        copilot = cls(config).to(model.device, model.dtype)
         copied = copilot._copy_from(model)
         modules = dict.fromkeys(".".join(name.split(".")[:2]) for name in copied)
         logger.info("CopilotModel.from_pilot(%s): copied %d tensors from the Pilot (%s)", type(model).__name__,

@@ -23,6 +23,10 @@ WIDTH = 64
 torch.set_num_threads(1)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""Where the device-sensitive tests run: always the CPU, and the GPU too on a machine that has one."""
+
+
 def tiny_pilot(kind: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised Pilot of the given architecture, small enough for 2 CPU cores."""
     torch.manual_seed(seed)

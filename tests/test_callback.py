@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_pilot
+from conftest import DEVICES, VOCAB, tiny_pilot
 from transformers import Trainer, TrainingArguments
 
 from hf_copilot import CopilotCallback, CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog, train_copilot
@@ -50,11 +50,17 @@ def test_pilot_training_is_untouched_by_the_callback(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_copilot_learns_the_errors_of_a_fixed_pilot(tmp_path):
-    """With a frozen Pilot (learning rate 0) its errors are a fixed function of what the Copilot sees."""
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_copilot_learns_the_errors_of_a_fixed_pilot(tmp_path, device, bf16):
+    """With a frozen Pilot (learning rate 0) its errors are a fixed function of what the Copilot sees; so in bf16
+    mixed precision (the Copilot's update runs under the Trainer's autocast) and on a GPU."""
     copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
     callback = CopilotCallback(copilot, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, updates_per_step=4)
-    trainer = run(tmp_path, callback, args=trainer_args(tmp_path, learning_rate=0.0, max_steps=25))
+    args = trainer_args(tmp_path, learning_rate=0.0, max_steps=25, bf16=bf16, use_cpu=device == "cpu")
+    trainer = run(tmp_path, callback, args=args)
+    assert {p.device.type for p in copilot.parameters()} == {device}
+    assert {p.dtype for p in copilot.parameters()} == {torch.float32}, "master weights stay fp32"
     losses = [h["copilot_loss"] for h in trainer.state.log_history if "copilot_loss" in h]
     assert len(losses) == 25
     assert losses[-1] < 0.7 * losses[0]

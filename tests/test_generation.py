@@ -1,11 +1,13 @@
 """CopilotLogitsProcessor against slow references that recompute the Pilot and the Copilot over full sequences,
 with no cache, at every step."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LogitsProcessor
 
-from conftest import VOCAB, tiny_pilot, word_tokenizer
+from conftest import DEVICES, VOCAB, tiny_pilot, word_tokenizer
 from hf_copilot.generation import CopilotLogitsProcessor
 from hf_copilot.modeling_copilot import CopilotModel
 
@@ -72,7 +74,7 @@ def reference_correction(copilot, pilot, decoder_ids, decoder_mask, prompt_lengt
     logits, inputs, hidden = pilot_states(pilot, decoder_ids, decoder_mask, source, source_mask)
     top = logits.softmax(-1).topk(copilot.config.rerank_top_k, dim=-1)  # a re-ranking Copilot's candidates
     rows = decoder_ids.shape[0]
-    errors = torch.zeros(rows, prompt_length, VOCAB)
+    errors = torch.zeros(rows, prompt_length, VOCAB, device=decoder_ids.device)
     for length in range(prompt_length, decoder_ids.shape[1] + 1):
         if source is None:
             kwargs = dict(pilot_input_states=inputs[:, :length])
@@ -118,10 +120,17 @@ def generate(pilot, processor=None, **kwargs):
     return pilot.generate(logits_processor=processors, **kwargs)
 
 
-def prompt_inputs():
+def prompt_inputs(device="cpu"):
     """PROMPTS as a left-padded batch: the decoder-only prompt, or the encoder input of T5."""
     ids, mask = left_padded(PROMPTS)
-    return dict(input_ids=ids, attention_mask=mask)
+    return dict(input_ids=ids.to(device), attention_mask=mask.to(device))
+
+
+def moved(models, device, dtype=torch.float32):
+    """Copies of the (module-scoped, shared) models on ``device`` in ``dtype``."""
+    if device == "cpu" and dtype == torch.float32:
+        return models
+    return tuple(copy.deepcopy(model).to(device, dtype) for model in models)
 
 
 # ---- 1. decoder-only greedy ---------------------------------------------------------------------------------------
@@ -136,10 +145,11 @@ def test_lam_zero_greedy_matches_plain_generate(llama, t5, kind, space):
         assert torch.equal(generate(pilot, processor, **inputs), plain)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("space", ["probs", "logits"])
-def test_greedy_matches_full_recompute_reference(llama, space):
-    pilot, copilot = llama
-    inputs = prompt_inputs()
+def test_greedy_matches_full_recompute_reference(llama, space, device):
+    pilot, copilot = moved(llama, device)
+    inputs = prompt_inputs(device)
     with CopilotLogitsProcessor(copilot, pilot, lam=1.0, space=space) as processor:
         fused = generate(pilot, processor, **inputs)
     assert torch.equal(reference_greedy(pilot, copilot, inputs["input_ids"], inputs["attention_mask"], 0.0, space),
@@ -213,10 +223,12 @@ def record_corrections(copilot):
 BEAMS = dict(num_beams=4, num_return_sequences=2, length_penalty=0.7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_lam_zero_beam_search_matches_plain_generate(llama, t5, kind):
-    pilot, copilot = llama if kind == "llama" else t5
-    inputs = prompt_inputs()
+def test_lam_zero_beam_search_matches_plain_generate(llama, t5, kind, dtype, device):
+    pilot, copilot = moved(llama if kind == "llama" else t5, device, dtype)
+    inputs = prompt_inputs(device)
     plain = generate(pilot, return_dict_in_generate=True, output_scores=True, **BEAMS, **inputs)
     with CopilotLogitsProcessor(copilot, pilot, lam=0.0) as processor:
         out = generate(pilot, processor, return_dict_in_generate=True, output_scores=True, **BEAMS, **inputs)
@@ -224,10 +236,11 @@ def test_lam_zero_beam_search_matches_plain_generate(llama, t5, kind):
     assert torch.equal(out.sequences_scores, plain.sequences_scores)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_beam_search_corrections_follow_the_beams(llama, t5, kind):
-    pilot, copilot = llama if kind == "llama" else t5
-    inputs = prompt_inputs()
+def test_beam_search_corrections_follow_the_beams(llama, t5, kind, device):
+    pilot, copilot = moved(llama if kind == "llama" else t5, device)
+    inputs = prompt_inputs(device)
     beams = BEAMS["num_beams"]
     recorder = StepRecorder()
     corrections, handle = record_corrections(copilot)
@@ -249,10 +262,11 @@ def test_beam_search_corrections_follow_the_beams(llama, t5, kind):
     else:
         source = inputs["input_ids"].repeat_interleave(beams, 0)
         source_mask = inputs["attention_mask"].repeat_interleave(beams, 0)
-        prompt_mask = torch.ones(source.shape[0], 1, dtype=torch.long)
+        prompt_mask = torch.ones(source.shape[0], 1, dtype=torch.long, device=device)
     prompt_length = recorder.input_ids[0].shape[1]
     for ids, correction in zip(recorder.input_ids, corrections):
-        mask = torch.cat([prompt_mask, torch.ones(ids.shape[0], ids.shape[1] - prompt_length, dtype=torch.long)], 1)
+        generated = torch.ones(ids.shape[0], ids.shape[1] - prompt_length, dtype=torch.long, device=device)
+        mask = torch.cat([prompt_mask, generated], 1)
         expected = reference_correction(copilot, pilot, ids, mask, prompt_length, source, source_mask)
         torch.testing.assert_close(correction, expected, atol=1e-4, rtol=1e-4)
 

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import VOCAB, WIDTH, tiny_pilot
+from conftest import DEVICES, VOCAB, WIDTH, tiny_pilot
 from transformers import AutoModel, BertConfig, BertForMaskedLM
 
 from hf_copilot import CompactErrors, CopilotConfig, CopilotModel, dense_errors, shift_right
@@ -246,12 +246,21 @@ def test_compact_form_reconstructs_dense_errors():
     torch.testing.assert_close(gap, top8.dropped_mass(), atol=1e-5, rtol=1e-5)
 
 
-def test_errors_read_in_small_chunks_match_dense_errors(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_errors_read_in_small_chunks_match_dense_errors(monkeypatch, device, dtype):
+    """Chunked, on any device and from bf16 logits: the same errors as a float64 recomputation of those logits."""
     logits, labels, _ = random_errors(batch=4, length=9)
+    logits = logits.to(device, dtype)
     labels[1] = -100  # an unlabelled sequence: its chunks are skipped
-    monkeypatch.setattr(errors_module, "CPU_CHUNK_BYTES", 3 * VOCAB * 4 + 1)  # 3 positions per chunk
-    compact = CompactErrors.from_logits(logits, labels, top_k=VOCAB)
-    torch.testing.assert_close(compact.to_dense(VOCAB), dense_errors(logits, labels), atol=1e-6, rtol=0)
+    three_positions = 3 * VOCAB * 4 + 1
+    monkeypatch.setattr(errors_module, "CPU_CHUNK_BYTES", three_positions)
+    monkeypatch.setattr(errors_module, "ACCELERATOR_CHUNK_BYTES", three_positions)
+    compact = CompactErrors.from_logits(logits, labels.to(device), top_k=VOCAB)
+    probs = logits.cpu().double().softmax(-1)
+    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), VOCAB).double()
+    reference = ((onehot - probs) * (labels != -100).unsqueeze(-1)).float()
+    torch.testing.assert_close(compact.to_dense(VOCAB).cpu(), reference, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("correction", ["vocabulary", "rerank"])
