@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,21 +28,32 @@ from hf_copilot.tasks import TASKS, load_task
 
 from quality import PROTOCOLS, on_accelerator
 
-# name: (CopilotConfig overrides, CopilotTrainingConfig overrides, what the variant tests)
+@dataclass(frozen=True)
+class Variant:
+    """A Copilot to compare: CopilotConfig overrides, CopilotTrainingConfig overrides, the ring size of the log it
+    learns from (None: the joint run's), and what it tests."""
+
+    config: dict
+    training: dict
+    about: str
+    log_rounds: int | None = None
+
+
+RERANK_CE = {"correction": "rerank", "loss": "cross_entropy"}
 VARIANTS = {
-    "paper": ({}, {}, "the paper's Copilot: |V|-wide linear head, RMSE, one update per Pilot step"),
-    "rerank": ({"correction": "rerank"}, {}, "residual re-ranking of the Pilot's top-32 candidates"),
-    "rerank_ce": ({"correction": "rerank", "loss": "cross_entropy"}, {},
-                  "re-ranking trained with cross-entropy on the label instead of RMSE"),
-    "rerank_ce_lr4": ({"correction": "rerank", "loss": "cross_entropy"}, {"learning_rate": 2e-3},
-                      "rerank_ce with a 4x higher Copilot learning rate (2e-3)"),
-    "paper_x8": ({}, {"updates_per_step": 8},
-                 "the paper's Copilot with 8 updates per Pilot step (replaying the log: 8x the Copilot training)"),
-    "rerank_ce_x8": ({"correction": "rerank", "loss": "cross_entropy"}, {"updates_per_step": 8},
-                     "rerank_ce with 8 updates per Pilot step"),
-    "paper_blind": ({"read_errors": False}, {}, "the paper's Copilot reading no error sequence (no exposure bias)"),
-    "rerank_ce_blind": ({"correction": "rerank", "loss": "cross_entropy", "read_errors": False}, {},
-                        "rerank_ce reading no error sequence"),
+    "paper": Variant({}, {}, "the paper's Copilot: |V|-wide linear head, RMSE, one update per Pilot step"),
+    "rerank": Variant({"correction": "rerank"}, {}, "residual re-ranking of the Pilot's top-32 candidates"),
+    "rerank_ce": Variant(RERANK_CE, {}, "re-ranking trained with cross-entropy on the label instead of RMSE"),
+    "rerank_ce_lr4": Variant(RERANK_CE, {"learning_rate": 2e-3}, "rerank_ce with a 4x higher Copilot learning rate"),
+    "paper_x8": Variant({}, {"updates_per_step": 8},
+                        "the paper's Copilot with 8 updates per Pilot step (replaying the log: 8x the training)"),
+    "rerank_ce_x8": Variant(RERANK_CE, {"updates_per_step": 8}, "rerank_ce with 8 updates per Pilot step"),
+    "paper_blind": Variant({"read_errors": False}, {},
+                           "the paper's Copilot reading no error sequence (no exposure bias)"),
+    "rerank_ce_blind": Variant({**RERANK_CE, "read_errors": False}, {}, "rerank_ce reading no error sequence"),
+    "paper_recent8": Variant({}, {}, "the paper's Copilot learning only from the newest 8 rounds (fresh errors)",
+                             log_rounds=8),
+    "rerank_ce_recent8": Variant(RERANK_CE, {}, "rerank_ce learning only from the newest 8 rounds", log_rounds=8),
 }
 DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits"),
              Decoding(1.0, "probs", gate=0.5), Decoding(3.0, "logits", gate=0.5)]
@@ -51,7 +63,7 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     out = runs / protocol / task / f"seed{seed}" / "variants" / f"{variant}.json"
     if out.is_file():
         return json.loads(out.read_text())
-    config_overrides, training_overrides, _ = VARIANTS[variant]
+    chosen = VARIANTS[variant]
     p = PROTOCOLS[protocol]
     joint = runs / protocol / task / f"seed{seed}" / "joint"
     log_dir = joint / "copilot" / "mistake_log"
@@ -60,16 +72,17 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     started = time.perf_counter()
     set_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    copilot = on_accelerator(CopilotModel.from_pilot(base, num_hidden_layers=p["copilot_layers"], **config_overrides))
+    copilot = on_accelerator(CopilotModel.from_pilot(base, num_hidden_layers=p["copilot_layers"], **chosen.config))
     del base
     log = MistakeLog.load(log_dir, copilot=copilot)
     steps = sorted(set(log.steps))
     training = dict(learning_rate=p["copilot_learning_rate"], batch_size=p["copilot_batch_size"], seed=seed)
-    training.update(training_overrides)
+    training.update(chosen.training)
     config = CopilotTrainingConfig(**training)
     updater = CopilotUpdater(copilot, config, total_updates=len(steps) * config.updates_per_step)
     replay_started = time.perf_counter()
-    losses = [updater.step(log.until(step)) for step in steps for _ in range(config.updates_per_step)]
+    losses = [updater.step(log.until(step, max_rounds=chosen.log_rounds))
+              for step in steps for _ in range(config.updates_per_step)]
     update_seconds = (time.perf_counter() - replay_started) / len(losses)
     copilot.eval()
     pilot, tokenizer = load_pilot(joint / "pilot")
@@ -80,7 +93,8 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     rows = evaluate_decodings(pilot, tokenizer, test, task_format, DECODINGS, copilot=copilot,
                                batch_size=p["eval_batch_size"])
     result = {
-        "task": task, "seed": seed, "variant": variant, "copilot_config": config_overrides,
+        "task": task, "seed": seed, "variant": variant, "copilot_config": chosen.config,
+        "log_rounds": chosen.log_rounds,
         "copilot_training": config.to_dict(), "first_losses": losses[:5], "last_losses": losses[-5:],
         "seconds_per_update": update_seconds, "copilot_parameters": copilot.num_parameters(),
         "heldout": heldout_error_ratio(pilot, copilot, tokenizer, test, task_format),
@@ -103,7 +117,7 @@ def table(results: list[dict]) -> str:
                  for i, n in enumerate(names)]
         lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {r['heldout']['ratio']:.4f} | "
                      f"{r['train_items']['ratio']:.4f} | " + " | ".join(cells) + " |")
-    legend = "\n".join(f"- `{name}`: {about}" for name, (_, _, about) in VARIANTS.items())
+    legend = "\n".join(f"- `{name}`: {VARIANTS[name].about}" for name in dict.fromkeys(r["variant"] for r in results))
     return ("# Copilot variants on one Pilot run\n\nAccuracy (%) on the test split; (+fixed/−broken) against the "
             "Pilot alone. Ratios: Copilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = better than predicting "
             "nothing).\n\n" + "\n".join(lines) + "\n\n" + legend + "\n")

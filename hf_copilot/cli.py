@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ from .assets import resolve_model
 from .evaluation import Decoding, evaluate_decodings, heldout_error_ratio
 from .finetune import add_lora, finetune, load_pilot, save_pilot
 from .modeling_copilot import CopilotModel
-from .tasks import DEFAULT_FORMAT, TASKS, load_examples_file, load_task
+from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, load_examples_file, load_task
 
 DEMO = dict(task="basic_arithmetic", train_size=800, test_size=200, epochs=1.0, lams=(0.5, 1.0))
 
@@ -32,9 +33,14 @@ DEMO = dict(task="basic_arithmetic", train_size=800, test_size=200, epochs=1.0, 
 def _examples(args, split: str):
     """(examples, format) for ``--task`` or ``--data``; a data file is used whole for either split."""
     if args.data:
-        return load_examples_file(args.data), DEFAULT_FORMAT
-    size = dict(train_size=args.train_size) if split == "train" else dict(test_size=args.test_size)
-    return load_task(args.task, split, seed=args.data_seed, **{k: v for k, v in size.items() if v}), TASKS[args.task].format
+        examples, task_format = load_examples_file(args.data), DEFAULT_FORMAT
+    else:
+        size = dict(train_size=args.train_size) if split == "train" else dict(test_size=args.test_size)
+        examples = load_task(args.task, split, seed=args.data_seed, **{k: v for k, v in size.items() if v})
+        task_format = TASKS[args.task].format
+    if args.answer_style:
+        task_format = dataclasses.replace(task_format, answer_style=args.answer_style)
+    return examples, task_format
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -51,6 +57,9 @@ def _source(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data", type=Path, help="JSONL or CSV file of {question, choices?, answer} rows")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the task's train/test split")
     parser.add_argument("--test-size", type=int, default=None, help="test items (default: the task's own)")
+    parser.add_argument("--answer-style", choices=ANSWER_STYLES, default=None,
+                        help="how choices are answered: by label (answer2), as words, or by writing the option's "
+                             "text (default: the task's own; label for --data); use the same for train and eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +180,7 @@ def _plots(args, pilot, copilot, tokenizer, examples, task_format, rows) -> None
 
 def run_demo(args) -> dict:
     """The embedded default: LoRA fine-tune SmolLM2-135M on a slice of basic_arithmetic, then evaluate greedily."""
-    common = dict(task=DEMO["task"], data=None, data_seed=0, test_size=DEMO["test_size"])
+    common = dict(task=DEMO["task"], data=None, data_seed=0, test_size=DEMO["test_size"], answer_style=None)
     train = argparse.Namespace(**common, model="smollm2-135m", output=args.output, train_size=DEMO["train_size"],
                                epochs=DEMO["epochs"], learning_rate=2e-4, batch_size=8, max_length=256, lora_rank=32,
                                copilot_layers=2, copilot_correction="vocabulary", copilot_loss="rmse",

@@ -65,6 +65,10 @@ def _normalise_number(text: str) -> str:
     return "0" if value == 0 else format(value.normalize(), "f")
 
 
+ANSWER_STYLES = ("label", "word", "text")
+_ANSWER_LEAD = re.compile(r"^\s*the correct answer is\s*:?\s*", flags=re.IGNORECASE)
+
+
 def _normalise_text(text: str) -> str:
     return text.strip().split("\n")[0].strip().lower().removesuffix(".").strip()
 
@@ -73,19 +77,36 @@ def _normalise_text(text: str) -> str:
 class TaskFormat:
     """How a task's examples become prompts and targets, and how a generation is read back as an answer.
 
-    ``choice_word`` names the options ("answer1", "solution2", ...); with ``enumerate_choices=False`` the choices
-    are themselves the words to answer with (BoolQ's "true"/"false"). ``max_new_tokens`` is enough for a target.
+    ``answer_style`` says how a choice is answered:
+
+    - ``"label"``: by its name, ``choice_word`` + number ("the correct answer is solution2"), as in the paper;
+    - ``"word"``: the choices are themselves short words to answer with (BoolQ's "true"/"false");
+    - ``"text"``: by writing the chosen option out ("the correct answer is Spray with alcohol."). A small model
+      can use what it knows about the options' text here, which it cannot do through arbitrary labels.
+
+    ``max_new_tokens`` is enough for a target (a "text" answer cut short still counts when it can only be one
+    option).
     """
 
     max_new_tokens: int
     choice_word: str = "answer"
-    enumerate_choices: bool = True
+    answer_style: str = "label"
+
+    def __post_init__(self):
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, not {self.answer_style!r}.")
 
     def prompt(self, example: Example) -> str:
         """The full Alpaca-style prompt; the model's answer follows it."""
         if example.choices is None:
             instruction = example.question
-        elif self.enumerate_choices:
+        elif self.answer_style == "text":
+            options = "\n".join(f"- {choice}" for choice in example.choices)
+            instruction = (
+                f"Please choose the correct {self.choice_word} to the question: {example.question}\n\n{options}\n\n"
+                f"Answer format: the text of the correct {self.choice_word}"
+            )
+        elif self.answer_style == "label":
             word, label = self.choice_word, self.choice_word.capitalize()
             options = "\n".join(f"{label}{k}: {choice}" for k, choice in enumerate(example.choices, 1))
             answer_format = "/".join(f"{word}{k}" for k in range(1, len(example.choices) + 1))
@@ -108,13 +129,15 @@ class TaskFormat:
         """The response the model is trained to write."""
         if example.choices is None:
             return example.answer
-        if self.enumerate_choices:
+        if self.answer_style == "label":
             return f"the correct answer is {self.choice_word}{example.choices.index(example.answer) + 1}"
         return f"the correct answer is {example.answer}"
 
     def parse(self, generation: str, example: Example) -> str | None:
         """The answer a generation gives (a choice's text, a normalised number or line), or None if it gives none."""
-        if example.choices is not None and self.enumerate_choices:
+        if example.choices is not None and self.answer_style == "text":
+            return _written_choice(generation, example.choices)
+        if example.choices is not None and self.answer_style == "label":
             pattern = rf"\b{re.escape(self.choice_word)}(\d+)"
             for match in re.finditer(pattern, generation, flags=re.IGNORECASE):
                 k = int(match.group(1))
@@ -142,6 +165,22 @@ class TaskFormat:
         if _NUMBER.fullmatch(example.answer.strip()):
             return predicted == _normalise_number(example.answer.strip())
         return predicted == _normalise_text(example.answer)
+
+
+def _written_choice(generation: str, choices: Sequence[str]) -> str | None:
+    """The option a "text" answer writes out: the one it equals, or, for an answer cut short, the only option it
+    begins (compared without case, spacing and a final period); None when it names no option or is ambiguous."""
+
+    def canonical(text: str) -> str:
+        return " ".join(text.split()).lower().removesuffix(".").strip()
+
+    written = canonical(_ANSWER_LEAD.sub("", generation.strip().split("\n")[0], count=1))
+    if not written:
+        return None
+    exact = [choice for choice in choices if canonical(choice) == written]
+    begun = [choice for choice in choices if canonical(choice).startswith(written)]
+    matches = exact or begun
+    return matches[0] if len(set(matches)) == 1 else None
 
 
 DEFAULT_FORMAT = TaskFormat(max_new_tokens=32)
@@ -190,10 +229,11 @@ def _arithmetic_example(row: dict) -> Example:
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task("arc_easy", TaskFormat(max_new_tokens=12), "ai2_arc/ARC-Easy/validation", _arc_example),
+        Task("arc_easy", TaskFormat(answer_style="text", max_new_tokens=24), "ai2_arc/ARC-Easy/validation",
+             _arc_example),
         Task("piqa", TaskFormat(choice_word="solution", max_new_tokens=12), "piqa/plain_text/validation",
              _piqa_example),
-        Task("boolq", TaskFormat(enumerate_choices=False, max_new_tokens=10), "boolq/none/validation",
+        Task("boolq", TaskFormat(answer_style="word", max_new_tokens=10), "boolq/none/validation",
              _boolq_example),
         Task("basic_arithmetic", TaskFormat(max_new_tokens=8), "allenai/basic_arithmetic/none/validation",
              _arithmetic_example),

@@ -143,22 +143,30 @@ def test_offline_training_from_a_saved_log(tmp_path):
     assert whole_log.tokens == 2 * log.stats()["tokens"]  # every sequence drawn twice; padding not counted
 
 
-def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path):
-    """MistakeLog.until(step) is the log as it stood at that step, so an offline replay equals the joint run."""
+@pytest.mark.parametrize("log_rounds", [128, 2])
+def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path, log_rounds):
+    """MistakeLog.until(step) is the log as it stood at that step, so an offline replay equals the joint run; with
+    max_rounds it is the log of a joint run whose ring held fewer rounds."""
+    recorded = CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=3,
+                               save_mistake_log=True, seed=5)
+    run(tmp_path / "recorded", recorded)
     joint = CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=3,
-                            save_mistake_log=True, seed=5)
-    run(tmp_path, joint)
-    log = MistakeLog.load(tmp_path / "copilot" / "mistake_log")
+                            log_rounds=log_rounds, seed=5)
+    run(tmp_path / "joint", joint)
+    log = MistakeLog.load(tmp_path / "recorded" / "copilot" / "mistake_log")
     assert sorted(set(log.steps)) == list(range(1, 7))
     assert log.until(2).steps == [1, 2] and log.until(2).bytes < log.bytes
+    assert log.until(5, max_rounds=2).steps == [4, 5]
     replayed = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
     updater = CopilotUpdater(replayed, CopilotTrainingConfig(batch_size=3, seed=5), total_updates=6)
     for step in sorted(set(log.steps)):
-        updater.step(log.until(step))
+        updater.step(log.until(step, max_rounds=log_rounds))
     for (name, a), b in zip(joint.copilot.state_dict().items(), replayed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(ValueError, match="no round at or before step 0"):
         log.until(0)
+    with pytest.raises(ValueError, match="max_rounds must be positive"):
+        log.until(3, max_rounds=0)
 
 
 DDP_SCRIPT = Path(__file__).with_name("ddp_train.py")

@@ -126,3 +126,22 @@ def test_task_and_data_are_mutually_exclusive(user_files, tmp_path, capsys):
         main(["eval", "--model", str(model_dir), "--copilot", "c", "--output", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "one of the arguments --task --data is required" in capsys.readouterr().err
+
+
+def test_answer_style_option_changes_how_choices_are_answered(user_files):
+    from hf_copilot.cli import _examples, build_parser
+
+    _, data = user_files
+    parser = build_parser()
+    for style, expected in ((None, "label"), ("text", "text")):
+        extra = ["--answer-style", style] if style else []
+        args = parser.parse_args(["eval", "--model", "m", "--copilot", "c", "--data", str(data), "--output", "o"]
+                                 + extra)
+        examples, task_format = _examples(args, "test")
+        assert task_format.answer_style == expected
+        example = next(ex for ex in examples if ex.choices)
+        assert task_format.is_correct(task_format.target(example), example)
+    assert task_format.target(example) == f"the correct answer is {example.answer}"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--model", "m", "--copilot", "c", "--data", str(data), "--output", "o",
+                           "--answer-style", "letters"])

@@ -18,6 +18,7 @@ from hf_copilot.tasks import (
     TASKS,
     AnswerAccuracy,
     Example,
+    TaskFormat,
     answer_accuracy,
     compute_metrics_for,
     load_examples_file,
@@ -80,14 +81,39 @@ def first_example(name):
 
 
 def test_arc_prompt_and_target():
+    """ARC-Easy answers with the text of the option (the 135M Pilot stays at chance with answer1..4 labels)."""
     fmt, ex = TASKS["arc_easy"].format, first_example("arc_easy")
     assert fmt.prompt(ex) == (
+        "### Instruction:\nPlease choose the correct answer to the question: Which gas do plants take in?\n\n"
+        "- oxygen\n- carbon dioxide\n- helium\n- neon\n\n"
+        "Answer format: the text of the correct answer\n\n### Response:\n"
+    )
+    assert fmt.target(ex) == "the correct answer is carbon dioxide"
+    assert ex.answer == "carbon dioxide"
+    labelled = dataclasses.replace(fmt, answer_style="label")  # the paper's format stays available
+    assert labelled.prompt(ex) == (
         "### Instruction:\nPlease choose the correct answer to the question: Which gas do plants take in?\n\n"
         "Answer1: oxygen\nAnswer2: carbon dioxide\nAnswer3: helium\nAnswer4: neon\n\n"
         "Answer format: answer1/answer2/answer3/answer4\n\n### Response:\n"
     )
-    assert fmt.target(ex) == "the correct answer is answer2"
-    assert ex.answer == "carbon dioxide"
+    assert labelled.target(ex) == "the correct answer is answer2"
+    assert labelled.parse(labelled.target(ex), ex) == "carbon dioxide"
+
+
+def test_written_out_answers_are_read_back_strictly():
+    fmt = TaskFormat(answer_style="text", max_new_tokens=8)
+    ex = Example("How to open a jar?", "Twist the lid slowly.", ("Twist the lid slowly.", "Twist the jar hard.",
+                                                                 "Freeze it"))
+    assert fmt.parse("the correct answer is Twist the lid slowly.", ex) == "Twist the lid slowly."
+    assert fmt.parse("The correct answer is:  twist  the LID slowly\nmore text", ex) == "Twist the lid slowly."
+    assert fmt.parse("the correct answer is freeze it.", ex) == "Freeze it"
+    assert fmt.parse("the correct answer is Twist the l", ex) == "Twist the lid slowly."  # cut short, one option
+    assert fmt.parse("the correct answer is Twist the", ex) is None  # cut short, two options begin so
+    assert fmt.parse("the correct answer is Twist the lid slowly and carefully", ex) is None  # not an option
+    assert fmt.parse("the correct answer is", ex) is None
+    assert fmt.parse("Freeze it, or twist the lid slowly.", ex) is None  # the answer must be one option, not two
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        TaskFormat(answer_style="letters", max_new_tokens=8)
 
 
 def test_piqa_prompt_and_target():
@@ -138,9 +164,9 @@ def test_parse_choices():
     assert piqa.parse("the correct answer is solution2.", ex) == "Freeze the jar."
     assert piqa.parse("The correct answer is Solution1", ex) == "Twist the lid."
     assert piqa.parse("solution3 or maybe solution2", ex) == "Freeze the jar."  # the first one in range counts
-    arc, arc_ex = TASKS["arc_easy"].format, first_example("arc_easy")
-    assert arc.parse("the correct answer is answer7", arc_ex) is None
-    assert arc.parse("answer12", arc_ex) is None
+    piqa_ex = dataclasses.replace(ex, choices=ex.choices + ("Use a knife.",))
+    assert piqa.parse("the correct answer is solution7", piqa_ex) is None
+    assert piqa.parse("solution12", piqa_ex) is None
     boolq, bool_ex = TASKS["boolq"].format, first_example("boolq")
     assert boolq.parse("the correct answer is False.", bool_ex) == "false"
     assert boolq.parse("untrue", bool_ex) is None
