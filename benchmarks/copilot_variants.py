@@ -1,6 +1,7 @@
 """Compare Copilot variants on one real Pilot run, without retraining the Pilot for each.
 
-    python benchmarks/copilot_variants.py --task basic_arithmetic --seed 0 --variants paper,rerank
+    python benchmarks/copilot_variants.py --tasks basic_arithmetic --seeds 0 --variants paper,rerank
+    python benchmarks/copilot_variants.py --tasks arc_easy --seeds 0 --screen   # held-out diagnostic only
 
 The Pilot's training is identical whatever the Copilot does, so each variant replays the Mistake Log that
 ``benchmarks/quality.py`` saved from the joint run round by round (``MistakeLog.until``), which is exactly what
@@ -26,7 +27,7 @@ from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ra
 from hf_copilot.finetune import load_pilot
 from hf_copilot.tasks import TASKS, load_task
 
-from quality import PROTOCOLS, on_accelerator
+from quality import CELLS, PROTOCOLS, on_accelerator
 
 @dataclass(frozen=True)
 class Variant:
@@ -54,15 +55,29 @@ VARIANTS = {
     "paper_recent8": Variant({}, {}, "the paper's Copilot learning only from the newest 8 rounds (fresh errors)",
                              log_rounds=8),
     "rerank_ce_recent8": Variant(RERANK_CE, {}, "rerank_ce learning only from the newest 8 rounds", log_rounds=8),
+    "paper_eps4": Variant({}, {"adam_epsilon": 1e-4},
+                          "the paper's Copilot with AdamW epsilon 1e-4 (rows with tiny gradients barely move)"),
+    "paper_eps5": Variant({}, {"adam_epsilon": 1e-5}, "the paper's Copilot with AdamW epsilon 1e-5"),
+    "rerank_ce_eps4": Variant(RERANK_CE, {"adam_epsilon": 1e-4}, "rerank_ce with AdamW epsilon 1e-4"),
+    "paper_lr1e4": Variant({}, {"learning_rate": 1e-4}, "the paper's Copilot with a 5x lower learning rate (1e-4)"),
+    "rerank_ce_lr1e4": Variant(RERANK_CE, {"learning_rate": 1e-4}, "rerank_ce with a 5x lower learning rate"),
 }
 DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits"),
              Decoding(1.0, "probs", gate=0.5), Decoding(3.0, "logits", gate=0.5)]
 
 
-def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, model_dir: Path) -> dict:
-    out = runs / protocol / task / f"seed{seed}" / "variants" / f"{variant}.json"
-    if out.is_file():
-        return json.loads(out.read_text())
+def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, model_dir: Path,
+                screen: bool = False) -> dict:
+    """Replay, then the held-out diagnostic and (unless ``screen``) test accuracy; cached as one JSON per run.
+
+    A screened variant has no accuracy; a later full run scores it (a ratio above 1 already rules a gain out)."""
+    folder = runs / protocol / task / f"seed{seed}" / "variants"
+    out = folder / f"{variant}.json"
+    for cached in (out, folder / f"{variant}.screen.json") if screen else (out,):
+        if cached.is_file():
+            return json.loads(cached.read_text())
+    if screen:
+        out = folder / f"{variant}.screen.json"
     chosen = VARIANTS[variant]
     p = PROTOCOLS[protocol]
     joint = runs / protocol / task / f"seed{seed}" / "joint"
@@ -90,8 +105,8 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     task_format = TASKS[task].format
     test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
     train = load_task(task, "train", train_size=p["train_size"])
-    rows = evaluate_decodings(pilot, tokenizer, test, task_format, DECODINGS, copilot=copilot,
-                               batch_size=p["eval_batch_size"])
+    rows = [] if screen else evaluate_decodings(pilot, tokenizer, test, task_format, DECODINGS, copilot=copilot,
+                                                batch_size=p["eval_batch_size"])
     result = {
         "task": task, "seed": seed, "variant": variant, "copilot_config": chosen.config,
         "log_rounds": chosen.log_rounds,
@@ -99,11 +114,13 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
         "seconds_per_update": update_seconds, "copilot_parameters": copilot.num_parameters(),
         "heldout": heldout_error_ratio(pilot, copilot, tokenizer, test, task_format),
         "train_items": heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format),
-        "accuracy": {r["decoding"]: {k: r[k] for k in ("accuracy", "fixed", "broken")} for r in rows},
+        "accuracy": None if screen else {r["decoding"]: {k: r[k] for k in ("accuracy", "fixed", "broken")}
+                                         for r in rows},
         "seconds": time.perf_counter() - started,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    for path in (out, CELLS / protocol / task / "variants" / f"seed{seed}" / out.name):  # the run's, the kept copy
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -112,9 +129,10 @@ def table(results: list[dict]) -> str:
     lines = ["| task | seed | variant | held-out ratio | train-items ratio | " + " | ".join(names) + " |",
              "|---" * (5 + len(names)) + "|"]
     for r in results:
-        cells = [f"{100 * r['accuracy'][n]['accuracy']:.1f}"
-                 + (f" (+{r['accuracy'][n]['fixed']}/−{r['accuracy'][n]['broken']})" if i else "")
-                 for i, n in enumerate(names)]
+        cells = ["(screened)"] * len(names) if r["accuracy"] is None else [
+            f"{100 * r['accuracy'][n]['accuracy']:.1f}"
+            + (f" (+{r['accuracy'][n]['fixed']}/−{r['accuracy'][n]['broken']})" if i else "")
+            for i, n in enumerate(names)]
         lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {r['heldout']['ratio']:.4f} | "
                      f"{r['train_items']['ratio']:.4f} | " + " | ".join(cells) + " |")
     legend = "\n".join(f"- `{name}`: {VARIANTS[name].about}" for name in dict.fromkeys(r["variant"] for r in results))
@@ -132,6 +150,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
     parser.add_argument("--table", type=Path, default=Path(__file__).parent / "results" / "copilot_variants.md")
+    parser.add_argument("--screen", action="store_true",
+                        help="held-out diagnostic only, no generation (minutes instead of tens of minutes)")
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
     torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/quality.py
@@ -140,7 +160,7 @@ def main() -> None:
         for seed in args.seeds:
             for variant in args.variants:
                 print(f"== {task} seed {seed} {variant}", flush=True)
-                results.append(run_variant(task, seed, variant, args.protocol, args.runs, model_dir))
+                results.append(run_variant(task, seed, variant, args.protocol, args.runs, model_dir, args.screen))
                 print(table(results[-1:]), flush=True)
     args.table.write_text(table(results))
     print(table(results))

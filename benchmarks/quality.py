@@ -12,7 +12,9 @@ For every (task, seed) cell, with the same LoRA Pilot training in every arm:
   latest  control (c), the paper's "Latest" ablation: a fresh Copilot trained offline, for as many updates, on a
           Mistake Log of the *final* Pilot only.
 Each finished cell is one JSON file under ``--runs``; a rerun skips finished cells and finished stages, so the
-protocol resumes where it stopped. The table goes to ``benchmarks/results/quality_<protocol>.md``.
+protocol resumes where it stopped. The table goes to ``benchmarks/results/quality_<protocol>.md``, and each
+finished cell is also copied to ``benchmarks/results/cells/<protocol>/<task>/seed<k>.json``, which
+``--report-only`` reads when ``--runs`` does not hold the cell.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from hf_copilot.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.tasks import TASKS, load_task
 
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
+CELLS = Path(__file__).parent / "results" / "cells"
+"""A copy of every finished cell's result (small JSON, committed), so the table survives the machine that ran it."""
 PROTOCOLS = {
     # Sized for 2 CPU cores (about 15-25 minutes per cell): 1 epoch over 400 examples, greedy decoding.
     "cpu": dict(train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8, lora_rank=32,
@@ -152,6 +156,7 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
                                                   [d for d in decodings if d.lam == 0], batch_size=p["eval_batch_size"]))
     result["seconds"] = time.perf_counter() - started
     _write(result_file, result)
+    _write(CELLS / protocol / task / f"seed{seed}.json", result)
     return result
 
 
@@ -209,15 +214,19 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="Pilot base model folder, or smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="where cells and checkpoints go")
     parser.add_argument("--table", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
-    parser.add_argument("--report-only", action="store_true", help="tabulate the finished cells, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate the finished cells (from --runs, else the committed copies), run nothing")
     args = parser.parse_args()
     results = []
     if args.report_only:
-        files = [args.runs / args.protocol / task / f"seed{seed}" / "result.json"
-                 for seed in args.seeds for task in args.tasks]
-        results = [json.loads(path.read_text()) for path in files if path.is_file()]
+        for seed in args.seeds:
+            for task in args.tasks:
+                ran = args.runs / args.protocol / task / f"seed{seed}" / "result.json"
+                path = ran if ran.is_file() else CELLS / args.protocol / task / f"seed{seed}.json"
+                if path.is_file():
+                    results.append(json.loads(path.read_text()))
         if not results:
-            parser.error(f"no finished cells under {args.runs / args.protocol}")
+            parser.error(f"no finished cells under {args.runs / args.protocol} or {CELLS / args.protocol}")
     model_dir = None if args.report_only else resolve_model(args.model)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, tensor-core matmuls on a GPU; no effect on CPU
     for seed in [] if args.report_only else args.seeds:  # seed-major: a full pass over the tasks gives a first table

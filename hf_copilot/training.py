@@ -20,6 +20,10 @@ class CopilotTrainingConfig:
 
     Args:
         learning_rate / weight_decay / adam_betas: AdamW settings (paper: Copilot LR 3e-4 … 5e-4).
+        adam_epsilon: AdamW's epsilon. Adam moves every weight with a non-zero gradient by about the learning
+            rate, however small the gradient; the |V|-row head gets tiny gradients on hundreds of rows per batch
+            (tokens the Pilot gave a little probability), so a larger epsilon (e.g. 1e-4) lets those rows move in
+            proportion to their evidence instead (measured in benchmarks/copilot_variants.py).
         lr_scheduler_type / warmup_ratio: schedule over all Copilot updates (paper: cosine with warm-up).
         batch_size: sequences drawn from the log per Copilot update; the Copilot's training cost grows with it (the
             default 8 matches the Trainer's default Pilot batch and the quality benchmark).
@@ -32,6 +36,7 @@ class CopilotTrainingConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
     batch_size: int = 8
@@ -46,8 +51,9 @@ class CopilotTrainingConfig:
                 raise ValueError(f"CopilotTrainingConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        for name in ("learning_rate", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CopilotTrainingConfig.{name} must be positive, got {getattr(self, name)}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +76,7 @@ class CopilotUpdater:
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.learning_rate,
             betas=config.adam_betas,
+            eps=config.adam_epsilon,
             # One kernel per step instead of several passes over every parameter (the |V|×d matrices are large).
             fused=all(p.device.type in ("cpu", "cuda") for p in copilot.parameters()) or None,
         )

@@ -200,3 +200,26 @@ def test_seq2seq_trainer_with_a_t5_pilot(tmp_path):
     Seq2SeqTrainer(model=pilot, args=args, train_dataset=rows, callbacks=[callback]).train()
     assert len(callback.mistake_log) == 6 and callback.mistake_log.kind == "encoder_decoder"
     assert callback.updater.updates == 6
+
+
+def test_adam_epsilon_scales_the_steps_of_weakly_supported_head_rows(tmp_path):
+    """With the default epsilon, one AdamW step moves every head row that has any gradient by about the learning
+    rate; with a large epsilon a row moves in proportion to its gradient, so weakly supported rows barely move."""
+    callback = CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4)
+    run(tmp_path, callback, args=trainer_args(tmp_path, learning_rate=0.0, max_steps=2))
+    moved = {}
+    for epsilon in (1e-8, 1.0):
+        copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+        with torch.no_grad():  # a head that is not exactly zero, so that every row receives a gradient
+            copilot.correction_head.weight.normal_(std=1e-3, generator=torch.Generator().manual_seed(0))
+        before = copilot.correction_head.weight.detach().clone()
+        config = CopilotTrainingConfig(learning_rate=1e-3, warmup_ratio=0.0, batch_size=8, adam_epsilon=epsilon,
+                                       max_grad_norm=0.0, lr_scheduler_type="constant")
+        CopilotUpdater(copilot, config, total_updates=1).step(callback.mistake_log)
+        moved[epsilon] = (copilot.correction_head.weight.detach() - before).abs().amax(-1)
+    quiet, loud = moved[1e-8].quantile(0.1), moved[1e-8].amax()
+    assert quiet > 0.5e-3 and loud < 1.1e-3  # every row steps by about lr, whatever its gradient
+    assert moved[1.0].quantile(0.1) < 0.1 * quiet  # weakly supported rows now barely move
+    for bad in (dict(adam_epsilon=0.0), dict(learning_rate=-1.0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            CopilotTrainingConfig(**bad)
