@@ -27,7 +27,7 @@ from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ra
 from hf_copilot.finetune import load_pilot
 from hf_copilot.tasks import TASKS, load_task
 
-from quality import CELLS, PROTOCOLS, on_accelerator
+from quality import CELLS, PROTOCOLS, on_accelerator, write_json
 
 @dataclass(frozen=True)
 class Variant:
@@ -72,12 +72,11 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
 
     A screened variant has no accuracy; a later full run scores it (a ratio above 1 already rules a gain out)."""
     folder = runs / protocol / task / f"seed{seed}" / "variants"
-    out = folder / f"{variant}.json"
-    for cached in (out, folder / f"{variant}.screen.json") if screen else (out,):
+    scored = folder / f"{variant}.json"
+    out = folder / f"{variant}.screen.json" if screen else scored
+    for cached in (scored, out):  # a scored run also answers a screen
         if cached.is_file():
             return json.loads(cached.read_text())
-    if screen:
-        out = folder / f"{variant}.screen.json"
     chosen = VARIANTS[variant]
     p = PROTOCOLS[protocol]
     joint = runs / protocol / task / f"seed{seed}" / "joint"
@@ -118,9 +117,8 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
                                          for r in rows},
         "seconds": time.perf_counter() - started,
     }
-    for path in (out, CELLS / protocol / task / "variants" / f"seed{seed}" / out.name):  # the run's, the kept copy
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
+    write_json(CELLS / protocol / task / "variants" / f"seed{seed}" / out.name, result)  # the kept copy
     return result
 
 
@@ -135,7 +133,8 @@ def table(results: list[dict]) -> str:
             for i, n in enumerate(names)]
         lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {r['heldout']['ratio']:.4f} | "
                      f"{r['train_items']['ratio']:.4f} | " + " | ".join(cells) + " |")
-    legend = "\n".join(f"- `{name}`: {VARIANTS[name].about}" for name in dict.fromkeys(r["variant"] for r in results))
+    shown = dict.fromkeys(r["variant"] for r in results)
+    legend = "\n".join(f"- `{name}`: {VARIANTS[name].about}" for name in shown)
     return ("# Copilot variants on one Pilot run\n\nAccuracy (%) on the test split; (+fixed/−broken) against the "
             "Pilot alone. Ratios: Copilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = better than predicting "
             "nothing).\n\n" + "\n".join(lines) + "\n\n" + legend + "\n")

@@ -64,7 +64,7 @@ def on_accelerator(model):
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
-def _write(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(payload, indent=2))
@@ -96,7 +96,7 @@ def _train_pilot(model_dir, folder, examples, task_format, p, seed, *, with_copi
                             if "copilot_seconds" in e), 0.0)
     summary = {"seconds": seconds, "steps": trainer.state.global_step, "copilot_seconds": copilot_seconds,
                "train_loss": trainer.state.log_history[-1].get("train_loss")}
-    _write(folder / "run.json", summary)
+    write_json(folder / "run.json", summary)
     return summary
 
 
@@ -126,7 +126,7 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     result["joint_heldout"] = heldout_error_ratio(pilot, copilot, tokenizer, test, task_format)
     result["joint_train_ratio"] = heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format)
     result["first_error_ranks"] = first_error_ranks(pilot, tokenizer, test, task_format)
-    _write(cell / "partial.json", result)  # what a run cut short still tells
+    write_json(cell / "partial.json", result)  # what a run cut short still tells
 
     # (c) Latest: the same number of Copilot updates, but only on the finished Pilot's errors.
     set_seed(seed)
@@ -139,7 +139,7 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
                                                   [d for d in decodings if d.lam > 0], copilot=latest,
                                                   batch_size=p["eval_batch_size"]))
     result["latest_heldout"] = heldout_error_ratio(pilot, latest, tokenizer, test, task_format)
-    _write(cell / "partial.json", result)
+    write_json(cell / "partial.json", result)
     del pilot, copilot, latest, log
 
     # (b) The Pilot alone, trained longer by the Copilot's share of the joint run's wall-clock time.
@@ -155,8 +155,8 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     result["longer"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
                                                   [d for d in decodings if d.lam == 0], batch_size=p["eval_batch_size"]))
     result["seconds"] = time.perf_counter() - started
-    _write(result_file, result)
-    _write(CELLS / protocol / task / f"seed{seed}.json", result)
+    write_json(result_file, result)
+    write_json(CELLS / protocol / task / f"seed{seed}.json", result)
     return result
 
 
