@@ -111,14 +111,19 @@ class CopilotLogitsProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.tap.attached:
-            raise RuntimeError("This CopilotLogitsProcessor was closed; create a new one.")
-        record = self._this_steps_record(input_ids)
-        corrections = self._advance(input_ids, record)
-        fused = self._fuse(scores, corrections)
+        corrections = self.step_corrections(input_ids)
+        fused = fuse_scores(scores, corrections, self.lam, self.space, self.gate)
         if self.top_analysis:
             self._analyse(scores, corrections, fused)
         return fused
+
+    @torch.no_grad()
+    def step_corrections(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Advances the Copilot over the Pilot forward of this ``generate()`` step and returns its corrections at
+        the last position, (rows, |V|): what :meth:`__call__` fuses, for callers that fuse several ways at once."""
+        if not self.tap.attached:
+            raise RuntimeError("This CopilotLogitsProcessor was closed; create a new one.")
+        return self._advance(input_ids, self._this_steps_record(input_ids))
 
     def _this_steps_record(self, input_ids: torch.Tensor) -> PilotRecord:
         """The Pilot forward behind these scores: exactly one since the last call, or a fresh prompt forward
@@ -225,22 +230,6 @@ class CopilotLogitsProcessor(LogitsProcessor):
             return None
         return matches.int().argmax(-1)  # the first matching row
 
-    def _fuse(self, scores: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
-        if self.lam == 0:
-            return scores
-        corrections = corrections.to(scores.dtype)
-        banned = scores == float("-inf")  # set by an earlier processor (min-length, bad words, ...)
-        if self.space == "logits":
-            fused = (scores + self.lam * corrections).masked_fill(banned, float("-inf"))
-        else:
-            probs = torch.softmax(scores, dim=-1) + self.lam * corrections
-            probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).masked_fill(banned, 0.0)
-            fused = (probs / probs.sum(-1, keepdim=True)).log()
-        if self.gate is None:
-            return fused
-        unsure = torch.softmax(scores, dim=-1).amax(-1, keepdim=True) < self.gate
-        return torch.where(unsure, fused, scores)
-
     def _analyse(self, scores: torch.Tensor, corrections: torch.Tensor, fused: torch.Tensor) -> None:
         top = fused.topk(min(self.top_analysis, fused.shape[-1]), dim=-1)
         self.analysis.append({
@@ -249,6 +238,26 @@ class CopilotLogitsProcessor(LogitsProcessor):
             "corrections": corrections.to(scores.dtype).gather(-1, top.indices).cpu(),
             "fused_scores": top.values.cpu(),
         })
+
+
+def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs",
+                gate: float | None = None) -> torch.Tensor:
+    """The Pilot's next-token scores rectified by λ × the Copilot's corrections (see
+    :class:`CopilotLogitsProcessor` for the two spaces and the gate); tokens scored ``-inf`` stay banned."""
+    if lam == 0:
+        return scores
+    corrections = corrections.to(scores.dtype)
+    banned = scores == float("-inf")  # set by an earlier processor (min-length, bad words, ...)
+    if space == "logits":
+        fused = (scores + lam * corrections).masked_fill(banned, float("-inf"))
+    else:
+        probs = torch.softmax(scores, dim=-1) + lam * corrections
+        probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).masked_fill(banned, 0.0)
+        fused = (probs / probs.sum(-1, keepdim=True)).log()
+    if gate is None:
+        return fused
+    unsure = torch.softmax(scores, dim=-1).amax(-1, keepdim=True) < gate
+    return torch.where(unsure, fused, scores)
 
 
 def _prompt_mask(record: PilotRecord, input_ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
-from hf_copilot import CopilotModel
+from hf_copilot import CopilotModel, evaluation
 from hf_copilot.evaluation import (Decoding, evaluate_decodings, first_error_ranks, generate_answers,
                                    heldout_error_ratio)
 from hf_copilot.finetune import encode_example, finetune
@@ -85,11 +85,7 @@ def recount(answer: str, example) -> bool:
 
 def test_evaluate_decodings_counts_fixed_and_broken_against_the_pilot_alone(trained, tokenizer):
     pilot, copilot = trained
-    noisy = CopilotModel.from_pilot(pilot, num_hidden_layers=2).eval()
-    noisy.load_state_dict(copilot.state_dict())
-    torch.manual_seed(2)  # a head that both fixes and breaks answers of this Pilot
-    with torch.no_grad():
-        noisy.correction_head.weight.normal_(0, 0.1)  # corrections large enough to change answers
+    noisy = noisy_copilot(pilot, copilot, 0.1)  # corrections large enough to both fix and break answers
     examples = qa_examples(8, start=12) + qa_examples(4)
     decodings = [Decoding(), Decoding(1.0, "logits"), Decoding(0.5, "probs"), Decoding(num_beams=2),
                  Decoding(1.0, "logits", 2)]
@@ -152,6 +148,51 @@ def reference_errors(pilot, copilot, tokenizer, examples):
         for hook in hooks:
             hook.remove()
     return squared_error, squared_norm, tokens
+
+
+def noisy_copilot(pilot, copilot, scale):
+    """The trained Copilot with a random correction head of the given scale (0: it corrects nothing)."""
+    noisy = CopilotModel.from_pilot(pilot, num_hidden_layers=2).eval()
+    noisy.load_state_dict(copilot.state_dict())
+    torch.manual_seed(2)
+    with torch.no_grad():
+        noisy.correction_head.weight.normal_(0, scale) if scale else noisy.correction_head.weight.zero_()
+    return noisy
+
+
+def test_screened_greedy_decodings_equal_a_full_rectified_generate(trained, tokenizer, monkeypatch):
+    """evaluate_decodings screens every rectified greedy decoding in one Pilot pass and regenerates only the rows
+    that leave the Pilot's path; each must equal generate() with the processor over all rows."""
+    pilot, copilot = trained
+    noisy = noisy_copilot(pilot, copilot, 0.1)
+    examples = qa_examples(8, start=12) + qa_examples(4)
+    decodings = [Decoding(1.0, "logits"), Decoding(0.3, "logits"), Decoding(0.5, "probs"),
+                 Decoding(2.0, "logits", gate=0.6)]
+    regenerated = []
+    real_generate_answers = evaluation.generate_answers
+
+    def counting(*args, **kwargs):
+        regenerated.append(len(args[2]))
+        return real_generate_answers(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_answers", counting)
+    rows = evaluate_decodings(pilot, tokenizer, examples, FMT, decodings, copilot=noisy, batch_size=3)
+    monkeypatch.undo()
+
+    pilot_answers = real_generate_answers(pilot, tokenizer, examples, FMT, batch_size=3)
+    changed = 0
+    for row, decoding in zip(rows, decodings):
+        full = real_generate_answers(pilot, tokenizer, examples, FMT, copilot=noisy, decoding=decoding, batch_size=3)
+        assert row["answers"] == full, decoding.name
+        changed += sum(a != b for a, b in zip(full, pilot_answers))
+    assert changed and sum(regenerated) < len(decodings) * len(examples)  # rows both left and kept the path
+
+    regenerated.clear()
+    monkeypatch.setattr(evaluation, "generate_answers", counting)
+    silent = evaluate_decodings(pilot, tokenizer, examples, FMT, decodings, copilot=noisy_copilot(pilot, copilot, 0),
+                                batch_size=3)
+    assert regenerated == []  # a Copilot that corrects nothing never leaves the Pilot's path
+    assert all(row["answers"] == pilot_answers for row in silent)
 
 
 def test_heldout_error_ratio_matches_a_dense_recomputation(trained, tokenizer):
