@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from hf_copilot import CopilotModel, train_copilot
 from hf_copilot.assets import resolve_model
 from hf_copilot.evaluation import (Decoding, evaluate_decodings, first_error_ranks, heldout_error_ratio,
-                                   record_mistake_log)
+                                   heldout_error_ratios, record_mistake_log)
 from hf_copilot.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.tasks import TASKS, load_task
 
@@ -123,7 +123,6 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     copilot = on_accelerator(CopilotModel.from_pretrained(joint / "copilot").eval())
     result["joint"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format, decodings, copilot=copilot,
                                                  batch_size=p["eval_batch_size"]))
-    result["joint_heldout"] = heldout_error_ratio(pilot, copilot, tokenizer, test, task_format)
     result["joint_train_ratio"] = heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format)
     result["first_error_ranks"] = first_error_ranks(pilot, tokenizer, test, task_format)
     write_json(cell / "partial.json", result)  # what a run cut short still tells
@@ -138,7 +137,8 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     result["latest"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
                                                   [d for d in decodings if d.lam > 0], copilot=latest,
                                                   batch_size=p["eval_batch_size"]))
-    result["latest_heldout"] = heldout_error_ratio(pilot, latest, tokenizer, test, task_format)
+    ratios = heldout_error_ratios(pilot, {"joint": copilot, "latest": latest}, tokenizer, test, task_format)
+    result["joint_heldout"], result["latest_heldout"] = ratios["joint"], ratios["latest"]
     write_json(cell / "partial.json", result)
     del pilot, copilot, latest, log
 

@@ -7,7 +7,7 @@ Copilot fixed and how many it broke, not only the net accuracy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -198,9 +198,11 @@ def teacher_forced_records(pilot, tokenizer, examples: list[Example], task_forma
             def padded(name, value):
                 return torch.tensor([row[name] + [value] * (width - len(row[name])) for row in rows], device=device)
 
-            pilot(input_ids=padded("input_ids", tokenizer.pad_token_id), attention_mask=padded("attention_mask", 0),
-                  labels=padded("labels", IGNORE_INDEX))
-            yield from tap.pop_records()
+            # Labels are attached to the record rather than passed in: the Pilot's own loss is not needed here.
+            pilot(input_ids=padded("input_ids", tokenizer.pad_token_id), attention_mask=padded("attention_mask", 0))
+            labels = padded("labels", IGNORE_INDEX)
+            for record in tap.pop_records():
+                yield replace(record, labels=labels, labels_aligned=False)
 
 
 def record_mistake_log(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, *, top_k: int = 32,
@@ -243,6 +245,34 @@ def first_error_ranks(pilot, tokenizer, examples: list[Example], task_format: Ta
 
 
 @torch.no_grad()
+def heldout_error_ratios(pilot, copilots: dict, tokenizer, examples: list[Example], task_format: TaskFormat, *,
+                         batch_size: int = 16, max_length: int = 256, top_k: int = 32) -> dict[str, dict]:
+    """:func:`heldout_error_ratio` of several Copilots of the same Pilot, from one teacher-forced Pilot pass;
+    returns one result per name of ``copilots``."""
+    totals = {name: [0.0, 0.0, 0] for name in copilots}  # squared error, squared norm, tokens
+    for copilot in copilots.values():
+        copilot.eval()
+    for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
+                                         max_length=max_length):
+        for name, copilot in copilots.items():
+            device = next(copilot.parameters()).device
+            log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
+            log.add(record, step=0)
+            batch = log.sample(record.logits.shape[0], device=device)
+            valid = batch.errors.valid & batch.attention_mask.bool()
+            corrections = copilot(**batch.copilot_inputs()).corrections
+            totals[name][0] += float(squared_error_norm(corrections, batch.errors)[valid].sum())
+            totals[name][1] += float(batch.errors.squared_norm()[valid].sum())
+            totals[name][2] += int(valid.sum())
+    results = {}
+    for name, (squared_error, squared_norm, tokens) in totals.items():
+        if tokens == 0:
+            raise ValueError("The examples have no answer tokens to score (every target was empty or masked).")
+        results[name] = {"copilot_rmse": (squared_error / tokens) ** 0.5, "zero_rmse": (squared_norm / tokens) ** 0.5,
+                         "ratio": (squared_error / squared_norm) ** 0.5, "tokens": tokens}
+    return results
+
+
 def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task_format: TaskFormat, *,
                         batch_size: int = 16, max_length: int = 256, top_k: int = 32) -> dict:
     """Teacher-forced check on unseen examples: the Copilot's RMSE divided by the all-zero predictor's.
@@ -250,20 +280,5 @@ def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task
     Below 1 means the Copilot predicts the Pilot's errors on new data better than predicting nothing, the
     prerequisite for any accuracy gain; at or above 1 it has learned nothing that transfers.
     """
-    device = next(copilot.parameters()).device
-    squared_error, squared_norm, tokens = 0.0, 0.0, 0
-    copilot.eval()
-    for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
-                                         max_length=max_length):
-        log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
-        log.add(record, step=0)
-        batch = log.sample(record.logits.shape[0], device=device)
-        valid = batch.errors.valid & batch.attention_mask.bool()
-        corrections = copilot(**batch.copilot_inputs()).corrections
-        squared_error += float(squared_error_norm(corrections, batch.errors)[valid].sum())
-        squared_norm += float(batch.errors.squared_norm()[valid].sum())
-        tokens += int(valid.sum())
-    if tokens == 0:
-        raise ValueError("The examples have no answer tokens to score (every target was empty or masked).")
-    return {"copilot_rmse": (squared_error / tokens) ** 0.5, "zero_rmse": (squared_norm / tokens) ** 0.5,
-            "ratio": (squared_error / squared_norm) ** 0.5, "tokens": tokens}
+    return heldout_error_ratios(pilot, {"copilot": copilot}, tokenizer, examples, task_format, batch_size=batch_size,
+                                max_length=max_length, top_k=top_k)["copilot"]

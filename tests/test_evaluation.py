@@ -9,7 +9,7 @@ from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
 from hf_copilot import CopilotModel, evaluation
 from hf_copilot.evaluation import (Decoding, evaluate_decodings, first_error_ranks, generate_answers,
-                                   heldout_error_ratio)
+                                   heldout_error_ratio, heldout_error_ratios)
 from hf_copilot.finetune import encode_example, finetune
 from hf_copilot.tasks import DEFAULT_FORMAT
 
@@ -212,6 +212,11 @@ def test_heldout_error_ratio_matches_a_dense_recomputation(trained, tokenizer):
     assert untrained["ratio"] == 1.0
     assert untrained["zero_rmse"] == pytest.approx((squared_norm / tokens) ** 0.5, rel=1e-5)
     assert untrained["copilot_rmse"] == pytest.approx(untrained["zero_rmse"], rel=1e-6)
+
+    # Several Copilots scored from one Pilot pass: each as if scored alone.
+    both = heldout_error_ratios(pilot, {"trained": copilot, "fresh": fresh}, tokenizer, examples, FMT, batch_size=3,
+                                top_k=VOCAB)
+    assert both == {"trained": pytest.approx(result, rel=1e-6), "fresh": pytest.approx(untrained, rel=1e-6)}
 
 
 def test_accuracy_plot_draws_one_line_per_space_and_beams_from_the_pilot_alone(tmp_path, monkeypatch):
