@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,17 +123,44 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     return result
 
 
+def kept(task: str, seed: int, variant: str, protocol: str, runs: Path) -> dict | None:
+    """A finished run's result, scored before screened, from ``runs`` else the committed copies."""
+    for folder in (runs / protocol / task / f"seed{seed}" / "variants", CELLS / protocol / task / "variants" / f"seed{seed}"):
+        for name in (f"{variant}.json", f"{variant}.screen.json"):
+            if (folder / name).is_file():
+                return json.loads((folder / name).read_text())
+    return None
+
+
+def _row(task, seeds, variant, heldout, train_items, accuracy, fixed, broken) -> str:
+    names = [d.name for d in DECODINGS]
+    cells = ["(screened)"] * len(names) if accuracy is None else [
+        f"{100 * accuracy[n]:.1f}" + (f" (+{fixed[n]}/−{broken[n]})" if i else "") for i, n in enumerate(names)]
+    return (f"| {task} | {seeds} | {variant} | {heldout:.4f} | {train_items:.4f} | " + " | ".join(cells) + " |")
+
+
 def table(results: list[dict]) -> str:
+    """One row per run; for a variant scored on several seeds of a task, a pooled row (mean accuracy and ratios,
+    fixed/broken summed over the seeds)."""
     names = [d.name for d in DECODINGS]
     lines = ["| task | seed | variant | held-out ratio | train-items ratio | " + " | ".join(names) + " |",
              "|---" * (5 + len(names)) + "|"]
     for r in results:
-        cells = ["(screened)"] * len(names) if r["accuracy"] is None else [
-            f"{100 * r['accuracy'][n]['accuracy']:.1f}"
-            + (f" (+{r['accuracy'][n]['fixed']}/−{r['accuracy'][n]['broken']})" if i else "")
-            for i, n in enumerate(names)]
-        lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {r['heldout']['ratio']:.4f} | "
-                     f"{r['train_items']['ratio']:.4f} | " + " | ".join(cells) + " |")
+        accuracy = None if r["accuracy"] is None else {n: r["accuracy"][n]["accuracy"] for n in names}
+        fixed = None if accuracy is None else {n: r["accuracy"][n]["fixed"] for n in names}
+        broken = None if accuracy is None else {n: r["accuracy"][n]["broken"] for n in names}
+        lines.append(_row(r["task"], r["seed"], r["variant"], r["heldout"]["ratio"], r["train_items"]["ratio"],
+                          accuracy, fixed, broken))
+    for task, variant in dict.fromkeys((r["task"], r["variant"]) for r in results):
+        scored = [r for r in results if (r["task"], r["variant"]) == (task, variant) and r["accuracy"]]
+        if len(scored) > 1:
+            lines.append(_row(
+                task, "mean of " + ",".join(str(r["seed"]) for r in scored), f"**{variant}**",
+                statistics.fmean(r["heldout"]["ratio"] for r in scored),
+                statistics.fmean(r["train_items"]["ratio"] for r in scored),
+                {n: statistics.fmean(r["accuracy"][n]["accuracy"] for r in scored) for n in names},
+                {n: sum(r["accuracy"][n]["fixed"] for r in scored) for n in names},
+                {n: sum(r["accuracy"][n]["broken"] for r in scored) for n in names}))
     shown = dict.fromkeys(r["variant"] for r in results)
     legend = "\n".join(f"- `{name}`: {VARIANTS[name].about}" for name in shown)
     return ("# Copilot variants on one Pilot run\n\nAccuracy (%) on the test split; (+fixed/−broken) against the "
@@ -151,7 +179,17 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=Path(__file__).parent / "results" / "copilot_variants.md")
     parser.add_argument("--screen", action="store_true",
                         help="held-out diagnostic only, no generation (minutes instead of tens of minutes)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate finished runs (from --runs, else the committed copies), run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        results = [r for task in args.tasks for seed in args.seeds for variant in args.variants
+                   if (r := kept(task, seed, variant, args.protocol, args.runs)) is not None]
+        if not results:
+            parser.error("no finished variant runs for these tasks, seeds and variants")
+        args.table.write_text(table(results))
+        print(table(results))
+        return
     model_dir = resolve_model(args.model)
     torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/quality.py
     results = []
