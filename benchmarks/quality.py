@@ -100,6 +100,19 @@ def _train_pilot(model_dir, folder, examples, task_format, p, seed, *, with_copi
     return summary
 
 
+class Stopwatch:
+    """Seconds per named stage of a cell (laps of the same name add up), so a table can say where time goes."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -> dict:
     p = PROTOCOLS[protocol]
     cell = runs / protocol / task / f"seed{seed}"
@@ -112,19 +125,23 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     decodings = [Decoding(num_beams=b) for b in p["beams"]] + [
         Decoding(lam, space, b) for b in p["beams"] for space, lam in p["decodings"]]
     started = time.perf_counter()
+    watch = Stopwatch()
     result = {"task": task, "seed": seed, "protocol": protocol, "train_examples": len(train), "test_examples": len(test)}
 
     joint = cell / "joint"
     if not (joint / "run.json").is_file():
         _train_pilot(model_dir, joint, train, task_format, p, seed, with_copilot=True)
     result["joint_training"] = json.loads((joint / "run.json").read_text())
+    watch.lap("joint training")
     pilot, tokenizer = load_pilot(joint / "pilot")
     pilot = on_accelerator(pilot)
     copilot = on_accelerator(CopilotModel.from_pretrained(joint / "copilot").eval())
     result["joint"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format, decodings, copilot=copilot,
                                                  batch_size=p["eval_batch_size"]))
+    watch.lap("joint decoding")
     result["joint_train_ratio"] = heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format)
     result["first_error_ranks"] = first_error_ranks(pilot, tokenizer, test, task_format)
+    watch.lap("diagnostics")
     write_json(cell / "partial.json", result)  # what a run cut short still tells
 
     # (c) Latest: the same number of Copilot updates, but only on the finished Pilot's errors.
@@ -134,11 +151,14 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     train_copilot(latest, log, num_updates=result["joint_training"]["steps"], progress=False,
                   learning_rate=p["copilot_learning_rate"], batch_size=p["copilot_batch_size"], seed=seed)
     latest.eval()
+    watch.lap("latest training")
     result["latest"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
                                                   [d for d in decodings if d.lam > 0], copilot=latest,
                                                   batch_size=p["eval_batch_size"]))
+    watch.lap("latest decoding")
     ratios = heldout_error_ratios(pilot, {"joint": copilot, "latest": latest}, tokenizer, test, task_format)
     result["joint_heldout"], result["latest_heldout"] = ratios["joint"], ratios["latest"]
+    watch.lap("diagnostics")
     write_json(cell / "partial.json", result)
     del pilot, copilot, latest, log
 
@@ -150,10 +170,13 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     if not (longer / "run.json").is_file():
         _train_pilot(model_dir, longer, train, task_format, p, seed, with_copilot=False, max_steps=extra_steps)
     result["longer_training"] = json.loads((longer / "run.json").read_text())
+    watch.lap("longer training")
     pilot, tokenizer = load_pilot(longer / "pilot")
     pilot = on_accelerator(pilot)
     result["longer"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format,
                                                   [d for d in decodings if d.lam == 0], batch_size=p["eval_batch_size"]))
+    watch.lap("longer decoding")
+    result["stage_seconds"] = watch.seconds
     result["seconds"] = time.perf_counter() - started
     write_json(result_file, result)
     write_json(CELLS / protocol / task / f"seed{seed}.json", result)
@@ -197,13 +220,25 @@ def summarise(results: list[dict], protocol: str, command: str, hours: float) ->
                 sum(rank is not None and low <= rank <= high for rank in ranks)
                 for low, high in ((1, 1), (2, 4), (5, 31), (32, 10**9))]
             anatomy.append(f"| {t} | " + " | ".join(f"{100 * b / len(ranks):.0f}%" for b in bins) + " |")
+    timed = [r for r in results if "stage_seconds" in r]
+    stages = list(dict.fromkeys(stage for r in timed for stage in r["stage_seconds"]))
+    timing = [f"| task | cells | {' | '.join(stages)} | cell |", "|---" * (len(stages) + 3) + "|"]
+    for t in tasks:
+        mine = [r for r in timed if r["task"] == t]
+        if mine:
+            timing.append(f"| {t} | {len(mine)} | " + " | ".join(
+                f"{statistics.fmean(r['stage_seconds'].get(stage, 0.0) for r in mine):.0f}" for stage in stages)
+                + f" | {statistics.fmean(r['seconds'] for r in mine):.0f} |")
+    timing_text = ("\n\nWhere a cell's time goes (mean seconds per cell; training includes the Copilot's updates in "
+                   "the joint run):\n\n" + "\n".join(timing) + "\n") if timed else ""
     header = (f"# Quality benchmark, protocol `{protocol}`\n\n`{command}`: {len(results)} cells, seeds {seeds}, "
               f"{hours:.2f} h of compute in total (sum of cell times).\n\nAccuracy (%) of generated, parsed answers on "
               "each task's test split, mean ± std over seeds.\n\n")
     return header + "\n".join(lines) + "\n\nCopilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = learned " \
         "something that transfers):\n\n" + "\n".join(f"- {line}" for line in ratios) + "\n\nWhere the Pilot " \
         "first goes wrong on each test item, teacher-forced (rank of the right token at the first wrong answer " \
-        "position; what re-ranking the Pilot's own candidates could reach):\n\n" + "\n".join(anatomy) + "\n"
+        "position; what re-ranking the Pilot's own candidates could reach):\n\n" + "\n".join(anatomy) + "\n" \
+        + timing_text
 
 
 def main() -> None:
