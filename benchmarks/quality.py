@@ -40,7 +40,7 @@ ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
 CELLS = Path(__file__).parent / "results" / "cells"
 """A copy of every finished cell's result (small JSON, committed), so the table survives the machine that ran it."""
 PROTOCOLS = {
-    # Sized for 2 CPU cores (about 15-25 minutes per cell): 1 epoch over 400 examples, greedy decoding.
+    # Sized for 2 CPU cores (7-25 minutes per cell, one cell at a time): 1 epoch over 400 examples, greedy.
     "cpu": dict(train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8, lora_rank=32,
                 copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
                 decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
