@@ -26,9 +26,9 @@ from hf_copilot import CopilotModel, CopilotTrainingConfig, CopilotUpdater, Mist
 from hf_copilot.assets import resolve_model
 from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ratio
 from hf_copilot.finetune import load_pilot
-from hf_copilot.tasks import TASKS, load_task
+from hf_copilot.tasks import TASKS
 
-from quality import CELLS, PROTOCOLS, on_accelerator, write_json
+from quality import CELLS, PROTOCOLS, on_accelerator, protocol_data, write_json
 
 @dataclass(frozen=True)
 class Variant:
@@ -103,8 +103,7 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     pilot, tokenizer = load_pilot(joint / "pilot")
     pilot = on_accelerator(pilot)
     task_format = TASKS[task].format
-    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
-    train = load_task(task, "train", train_size=p["train_size"])
+    train, test = protocol_data(task, protocol)
     rows = [] if screen else evaluate_decodings(pilot, tokenizer, test, task_format, DECODINGS, copilot=copilot,
                                                 batch_size=p["eval_batch_size"])
     result = {

@@ -20,7 +20,9 @@ import torch
 from hf_copilot.evaluation import teacher_forced_records
 from hf_copilot.finetune import load_pilot
 from hf_copilot.mistake_log import IGNORE_INDEX
-from hf_copilot.tasks import TASKS, load_task
+from hf_copilot.tasks import TASKS
+
+from quality import protocol_data
 
 
 def decision_points(pilot, tokenizer, examples, task_format, lead: str = "the correct answer is"):
@@ -70,13 +72,9 @@ def main() -> None:
     parser.add_argument("--l2", type=lambda t: [float(v) for v in t.split(",")], default=[1e-3, 1e-2, 1e-1])
     args = parser.parse_args()
     result = json.loads((args.cell / "result.json").read_text())
-    task, protocol = result["task"], result["protocol"]
-    from quality import PROTOCOLS  # the cell's own data sizes
-
-    p = PROTOCOLS[protocol]
+    task = result["task"]
     task_format = TASKS[task].format
-    train = load_task(task, "train", train_size=p["train_size"])
-    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
+    train, test = protocol_data(task, result["protocol"])  # the cell's own data
     pilot, tokenizer = load_pilot(args.cell / "joint" / "pilot")
     train_h, train_conf, train_wrong = decision_points(pilot, tokenizer, train, task_format)
     test_h, test_conf, test_wrong = decision_points(pilot, tokenizer, test, task_format)

@@ -113,6 +113,14 @@ class Stopwatch:
         self._last = now
 
 
+def protocol_data(task: str, protocol: str) -> tuple[list, list]:
+    """A task's training and test examples at a protocol's sizes (``test_size=None``: the task's own)."""
+    p = PROTOCOLS[protocol]
+    train = load_task(task, "train", train_size=p["train_size"])
+    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
+    return train, test
+
+
 def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -> dict:
     p = PROTOCOLS[protocol]
     cell = runs / protocol / task / f"seed{seed}"
@@ -120,8 +128,7 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     if result_file.is_file():
         return json.loads(result_file.read_text())
     task_format = TASKS[task].format
-    train = load_task(task, "train", train_size=p["train_size"])
-    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
+    train, test = protocol_data(task, protocol)
     decodings = [Decoding(num_beams=b) for b in p["beams"]] + [
         Decoding(lam, space, b) for b in p["beams"] for space, lam in p["decodings"]]
     started = time.perf_counter()
