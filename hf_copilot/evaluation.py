@@ -254,11 +254,14 @@ def heldout_error_ratios(pilot, copilots: dict, tokenizer, examples: list[Exampl
         copilot.eval()
     for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
                                          max_length=max_length):
+        batches = {}  # the record's errors, compacted once per device the Copilots sit on
         for name, copilot in copilots.items():
             device = next(copilot.parameters()).device
-            log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
-            log.add(record, step=0)
-            batch = log.sample(record.logits.shape[0], device=device)
+            if device not in batches:
+                log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
+                log.add(record, step=0)
+                batches[device] = log.sample(record.logits.shape[0], device=device)
+            batch = batches[device]
             valid = batch.errors.valid & batch.attention_mask.bool()
             corrections = copilot(**batch.copilot_inputs()).corrections
             totals[name][0] += float(squared_error_norm(corrections, batch.errors)[valid].sum())
