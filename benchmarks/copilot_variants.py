@@ -67,17 +67,23 @@ DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decodi
              Decoding(1.0, "probs", gate=0.5), Decoding(3.0, "logits", gate=0.5)]
 
 
+def _finished(folder: Path, variant: str, screened: bool) -> dict | None:
+    """The variant's result in ``folder``: the scored run, else (when ``screened`` is enough) the screened one."""
+    for name in (f"{variant}.json", f"{variant}.screen.json") if screened else (f"{variant}.json",):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    return None
+
+
 def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, model_dir: Path,
                 screen: bool = False) -> dict:
     """Replay, then the held-out diagnostic and (unless ``screen``) test accuracy; cached as one JSON per run.
 
     A screened variant has no accuracy; a later full run scores it (a ratio above 1 already rules a gain out)."""
     folder = runs / protocol / task / f"seed{seed}" / "variants"
-    scored = folder / f"{variant}.json"
-    out = folder / f"{variant}.screen.json" if screen else scored
-    for cached in (scored, out):  # a scored run also answers a screen
-        if cached.is_file():
-            return json.loads(cached.read_text())
+    if (cached := _finished(folder, variant, screen)) is not None:
+        return cached
+    out = folder / (f"{variant}.screen.json" if screen else f"{variant}.json")
     chosen = VARIANTS[variant]
     p = PROTOCOLS[protocol]
     joint = runs / protocol / task / f"seed{seed}" / "joint"
@@ -125,9 +131,8 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
 def kept(task: str, seed: int, variant: str, protocol: str, runs: Path) -> dict | None:
     """A finished run's result, scored before screened, from ``runs`` else the committed copies."""
     for folder in (runs / protocol / task / f"seed{seed}" / "variants", CELLS / protocol / task / "variants" / f"seed{seed}"):
-        for name in (f"{variant}.json", f"{variant}.screen.json"):
-            if (folder / name).is_file():
-                return json.loads((folder / name).read_text())
+        if (result := _finished(folder, variant, screened=True)) is not None:
+            return result
     return None
 
 
