@@ -11,7 +11,7 @@ from .configuration_copilot import CopilotConfig
 from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
 from .generation import CopilotLogitsProcessor
 from .mistake_log import MistakeBatch, MistakeLog
-from .modeling_copilot import CopilotCache, CopilotModel, CopilotOutput
+from .modeling_copilot import CopilotCache, CopilotModel, CopilotOutput, OwnCorrections
 from .pilot import PilotRecord, PilotTap
 from .training import CopilotTrainingConfig, CopilotUpdater, train_copilot
 
@@ -33,6 +33,7 @@ __all__ = [
     "CopilotUpdater",
     "MistakeBatch",
     "MistakeLog",
+    "OwnCorrections",
     "PilotRecord",
     "PilotTap",
     "dense_errors",

@@ -57,7 +57,13 @@ class CopilotCallback(TrainerCallback):
         self.tap: PilotTap | None = None
         self.updater: CopilotUpdater | None = None
         self._losses: list[float] = []
-        self.seconds = 0.0  # wall-clock time spent recording the log and updating the Copilot, so far
+        self._seconds = 0.0  # spent filling the log and updating the Copilot (the tap counts its own hooks' time)
+
+    @property
+    def seconds(self) -> float:
+        """Wall-clock time this process has spent on the Copilot so far: compacting errors in the tap's hooks,
+        filling the Mistake Log and updating the Copilot (``copilot_seconds`` in the Trainer's logs)."""
+        return self._seconds + (self.tap.seconds if self.tap is not None else 0.0)
 
     # --- training loop events -------------------------------------------------------------------------------
 
@@ -72,7 +78,8 @@ class CopilotCallback(TrainerCallback):
         self.updater = CopilotUpdater(self.copilot, self.config, total_updates, autocast_dtype=autocast)
         if state.global_step > 0:
             self._resume(args, state)
-        self.tap = PilotTap(model, mode="train").attach()
+        # Errors are made compact inside the forward hook, so the logits are not held through the Pilot's backward.
+        self.tap = PilotTap(model, mode="train", errors_top_k=self.mistake_log.top_k).attach()
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._drain(state)
@@ -86,7 +93,7 @@ class CopilotCallback(TrainerCallback):
         started = time.perf_counter()
         for _ in range(self.config.updates_per_step):
             self._losses.append(self.updater.step(self.mistake_log))
-        self.seconds += time.perf_counter() - started
+        self._seconds += time.perf_counter() - started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.updater is None or "loss" not in logs:
@@ -114,6 +121,7 @@ class CopilotCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.tap is not None:
             self.tap.detach()
+            self._seconds += self.tap.seconds
             self.tap = None
         self._save(self.save_dir or os.path.join(args.output_dir, "copilot"), args, state,
                    with_training_state=False)
@@ -127,7 +135,7 @@ class CopilotCallback(TrainerCallback):
         started = time.perf_counter()
         for record in self.tap.pop_records():
             self.mistake_log.add(record, step=state.global_step + 1)
-        self.seconds += time.perf_counter() - started
+        self._seconds += time.perf_counter() - started
 
     def _run_first(self, frame):
         """Moves this callback to the front of the Trainer's callback list, so that reporters (TensorBoard, W&B,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from .modeling_copilot import CopilotCache, CopilotModel
+from .modeling_copilot import CopilotCache, CopilotModel, OwnCorrections
 from .pilot import PilotRecord, PilotTap
 
 FUSION_SPACES = ("probs", "logits")
@@ -48,7 +48,7 @@ class _DecodingState:
     cache: CopilotCache
     attention_mask: torch.Tensor  # (rows, positions so far): the Copilot's own 2D padding mask
     input_ids: torch.Tensor  # (rows, positions so far) as seen at the last step, to find beam parents
-    corrections: torch.Tensor  # (rows, 1, |V|): the last correction, the Copilot's input at the next position
+    feedback: torch.Tensor  # (rows, 1, d or |V|): the last correction, the Copilot's input at the next position
     source_groups: torch.Tensor  # (rows,): rows sharing a source sequence (encoder-decoder beam matching)
 
 
@@ -157,19 +157,19 @@ class CopilotLogitsProcessor(LogitsProcessor):
         if not torch.equal(parents, torch.arange(len(parents), device=parents.device)):
             state.cache.reorder(parents)
             state.attention_mask = state.attention_mask[parents]
-            state.corrections = state.corrections[parents]
+            state.feedback = state.feedback[parents]
         state.attention_mask = torch.nn.functional.pad(state.attention_mask, (0, 1), value=1)
         output = self.copilot(
             pilot_hidden_states=record.hidden_states,
             pilot_input_states=record.input_states if record.kind == "decoder_only" else None,
-            input_errors=state.corrections,
+            input_errors=self._as_input_errors(state.feedback),
             attention_mask=state.attention_mask,
             cache=state.cache,
             use_cache=True,
             **self._candidates(record),
         )
         state.input_ids = input_ids
-        state.corrections = output.corrections[:, -1:]
+        state.feedback = self._feedback(output)
         return output.corrections[:, -1]
 
     def _start(self, input_ids: torch.Tensor, record: PilotRecord) -> torch.Tensor:
@@ -198,11 +198,21 @@ class CopilotLogitsProcessor(LogitsProcessor):
             cache=output.cache,
             attention_mask=mask,
             input_ids=input_ids,
-            corrections=output.corrections[:, -1:],
+            feedback=self._feedback(output),
             source_groups=_source_groups(record),
         )
         self.analysis = []
         return output.corrections[:, -1]
+
+    def _feedback(self, output) -> torch.Tensor:
+        """The last correction as the Copilot will read it next: d-wide head inputs when the correction is linear
+        in them (see :class:`OwnCorrections`), else the |V|-wide correction itself."""
+        if self.copilot.config.correction == "vocabulary":
+            return output.last_hidden_state[:, -1:]
+        return output.corrections[:, -1:]
+
+    def _as_input_errors(self, feedback: torch.Tensor):
+        return OwnCorrections(feedback) if self.copilot.config.correction == "vocabulary" else feedback
 
     def _candidates(self, record: PilotRecord) -> dict:
         """The Pilot's top tokens for a re-ranking Copilot, at the positions the Pilot computed logits for (the

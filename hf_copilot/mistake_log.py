@@ -177,7 +177,7 @@ class MistakeLog:
     def add(self, record: PilotRecord, step: int) -> None:
         """Stores the compact errors and states of ``record`` (a training forward with labels) as recorded at
         ``step``, then evicts the oldest entries until the log is within ``max_rounds`` and ``max_bytes``."""
-        shape = (record.kind, record.logits.shape[-1], record.hidden_states.shape[-1])
+        shape = (record.kind, record.vocab_size, record.hidden_states.shape[-1])
         if self.kind is not None and shape != (self.kind, self.vocab_size, self.hidden_size):
             raise ValueError(
                 f"This Mistake Log holds a {self.kind} Pilot's errors with {self.vocab_size} logits and width "
@@ -199,7 +199,7 @@ class MistakeLog:
         else:
             input_states, input_lengths = record.input_states[keep], None
         # On the full (batch, positions) grid, then select: indexing the |V|-wide logits first would copy them.
-        errors = CompactErrors.from_logits(record.logits, labels, self.top_k).map(lambda tensor: tensor[keep])
+        errors = record.errors(self.top_k).map(lambda tensor: tensor[keep])
         entry = _Entry(
             step=int(step),
             input_states=self._store(input_states, self.storage_dtype),

@@ -36,7 +36,21 @@ from .pilot import decoder_layers, logits_width, pilot_kind, unwrap_pilot
 
 logger = logging.getLogger(__name__)
 
-Errors = torch.Tensor | CompactErrors
+
+@dataclass
+class OwnCorrections:
+    """The Copilot's own corrections f = correction_head(states), given by the head's d-wide inputs ``states``.
+
+    In ``generate()`` the Copilot reads its previous correction as its next input error. Passed in this form, the
+    error projection of f is ``states @ (W_headᵀ W_in)``, one d×d product (the d×d map is built once per weight
+    version), instead of a |V|-wide row times the |V|×d projection: per generated token the Copilot then reads one
+    |V|×d matrix instead of two. Only for ``correction="vocabulary"``, whose f is linear in ``states``.
+    """
+
+    states: torch.Tensor
+
+
+Errors = torch.Tensor | CompactErrors | OwnCorrections
 
 
 @dataclass
@@ -48,11 +62,14 @@ class CopilotOutput(ModelOutput):
         corrections: the predicted errors ``f^C`` (batch, new positions, |V|), added to the Pilot's prediction;
             ``None`` when the forward was called with ``return_corrections=False``.
         cache: the :class:`CopilotCache` to pass back for incremental decoding.
+        last_hidden_state: the final normed states the correction head reads (batch, positions with corrections,
+            d): ``OwnCorrections(last_hidden_state)`` is the cheap way to feed the corrections back as input.
     """
 
     loss: torch.Tensor | None = None
     corrections: torch.Tensor | None = None
     cache: CopilotCache | None = None
+    last_hidden_state: torch.Tensor | None = None
 
 
 class CopilotCache:
@@ -274,6 +291,7 @@ class CopilotModel(CopilotPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.correction_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._feedback_cache: tuple[tuple, torch.Tensor] | None = None
         self.post_init()
 
     def forward(
@@ -299,7 +317,8 @@ class CopilotModel(CopilotPreTrainedModel):
                 (batch, new positions, d_P). Encoder-decoder Pilot: the encoder output (batch, source length, d_P),
                 needed on the first call only (it is cached).
             input_errors: the error sequence shifted right (see :func:`hf_copilot.errors.shift_right`), dense
-                (batch, new positions, |V|) or :class:`CompactErrors`; ``None`` means zero input.
+                (batch, new positions, |V|), :class:`CompactErrors`, or the Copilot's own earlier corrections as
+                :class:`OwnCorrections`; ``None`` means zero input.
             attention_mask: (batch, past + new positions), 1 for real tokens; default all ones.
             pilot_input_mask: encoder padding mask (batch, source length) for an encoder-decoder Pilot.
             target_errors: the true errors ℓ at the new positions; when given, ``loss`` is the RMSE (Eq. 7)
@@ -333,6 +352,8 @@ class CopilotModel(CopilotPreTrainedModel):
         dtype = self.correction_head.weight.dtype
         if input_errors is None or not self.config.read_errors:
             hidden = torch.zeros(batch, new, self.config.hidden_size, dtype=dtype, device=device)
+        elif isinstance(input_errors, OwnCorrections):
+            hidden = input_errors.states.to(dtype) @ self._feedback_map()
         else:
             hidden = self.error_projection(input_errors)
         memory = self._memory(pilot_hidden_states, pilot_input_states, attention_mask, pilot_input_mask, past, cache)
@@ -373,7 +394,27 @@ class CopilotModel(CopilotPreTrainedModel):
                 sparse = (candidate_ids, values) if self.config.correction == "rerank" else None
                 squared = self._squared_errors(hidden, target_errors, sparse)
                 loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
-        return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None)
+        return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None,
+                             last_hidden_state=hidden)
+
+    def _feedback_map(self) -> torch.Tensor:
+        """W_headᵀ W_in (d×d): the error projection of the head's output, for :class:`OwnCorrections`.
+
+        Building it costs |V|·d² (a fraction of a second for SmolLM2 on a CPU), so outside autograd it is kept until
+        either weight changes (a new tensor, or an in-place update such as an optimizer step).
+        """
+        if self.config.correction != "vocabulary":
+            raise ValueError(f"OwnCorrections need correction='vocabulary' (f linear in the head's input); this "
+                             f"Copilot uses correction={self.config.correction!r}: pass its corrections as a dense "
+                             "tensor.")
+        head, projection = self.correction_head.weight, self.error_projection.weight
+        if torch.is_grad_enabled() and (head.requires_grad or projection.requires_grad):
+            return head.T @ projection
+        key = (head.data_ptr(), head._version, projection.data_ptr(), projection._version)
+        if self._feedback_cache is None or self._feedback_cache[0] != key:
+            with torch.no_grad():
+                self._feedback_cache = (key, (head.float().T @ projection.float()).to(head.dtype))
+        return self._feedback_cache[1]
 
     def _squared_errors(self, hidden: torch.Tensor, target: Errors, sparse=None) -> torch.Tensor:
         """Per-position ‖f − ℓ‖² = ‖f‖² − 2⟨f, ℓ⟩ + ‖ℓ‖², exactly, without building the |V|-wide f.
@@ -443,13 +484,20 @@ class CopilotModel(CopilotPreTrainedModel):
                 f"{config.pilot_hidden_size}); got {tuple(input_states.shape)}."
             )
         if input_errors is not None:
-            lead = input_errors.labels.shape if isinstance(input_errors, CompactErrors) else input_errors.shape[:-1]
+            if isinstance(input_errors, CompactErrors):
+                lead, width, expected = input_errors.labels.shape, None, None
+            elif isinstance(input_errors, OwnCorrections):  # head inputs: the Copilot's width
+                states = input_errors.states
+                lead, width, expected = states.shape[:-1], states.shape[-1], config.hidden_size
+            else:  # dense errors: the Copilot's vocabulary
+                lead, width, expected = input_errors.shape[:-1], input_errors.shape[-1], config.vocab_size
             if tuple(lead) != (batch, new):
                 raise ValueError(f"input_errors must cover the same (batch, positions) = {(batch, new)} as the "
                                  f"Pilot states; got {tuple(lead)}.")
-            if not isinstance(input_errors, CompactErrors) and input_errors.shape[-1] != config.vocab_size:
-                raise ValueError(f"Dense input_errors must have {config.vocab_size} entries per position (the "
-                                 f"Copilot's vocabulary); got {input_errors.shape[-1]}.")
+            if width != expected:
+                raise ValueError(f"{type(input_errors).__name__} input_errors must have {expected} entries per "
+                                 f"position (dense errors: the vocabulary; OwnCorrections: the Copilot's width); got "
+                                 f"{width}.")
         return batch, new
 
     def _memory(self, hidden_states, input_states, attention_mask, input_mask, past, cache) -> _Memory:

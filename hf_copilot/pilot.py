@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -82,9 +83,10 @@ def logits_width(model: PreTrainedModel) -> int:
 class PilotRecord:
     """What one Pilot forward showed the Copilot, all tensors detached and on the Pilot's device.
 
-    Nothing is selected, masked or normalised here: the hooks only keep references (so they stay cheap and
-    shape-static under ``torch.compile``); :meth:`next_token_labels`, :meth:`token_mask` and :meth:`errors` do the
-    work later, outside the forward.
+    Nothing is selected or masked here: the hooks keep references (so they stay cheap and shape-static under
+    ``torch.compile``); :meth:`next_token_labels`, :meth:`token_mask` and :meth:`errors` do that work later,
+    outside the forward. The one exception is a tap given ``errors_top_k``: it turns the logits into compact errors
+    right after the forward and drops them (see :class:`PilotTap`).
 
     Attributes:
         kind: ``"decoder_only"`` or ``"encoder_decoder"``.
@@ -92,7 +94,7 @@ class PilotRecord:
             Encoder-decoder: the encoder output (B, S, d).
         hidden_states: h̄, the mean over the decoder layers of each position's output state, fp32 (B, T, d).
         logits: the Pilot's logits, the very tensor its loss used (B, T, |V|); in ``generate()`` only the positions
-            the model computed logits for (usually the last).
+            the model computed logits for (usually the last). ``None`` when the tap kept compact errors instead.
         labels: the labels the Pilot was given (``labels``, or ``shift_labels`` when present), or ``None``.
         labels_aligned: whether ``labels[:, t]`` is already the target of ``logits[:, t]`` (encoder-decoder labels
             and ``shift_labels``); causal-LM ``labels`` are not: ``logits[:, t]`` predicts ``labels[:, t + 1]``.
@@ -100,16 +102,24 @@ class PilotRecord:
             decoder-only Pilot, ``decoder_attention_mask`` of an encoder-decoder one); may cover cached past
             positions too in ``generate()``.
         input_mask: the encoder padding mask (encoder-decoder only).
+        vocab_size: the number of logits per position (taken from ``logits``; kept when they are dropped).
+        compact_errors: the errors in compact form, when the tap computed them during the forward.
     """
 
     kind: str
     input_states: torch.Tensor
     hidden_states: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     labels: torch.Tensor | None
     labels_aligned: bool
     attention_mask: torch.Tensor | None
     input_mask: torch.Tensor | None = None
+    vocab_size: int | None = None
+    compact_errors: CompactErrors | None = None
+
+    def __post_init__(self):
+        if self.logits is not None:
+            self.vocab_size = self.logits.shape[-1]
 
     def next_token_labels(self) -> torch.Tensor:
         """The target of each logits position (B, T): labels shifted left for a causal LM, ``IGNORE_INDEX`` where
@@ -134,6 +144,13 @@ class PilotRecord:
 
     def errors(self, top_k: int) -> CompactErrors:
         """The Pilot's errors one-hot(label) − softmax(logits) of this forward in compact top-``top_k`` form."""
+        if self.compact_errors is not None and self.compact_errors.top_k == min(top_k, self.vocab_size):
+            return self.compact_errors
+        if self.logits is None:
+            raise ValueError(
+                f"This PilotRecord kept its errors with top_k={self.compact_errors.top_k} and dropped the logits, so "
+                f"it cannot give top_k={top_k}. Create the PilotTap with errors_top_k={top_k}."
+            )
         return CompactErrors.from_logits(self.logits, self.next_token_labels(), top_k)
 
 
@@ -164,7 +181,10 @@ class PilotTap:
     (hooks are added once per run and never mid-run, which DeepSpeed ZeRO-3 relies on).
 
     Records hold references to the forward's tensors (its logits included) until :meth:`pop_records` hands them
-    over: pop them every step.
+    over: pop them every step. With ``errors_top_k=k`` a recorded forward that has labels keeps its compact
+    top-k errors instead of its logits, computed in the hook right after the forward: the |V|-wide logits
+    (B·T·|V|·4 bytes, 400 MB for SmolLM2 at 8×256) are then free before the backward runs, instead of being held
+    through it. Joint training (:class:`~hf_copilot.CopilotCallback`) uses this.
 
     Only forwards of the top-level model are recorded: a decoder layer running outside one (an
     activation-checkpoint recompute during backward, a direct call) is ignored, and a layer that runs twice
@@ -177,11 +197,16 @@ class PilotTap:
             (record,) = tap.pop_records()
     """
 
-    def __init__(self, pilot: nn.Module, mode: str = "train"):
+    def __init__(self, pilot: nn.Module, mode: str = "train", errors_top_k: int | None = None):
+        if errors_top_k is not None and errors_top_k < 1:
+            raise ValueError(f"errors_top_k must be a positive number of probabilities to keep, or None; got "
+                             f"{errors_top_k}.")
         self.model = unwrap_pilot(pilot)
         self.kind = pilot_kind(self.model)
         self.layers = decoder_layers(self.model)
         self.mode = mode
+        self.errors_top_k = errors_top_k
+        self.seconds = 0.0  # wall-clock time the hooks spent compacting errors (``errors_top_k``), so far
         self.records: list[PilotRecord] = []
         self._handles = []
         self._open: _OpenForward | None = None
@@ -291,7 +316,7 @@ class PilotTap:
                 f"PilotTap could not read the input representation or the decoder layers of "
                 f"{type(module).__name__} during this forward. Please open an issue naming the model class."
             )
-        self.records.append(PilotRecord(
+        record = PilotRecord(
             kind=self.kind,
             input_states=forward.input_states.detach(),
             hidden_states=forward.hidden_sum / forward.layers_seen,
@@ -300,4 +325,11 @@ class PilotTap:
             labels_aligned=forward.labels_aligned,
             attention_mask=forward.attention_mask,
             input_mask=forward.input_mask,
-        ))
+        )
+        if self.errors_top_k is not None and record.labels is not None:
+            started = time.perf_counter()
+            with torch.no_grad():
+                record.compact_errors = record.errors(self.errors_top_k)
+            record.logits = None
+            self.seconds += time.perf_counter() - started
+        self.records.append(record)

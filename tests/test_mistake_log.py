@@ -1,5 +1,6 @@
 """MistakeLog: bounds, exact byte accounting, sampling, persistence and statistics, checked by recomputation."""
 
+import dataclasses
 import math
 import os
 
@@ -121,7 +122,7 @@ def test_records_of_another_pilot_are_refused():
     log = MistakeLog(top_k=TOP_K)
     log.add(synthetic_record([4]), step=0)
     other = synthetic_record([4])
-    other.logits = other.logits[..., :-1]
+    other = dataclasses.replace(other, logits=other.logits[..., :-1])
     with pytest.raises(ValueError, match="one log per Pilot"):
         log.add(other, step=1)
 

@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICES, VOCAB, WIDTH, tiny_pilot
 from transformers import AutoModel, BertConfig, BertForMaskedLM
 
-from hf_copilot import CompactErrors, CopilotConfig, CopilotModel, dense_errors, shift_right
+from hf_copilot import CompactErrors, CopilotConfig, CopilotModel, OwnCorrections, dense_errors, shift_right
 from hf_copilot import errors as errors_module
 
 B, T, S = 3, 7, 5
@@ -233,6 +233,43 @@ def test_compact_and_dense_errors_agree(correction):
     dense_out = copilot(**pilot, input_errors=shift_right(dense), target_errors=dense)
     torch.testing.assert_close(compact_out.corrections, dense_out.corrections, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compact_out.loss, dense_out.loss, atol=1e-4, rtol=1e-5)
+
+
+def test_own_corrections_equal_the_dense_corrections_they_stand_for():
+    copilot = trained_looking(CopilotModel(small_config()))
+    with torch.no_grad():
+        copilot.error_projection.weight.normal_()
+    first = copilot(**inputs("decoder_only"), attention_mask=left_padded_mask())
+    assert first.last_hidden_state.shape == (B, T, WIDTH)
+    torch.testing.assert_close(copilot.correction_head(first.last_hidden_state), first.corrections)
+    pilot = dict(**inputs("decoder_only", seed=1), attention_mask=left_padded_mask())
+
+    def fed_back(copilot, own):
+        with torch.no_grad():
+            return copilot(**pilot, input_errors=own).corrections
+
+    dense = fed_back(copilot, shift_right(first.corrections))
+    own = OwnCorrections(shift_right(first.last_hidden_state))
+    torch.testing.assert_close(fed_back(copilot, own), dense, atol=1e-5, rtol=1e-5)
+    # The d×d map is kept between calls, and rebuilt when a weight changes in place (an optimizer step).
+    with torch.no_grad():
+        copilot.error_projection.weight.mul_(-2.0)
+    changed = fed_back(copilot, shift_right(first.corrections))
+    assert not torch.allclose(changed, dense, atol=1e-3)
+    torch.testing.assert_close(fed_back(copilot, own), changed, atol=1e-5, rtol=1e-5)
+    # With autograd on, gradients reach both |V|×d matrices through the map.
+    copilot(**pilot, input_errors=own).corrections.square().sum().backward()
+    assert copilot.error_projection.weight.grad.abs().sum() > 0
+
+
+def test_own_corrections_are_refused_by_a_rerank_copilot_and_checked_for_width():
+    with pytest.raises(ValueError, match=f"OwnCorrections input_errors must have {WIDTH} entries per position"):
+        CopilotModel(small_config())(**inputs("decoder_only"), input_errors=OwnCorrections(torch.zeros(B, T, 5)))
+    copilot = CopilotModel(small_config(correction="rerank", rerank_top_k=6))
+    top = torch.rand(B, T, 8).sort(-1, descending=True)
+    with pytest.raises(ValueError, match="OwnCorrections need correction='vocabulary'"):
+        copilot(**inputs("decoder_only"), input_errors=OwnCorrections(torch.zeros(B, T, WIDTH)),
+                pilot_top_ids=top.indices, pilot_top_probs=top.values)
 
 
 def test_compact_form_reconstructs_dense_errors():

@@ -17,7 +17,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from hf_copilot.errors import IGNORE_INDEX
+from hf_copilot.errors import IGNORE_INDEX, CompactErrors
 from hf_copilot.pilot import PilotTap
 
 VOCAB = 96
@@ -116,6 +116,41 @@ def test_errors_equal_onehot_minus_softmax(name):
     torch.testing.assert_close(errors.dropped_mass(), (1 - top_probs.sum(-1)) * valid, atol=1e-6, rtol=1e-5)
     assert (label & ~top).any() and (label & top).any()  # both cases occur in this batch
     assert (errors.probs[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_errors_top_k_keeps_compact_errors_and_frees_the_logits(name):
+    model, batch = tiny_pilot(name), training_batch(name)
+    _, kept = record_one(model, batch)
+    logits_storage = []  # each forward's logits, by the address of their memory, seen by a hook after the tap's
+    handle = model.register_forward_hook(
+        lambda module, args, output: logits_storage.append(output.logits.untyped_storage().data_ptr()))
+    try:
+        with PilotTap(model, errors_top_k=TOP_K) as tap:
+            model(**batch).loss.backward()
+            (record,) = tap.pop_records()
+        with PilotTap(model) as plain:
+            model(**batch).loss.backward()
+            (plain_record,) = plain.pop_records()
+    finally:
+        handle.remove()
+
+    def storages(record):
+        tensors = [*vars(record).values(), *vars(record.compact_errors or record).values()]
+        return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+    assert logits_storage[0] not in storages(record), "errors_top_k must not keep the logits through the backward"
+    assert logits_storage[1] in storages(plain_record)  # an ordinary tap does keep them
+    assert tap.seconds > 0 and plain.seconds == 0  # the compaction's time is counted (CopilotCallback reports it)
+    assert record.logits is None and record.vocab_size == VOCAB
+    expected = CompactErrors.from_logits(kept.logits, kept.next_token_labels(), TOP_K)
+    for name_, tensor in vars(record.errors(TOP_K)).items():
+        torch.testing.assert_close(tensor, getattr(expected, name_))
+    torch.testing.assert_close(record.hidden_states, kept.hidden_states)
+    with pytest.raises(ValueError, match="errors_top_k=8"):
+        record.errors(8)
+    with pytest.raises(ValueError, match="errors_top_k must be a positive"):
+        PilotTap(model, errors_top_k=0)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
