@@ -253,20 +253,28 @@ class CopilotLogitsProcessor(LogitsProcessor):
 def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs",
                 gate: float | None = None) -> torch.Tensor:
     """The Pilot's next-token scores rectified by λ × the Copilot's corrections (see
-    :class:`CopilotLogitsProcessor` for the two spaces and the gate); tokens scored ``-inf`` stay banned."""
+    :class:`CopilotLogitsProcessor` for the two spaces and the gate); tokens scored ``-inf`` stay banned.
+
+    Works in place on one fresh (rows, |V|) tensor: with many rows (beam search over a batch) every extra pass and
+    allocation over the vocabulary is a visible share of a generated token's cost.
+    """
     if lam == 0:
         return scores
     corrections = corrections.to(scores.dtype)
-    banned = scores == float("-inf")  # set by an earlier processor (min-length, bad words, ...)
+    unsure = None
     if space == "logits":
-        fused = (scores + lam * corrections).masked_fill(banned, float("-inf"))
+        fused = torch.add(scores, corrections, alpha=lam)  # a banned token's -inf stays -inf
     else:
-        probs = torch.softmax(scores, dim=-1) + lam * corrections
-        probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).masked_fill(banned, 0.0)
-        fused = (probs / probs.sum(-1, keepdim=True)).log()
+        probs = torch.softmax(scores, dim=-1)
+        if gate is not None:
+            unsure = probs.amax(-1, keepdim=True) < gate
+        probs.add_(corrections, alpha=lam).clamp_(min=torch.finfo(probs.dtype).tiny)
+        probs.masked_fill_(scores == float("-inf"), 0.0)  # banned by an earlier processor (min-length, bad words)
+        fused = probs.div_(probs.sum(-1, keepdim=True)).log_()
     if gate is None:
         return fused
-    unsure = torch.softmax(scores, dim=-1).amax(-1, keepdim=True) < gate
+    if unsure is None:
+        unsure = torch.softmax(scores, dim=-1).amax(-1, keepdim=True) < gate
     return torch.where(unsure, fused, scores)
 
 
