@@ -32,13 +32,14 @@ from quality import CELLS, PROTOCOLS, on_accelerator, protocol_data, write_json
 
 @dataclass(frozen=True)
 class Variant:
-    """A Copilot to compare: CopilotConfig overrides, CopilotTrainingConfig overrides, the ring size of the log it
-    learns from (None: the joint run's), and what it tests."""
+    """A Copilot to compare: CopilotConfig overrides, CopilotTrainingConfig overrides, what it tests, the ring size
+    of the log it learns from (None: the joint run's) and which rounds it keeps (every n-th: 1/n of the data)."""
 
     config: dict
     training: dict
     about: str
     log_rounds: int | None = None
+    log_every: int = 1
 
 
 RERANK_CE = {"correction": "rerank", "loss": "cross_entropy"}
@@ -62,6 +63,15 @@ VARIANTS = {
     "rerank_ce_eps4": Variant(RERANK_CE, {"adam_epsilon": 1e-4}, "rerank_ce with AdamW epsilon 1e-4"),
     "paper_lr1e4": Variant({}, {"learning_rate": 1e-4}, "the paper's Copilot with a 5x lower learning rate (1e-4)"),
     "rerank_ce_lr1e4": Variant(RERANK_CE, {"learning_rate": 1e-4}, "rerank_ce with a 5x lower learning rate"),
+    "paper_b16": Variant({}, {"batch_size": 16}, "the paper's Copilot drawing 16 sequences per update (2x the sequences per update)"),
+    "paper_b32": Variant({}, {"batch_size": 32}, "the paper's Copilot drawing 32 sequences per update (4x the sequences per update)"),
+    "rerank_ce_b16": Variant(RERANK_CE, {"batch_size": 16}, "rerank_ce drawing 16 sequences per update"),
+    "rerank_ce_b32": Variant(RERANK_CE, {"batch_size": 32}, "rerank_ce drawing 32 sequences per update"),
+    "rerank_ce_blind_quarter": Variant({**RERANK_CE, "read_errors": False}, {},
+                                       "rerank_ce_blind learning from every 4th round only (the same Pilot, 1/4 of "
+                                       "the data, as many updates)", log_every=4),
+    "paper_wd1": Variant({}, {"weight_decay": 1.0},
+                         "the paper's Copilot with AdamW weight decay 1.0 (pulls weakly supported weights back)"),
 }
 DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits"),
              Decoding(1.0, "probs", gate=0.5), Decoding(3.0, "logits", gate=0.5)]
@@ -89,7 +99,8 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     joint = runs / protocol / task / f"seed{seed}" / "joint"
     log_dir = joint / "copilot" / "mistake_log"
     if not log_dir.is_dir():
-        raise FileNotFoundError(f"{log_dir} is missing: run benchmarks/quality.py for this cell first.")
+        raise FileNotFoundError(f"{log_dir} is missing: train it first with benchmarks/quality.py --joint-only "
+                                f"--protocol {protocol} --tasks {task} --seeds {seed} (or run the whole cell).")
     started = time.perf_counter()
     set_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -102,7 +113,7 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     config = CopilotTrainingConfig(**training)
     updater = CopilotUpdater(copilot, config, total_updates=len(steps) * config.updates_per_step)
     replay_started = time.perf_counter()
-    losses = [updater.step(log.until(step, max_rounds=chosen.log_rounds))
+    losses = [updater.step(log.until(step, max_rounds=chosen.log_rounds, every=chosen.log_every))
               for step in steps for _ in range(config.updates_per_step)]
     update_seconds = (time.perf_counter() - replay_started) / len(losses)
     copilot.eval()
@@ -114,7 +125,7 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
                                                 batch_size=p["eval_batch_size"])
     result = {
         "task": task, "seed": seed, "variant": variant, "copilot_config": chosen.config,
-        "log_rounds": chosen.log_rounds,
+        "log_rounds": chosen.log_rounds, "log_every": chosen.log_every,
         "copilot_training": config.to_dict(), "first_losses": losses[:5], "last_losses": losses[-5:],
         "seconds_per_update": update_seconds, "copilot_parameters": copilot.num_parameters(),
         "heldout": heldout_error_ratio(pilot, copilot, tokenizer, test, task_format),

@@ -4,6 +4,7 @@
     python benchmarks/quality.py --protocol gpu_short # 1,500 training rows, 2 epochs: minutes per cell on one GPU
     python benchmarks/quality.py --protocol gpu       # the same at paper-like sizes, for a GPU machine
     python benchmarks/quality.py --protocol cpu --tasks basic_arithmetic --seeds 0   # one cell
+    python benchmarks/quality.py --protocol cpu_more_data --tasks basic_arithmetic --joint-only  # for replays
 
 For every (task, seed) cell, with the same LoRA Pilot training in every arm:
   joint   the Pilot fine-tuned with CopilotCallback; scored alone and rectified (both fusion spaces, fixed λ values
@@ -45,6 +46,12 @@ PROTOCOLS = {
                 copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
                 decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
                 eval_batch_size=32),
+    # The CPU protocol with 4x the training data (still one epoch): does the Copilot transfer once it has more
+    # examples per parameter? (About 4x the CPU protocol's training time.)
+    "cpu_more_data": dict(train_size=1600, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8,
+                          lora_rank=32, copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
+                          decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
+                          eval_batch_size=32),
     # Enough data for Pilots above chance, small enough that every cell finishes in minutes on one GPU (the
     # cells are independent processes: run them side by side, see benchmarks/gpu_session.sh).
     "gpu_short": dict(train_size=1500, test_size=None, epochs=2.0, learning_rate=2e-4, batch_size=16, lora_rank=32,
@@ -121,6 +128,15 @@ def protocol_data(task: str, protocol: str) -> tuple[list, list]:
     return train, test
 
 
+def train_joint(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -> Path:
+    """The cell's joint run alone (Pilot + Copilot + saved Mistake Log), unless it is already there; its folder."""
+    joint = runs / protocol / task / f"seed{seed}" / "joint"
+    if not (joint / "run.json").is_file():
+        train, _ = protocol_data(task, protocol)
+        _train_pilot(model_dir, joint, train, TASKS[task].format, PROTOCOLS[protocol], seed, with_copilot=True)
+    return joint
+
+
 def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -> dict:
     p = PROTOCOLS[protocol]
     cell = runs / protocol / task / f"seed{seed}"
@@ -135,9 +151,7 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     watch = Stopwatch()
     result = {"task": task, "seed": seed, "protocol": protocol, "train_examples": len(train), "test_examples": len(test)}
 
-    joint = cell / "joint"
-    if not (joint / "run.json").is_file():
-        _train_pilot(model_dir, joint, train, task_format, p, seed, with_copilot=True)
+    joint = train_joint(task, seed, protocol, runs, model_dir)
     result["joint_training"] = json.loads((joint / "run.json").read_text())
     watch.lap("joint training")
     pilot, tokenizer = load_pilot(joint / "pilot")
@@ -258,7 +272,15 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
     parser.add_argument("--report-only", action="store_true",
                         help="tabulate the finished cells (from --runs, else the committed copies), run nothing")
+    parser.add_argument("--joint-only", action="store_true",
+                        help="train only the cells' joint runs (what benchmarks/copilot_variants.py replays)")
     args = parser.parse_args()
+    if args.joint_only:
+        for seed in args.seeds:
+            for task in args.tasks:
+                print(f"== {task} seed {seed}: joint run in", train_joint(task, seed, args.protocol, args.runs,
+                                                                         resolve_model(args.model)), flush=True)
+        return
     results = []
     if args.report_only:
         for seed in args.seeds:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,12 +55,18 @@ def pilot(vocab_size: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+SHAPE_KNOBS = ("correction", "loss")
+"""Knobs that shape the Copilot (CopilotConfig fields); every other knob is a CopilotTrainingConfig field."""
+
+
 def run(train, test, knobs: dict | None, epochs: float, seed: int) -> dict:
     """One Pilot training (with a Copilot when ``knobs`` is not None); returns time and scores."""
+    knobs = None if knobs is None else dict(knobs)
+    shape = {key: knobs.pop(key) for key in SHAPE_KNOBS if key in knobs} if knobs is not None else {}
     set_seed(seed)
     tok = tokenizer()
     model = pilot(len(tok))
-    copilot = CopilotModel.from_pilot(model, num_hidden_layers=2) if knobs is not None else None
+    copilot = CopilotModel.from_pilot(model, num_hidden_layers=2, **shape) if knobs is not None else None
     with tempfile.TemporaryDirectory() as output:
         started = time.perf_counter()
         finetune(model, tok, train, TASK_FORMAT, output, copilot=copilot, epochs=epochs, learning_rate=3e-3,
@@ -77,8 +85,12 @@ def run(train, test, knobs: dict | None, epochs: float, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + repeats - 1")
     parser.add_argument("--epochs", type=float, default=12.0)
     parser.add_argument("--train-size", type=int, default=1500)
+    parser.add_argument("--settings", type=lambda t: [name for name in t.split(",") if name], default=None,
+                        help="comma-separated setting names to run (default: all; '' for none); the Pilot alone "
+                             "always runs")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "sanity.md")
     args = parser.parse_args()
     train, test = addition_examples(args.train_size, seed=1), addition_examples(200, seed=2)
@@ -89,8 +101,16 @@ def main() -> None:
         "update every 4 steps": {"update_every": 4},
         "Copilot batch 4": {"batch_size": 4},
         "Copilot batch 16": {"batch_size": 16},
+        "Copilot batch 32": {"batch_size": 32},
+        "re-ranking (cross-entropy) batch 16": {"batch_size": 16, "correction": "rerank", "loss": "cross_entropy"},
     }
-    results = {name: [run(train, test, knobs, args.epochs, seed) for seed in range(args.repeats)]
+    unknown = set(args.settings or ()) - set(settings)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; choose from {sorted(settings)}")
+    settings = {name: knobs for name, knobs in settings.items()
+                if args.settings is None or name in args.settings or knobs is None}
+    seeds = range(args.first_seed, args.first_seed + args.repeats)
+    results = {name: [run(train, test, knobs, args.epochs, seed) for seed in seeds]
                for name, knobs in settings.items()}
     base_time = statistics.median(r["seconds"] for r in results["Pilot alone"])
     lines = ["| setting | time ÷ Pilot alone (median) | Pilot greedy | probs λ=1 | logits λ=1 | held-out ratio |",
@@ -103,9 +123,10 @@ def main() -> None:
         held = "–" if "heldout_ratio" not in runs[0] else f"{statistics.fmean(r['heldout_ratio'] for r in runs):.3f}"
         lines.append(f"| {name} | {ratio:.2f}× | {mean('pilot greedy')} | {mean('probs λ=1 greedy')} | "
                      f"{mean('logits λ=1 greedy')} | {held} |")
-    text = (f"# Sanity benchmark: tiny Pilot from scratch on addition\n\n`python benchmarks/sanity.py --repeats "
-            f"{args.repeats}`, {torch.get_num_threads()} CPU threads; {len(train)} training and {len(test)} test "
-            f"sums, {args.epochs:g} epochs; accuracy (%) is the mean over {args.repeats} seeds, time the median.\n\n"
+    command = shlex.join(["python", "benchmarks/sanity.py", *sys.argv[1:]])
+    text = (f"# Sanity benchmark: tiny Pilot from scratch on addition\n\n`{command}`, {torch.get_num_threads()} CPU "
+            f"threads; {len(train)} training and {len(test)} test sums, {args.epochs:g} epochs; accuracy (%) is the "
+            f"mean over seeds {seeds.start}–{seeds.stop - 1}, time the median.\n\n"
             + "\n".join(lines) + "\n")
     args.output.write_text(text)
     print(text)

@@ -227,24 +227,25 @@ class MistakeLog:
             return torch.empty(tensor.shape, dtype=dtype, pin_memory=True).copy_(tensor)
         return tensor.to(self.device)
 
-    def until(self, step: int, max_rounds: int | None = None) -> MistakeLog:
+    def until(self, step: int, max_rounds: int | None = None, every: int = 1) -> MistakeLog:
         """The log as it stood after round ``step``: a view sharing this log's tensors.
 
         Replaying a saved log round by round (``for step in sorted(set(log.steps)): updater.step(log.until(step))``)
         trains a Copilot offline exactly as joint training did, so Copilot variants can be compared on one Pilot
         run. ``max_rounds`` keeps only the newest rounds of that view: the log a joint run with a smaller ring
-        (``CopilotCallback(log_rounds=...)``) would have held.
+        (``CopilotCallback(log_rounds=...)``) would have held. ``every=n`` keeps the first round and every n-th
+        after it: the same Pilot's errors on 1/n of the data, to tell how much the Copilot gains from more data.
         """
         max_rounds = self.max_rounds if max_rounds is None else max_rounds
-        if max_rounds < 1:
-            raise ValueError(f"max_rounds must be positive, got {max_rounds}.")
+        if max_rounds < 1 or every < 1:
+            raise ValueError(f"max_rounds and every must be positive, got {max_rounds} and {every}.")
         view = MistakeLog(max_rounds, self.max_bytes, self.top_k, self.storage_dtype, self.device)
         view.kind, view.vocab_size, view.hidden_size = self.kind, self.vocab_size, self.hidden_size
         entries = [entry for entry in self._entries if entry.step <= step]
         if not entries:
             raise ValueError(f"The Mistake Log has no round at or before step {step} (its steps: {self.steps[:5]}...).")
-        kept_steps = sorted({entry.step for entry in entries})[-max_rounds:]
-        view._entries = deque(entry for entry in entries if entry.step >= kept_steps[0])
+        kept_steps = set(sorted({entry.step for entry in entries})[::every][-max_rounds:])
+        view._entries = deque(entry for entry in entries if entry.step in kept_steps)
         view.bytes = sum(entry.nbytes for entry in view._entries)
         return view
 

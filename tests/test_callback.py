@@ -157,6 +157,9 @@ def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path
     assert sorted(set(log.steps)) == list(range(1, 7))
     assert log.until(2).steps == [1, 2] and log.until(2).bytes < log.bytes
     assert log.until(5, max_rounds=2).steps == [4, 5]
+    thinned = log.until(6, every=2)  # the first round and every second one after it: half the data
+    assert thinned.steps == [1, 3, 5] and thinned.bytes == sum(log.until(s, max_rounds=1).bytes for s in (1, 3, 5))
+    assert log.until(6, every=2, max_rounds=2).steps == [3, 5]
     replayed = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
     updater = CopilotUpdater(replayed, CopilotTrainingConfig(batch_size=3, seed=5), total_updates=6)
     for step in sorted(set(log.steps)):
@@ -165,8 +168,10 @@ def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(ValueError, match="no round at or before step 0"):
         log.until(0)
-    with pytest.raises(ValueError, match="max_rounds must be positive"):
+    with pytest.raises(ValueError, match="max_rounds and every must be positive"):
         log.until(3, max_rounds=0)
+    with pytest.raises(ValueError, match="max_rounds and every must be positive"):
+        log.until(3, every=0)
 
 
 DDP_SCRIPT = Path(__file__).with_name("ddp_train.py")
