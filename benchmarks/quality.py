@@ -40,18 +40,16 @@ from hf_copilot.tasks import TASKS, load_task
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
 CELLS = Path(__file__).parent / "results" / "cells"
 """A copy of every finished cell's result (small JSON, committed), so the table survives the machine that ran it."""
+CPU_PROTOCOL = dict(train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8, lora_rank=32,
+                    copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
+                    decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
+                    eval_batch_size=32)
 PROTOCOLS = {
     # Sized for 2 CPU cores (7-25 minutes per cell, one cell at a time): 1 epoch over 400 examples, greedy.
-    "cpu": dict(train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8, lora_rank=32,
-                copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
-                decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
-                eval_batch_size=32),
+    "cpu": CPU_PROTOCOL,
     # The CPU protocol with 4x the training data (still one epoch): does the Copilot transfer once it has more
     # examples per parameter? (About 4x the CPU protocol's training time.)
-    "cpu_more_data": dict(train_size=1600, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8,
-                          lora_rank=32, copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
-                          decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
-                          eval_batch_size=32),
+    "cpu_more_data": {**CPU_PROTOCOL, "train_size": 1600},
     # Enough data for Pilots above chance, small enough that every cell finishes in minutes on one GPU (the
     # cells are independent processes: run them side by side, see benchmarks/gpu_session.sh).
     "gpu_short": dict(train_size=1500, test_size=None, epochs=2.0, learning_rate=2e-4, batch_size=16, lora_rank=32,
@@ -276,10 +274,11 @@ def main() -> None:
                         help="train only the cells' joint runs (what benchmarks/copilot_variants.py replays)")
     args = parser.parse_args()
     if args.joint_only:
+        model_dir = resolve_model(args.model)
         for seed in args.seeds:
             for task in args.tasks:
-                print(f"== {task} seed {seed}: joint run in", train_joint(task, seed, args.protocol, args.runs,
-                                                                         resolve_model(args.model)), flush=True)
+                joint = train_joint(task, seed, args.protocol, args.runs, model_dir)
+                print(f"== {task} seed {seed}: joint run in {joint}", flush=True)
         return
     results = []
     if args.report_only:
