@@ -1,6 +1,7 @@
 """The paper's Table 1 in miniature: does the Copilot make a real Pilot more accurate, against fair controls?
 
-    python benchmarks/quality.py --protocol cpu       # SmolLM2-135M, 4 tasks x 3 seeds, CPU-sized (resumable)
+    python benchmarks/quality.py --protocol cpu       # SmolLM2-135M, ARC-Easy + arithmetic x 3 seeds (resumable)
+    python benchmarks/quality.py --protocol cpu --tasks arc_easy,piqa,boolq,basic_arithmetic   # all four
     python benchmarks/quality.py --protocol gpu_short # 1,500 training rows, 2 epochs: minutes per cell on one GPU
     python benchmarks/quality.py --protocol gpu       # the same at paper-like sizes, for a GPU machine
     python benchmarks/quality.py --protocol cpu --tasks basic_arithmetic --seeds 0   # one cell
@@ -32,33 +33,38 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_copilot import CopilotModel, train_copilot
 from hf_copilot.assets import resolve_model
-from hf_copilot.evaluation import (Decoding, evaluate_decodings, first_error_ranks, heldout_error_ratio,
-                                   heldout_error_ratios, record_mistake_log)
+from hf_copilot.evaluation import (Decoding, ErrorRatios, evaluate_decodings, first_error_ranks_of,
+                                   record_mistake_log, teacher_forced_records)
 from hf_copilot.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.tasks import TASKS, load_task
 
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
+CPU_TASKS = ("arc_easy", "basic_arithmetic")
+"""The CPU protocol's default tasks: the two on which a CPU-trained 135M Pilot is above chance. PIQA and BoolQ stay
+at chance there (README, "Does it help?") and would add 1.5-2 h per seed; ``--tasks`` still runs them."""
 CELLS = Path(__file__).parent / "results" / "cells"
 """A copy of every finished cell's result (small JSON, committed), so the table survives the machine that ran it."""
-CPU_PROTOCOL = dict(train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8, lora_rank=32,
-                    copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
+CPU_PROTOCOL = dict(tasks=CPU_TASKS, train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8,
+                    lora_rank=32, copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
                     decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
                     eval_batch_size=32)
 PROTOCOLS = {
-    # Sized for 2 CPU cores (7-25 minutes per cell, one cell at a time): 1 epoch over 400 examples, greedy.
+    # Sized for 2 CPU cores, one cell at a time: 1 epoch over 400 examples, greedy; an arithmetic cell takes 7-10
+    # minutes, an ARC-Easy cell 22-29 (3 seeds of both: 1.6 h on the machine of quality_cpu.md).
     "cpu": CPU_PROTOCOL,
     # The CPU protocol with 4x the training data (still one epoch): does the Copilot transfer once it has more
-    # examples per parameter? (About 4x the CPU protocol's training time.)
-    "cpu_more_data": {**CPU_PROTOCOL, "train_size": 1600},
+    # examples per parameter? (About 4x the CPU protocol's training time; arithmetic only, as ARC-Easy has 370
+    # training rows in all.)
+    "cpu_more_data": {**CPU_PROTOCOL, "tasks": ("basic_arithmetic",), "train_size": 1600},
     # Enough data for Pilots above chance, small enough that every cell finishes in minutes on one GPU (the
     # cells are independent processes: run them side by side, see benchmarks/gpu_session.sh).
-    "gpu_short": dict(train_size=1500, test_size=None, epochs=2.0, learning_rate=2e-4, batch_size=16, lora_rank=32,
-                      copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
+    "gpu_short": dict(tasks=ALL_TASKS, train_size=1500, test_size=None, epochs=2.0, learning_rate=2e-4,
+                      batch_size=16, lora_rank=32, copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
                       decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
                       eval_batch_size=64),
     # Closer to the paper (3 epochs, all training rows, beam 4 too); hours on one GPU.
-    "gpu": dict(train_size=None, test_size=None, epochs=3.0, learning_rate=2e-4, batch_size=16, lora_rank=32,
-                copilot_layers=4, copilot_learning_rate=5e-4, copilot_batch_size=16,
+    "gpu": dict(tasks=ALL_TASKS, train_size=None, test_size=None, epochs=3.0, learning_rate=2e-4, batch_size=16,
+                lora_rank=32, copilot_layers=4, copilot_learning_rate=5e-4, copilot_batch_size=16,
                 decodings=[("probs", lam) for lam in (0.1, 0.3, 0.5, 0.8, 1.0)]
                 + [("logits", lam) for lam in (0.5, 1.0, 3.0)], beams=(1, 4), eval_batch_size=64),
 }
@@ -158,15 +164,15 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
     result["joint"] = _scores(evaluate_decodings(pilot, tokenizer, test, task_format, decodings, copilot=copilot,
                                                  batch_size=p["eval_batch_size"]))
     watch.lap("joint decoding")
-    result["joint_train_ratio"] = heldout_error_ratio(pilot, copilot, tokenizer, train[:200], task_format)
-    result["first_error_ranks"] = first_error_ranks(pilot, tokenizer, test, task_format)
-    watch.lap("diagnostics")
     write_json(cell / "partial.json", result)  # what a run cut short still tells
 
-    # (c) Latest: the same number of Copilot updates, but only on the finished Pilot's errors.
+    # (c) Latest: the same number of Copilot updates, but only on the finished Pilot's errors. The pass that records
+    # its log also scores the joint Copilot on the training items.
     set_seed(seed)
     latest = CopilotModel.from_pilot(pilot, num_hidden_layers=p["copilot_layers"])
-    log = record_mistake_log(pilot, tokenizer, train, task_format)
+    on_training_items = ErrorRatios({"joint": copilot})
+    log = record_mistake_log(pilot, tokenizer, train, task_format, on_record=on_training_items.add)
+    result["joint_train_ratio"] = on_training_items.results()["joint"]
     train_copilot(latest, log, num_updates=result["joint_training"]["steps"], progress=False,
                   learning_rate=p["copilot_learning_rate"], batch_size=p["copilot_batch_size"], seed=seed)
     latest.eval()
@@ -175,8 +181,13 @@ def run_cell(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -
                                                   [d for d in decodings if d.lam > 0], copilot=latest,
                                                   batch_size=p["eval_batch_size"]))
     watch.lap("latest decoding")
-    ratios = heldout_error_ratios(pilot, {"joint": copilot, "latest": latest}, tokenizer, test, task_format)
-    result["joint_heldout"], result["latest_heldout"] = ratios["joint"], ratios["latest"]
+    # One teacher-forced pass over the test items for both held-out ratios and the first-error ranks.
+    ratios, result["first_error_ranks"] = ErrorRatios({"joint": copilot, "latest": latest}), []
+    for record in teacher_forced_records(pilot, tokenizer, test, task_format):
+        ratios.add(record)
+        result["first_error_ranks"] += first_error_ranks_of(record)
+    heldout = ratios.results()
+    result["joint_heldout"], result["latest_heldout"] = heldout["joint"], heldout["latest"]
     watch.lap("diagnostics")
     write_json(cell / "partial.json", result)
     del pilot, copilot, latest, log
@@ -263,7 +274,8 @@ def summarise(results: list[dict], protocol: str, command: str, hours: float) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
-    parser.add_argument("--tasks", type=lambda t: t.split(","), default=list(ALL_TASKS))
+    parser.add_argument("--tasks", type=lambda t: t.split(","), default=None,
+                        help="comma-separated (default: the protocol's; cpu: arc_easy,basic_arithmetic)")
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0, 1, 2])
     parser.add_argument("--model", default="smollm2-135m", help="Pilot base model folder, or smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="where cells and checkpoints go")
@@ -273,6 +285,9 @@ def main() -> None:
     parser.add_argument("--joint-only", action="store_true",
                         help="train only the cells' joint runs (what benchmarks/copilot_variants.py replays)")
     args = parser.parse_args()
+    args.tasks = args.tasks or list(PROTOCOLS[args.protocol]["tasks"])
+    if unknown := sorted(set(args.tasks) - set(ALL_TASKS)):
+        parser.error(f"unknown task(s) {unknown}; the benchmark's tasks are {list(ALL_TASKS)}")
     if args.joint_only:
         model_dir = resolve_model(args.model)
         for seed in args.seeds:

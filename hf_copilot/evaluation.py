@@ -7,6 +7,7 @@ Copilot fixed and how many it broke, not only the net accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -17,7 +18,7 @@ from .errors import squared_error_norm
 from .finetune import encode_example, prepare_tokenizer
 from .generation import CopilotLogitsProcessor, fuse_scores
 from .mistake_log import IGNORE_INDEX, MistakeLog
-from .pilot import PilotTap
+from .pilot import PilotRecord, PilotTap
 from .tasks import Example, TaskFormat
 
 
@@ -206,10 +207,12 @@ def teacher_forced_records(pilot, tokenizer, examples: list[Example], task_forma
 
 
 def record_mistake_log(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, *, top_k: int = 32,
-                       batch_size: int = 16, max_length: int = 256, max_bytes: int = 2 * 2**30) -> MistakeLog:
+                       batch_size: int = 16, max_length: int = 256, max_bytes: int = 2 * 2**30,
+                       on_record: Callable[[PilotRecord], None] | None = None) -> MistakeLog:
     """A Mistake Log of a fixed Pilot over all ``examples`` (one round per batch), e.g. to train a Copilot offline
     on a finished checkpoint (the paper's "Latest" ablation). Raises rather than evict when they exceed
-    ``max_bytes``."""
+    ``max_bytes``. ``on_record`` also sees each teacher-forced record, so that the same Pilot pass can feed other
+    statistics (an :class:`ErrorRatios`, say)."""
     log = MistakeLog(max_rounds=max(1, -(-len(examples) // batch_size)), max_bytes=max_bytes, top_k=top_k)
     for step, record in enumerate(teacher_forced_records(pilot, tokenizer, examples, task_format,
                                                          batch_size=batch_size, max_length=max_length)):
@@ -217,6 +220,8 @@ def record_mistake_log(pilot, tokenizer, examples: list[Example], task_format: T
         if log.rounds <= step:
             raise ValueError(f"{len(examples)} examples need more than max_bytes={max_bytes} of Mistake Log: raise "
                              "max_bytes or record fewer examples.")
+        if on_record is not None:
+            on_record(record)
     return log
 
 
@@ -228,52 +233,75 @@ def first_error_ranks(pilot, tokenizer, examples: list[Example], task_format: Ta
     Rank 1 is a near miss that re-ranking the Pilot's top two could fix; a large rank is an error no re-ranking of
     the Pilot's own candidates can reach.
     """
+    return [rank for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
+                                                      max_length=max_length)
+            for rank in first_error_ranks_of(record)]
+
+
+def first_error_ranks_of(record: PilotRecord) -> list[int | None]:
+    """:func:`first_error_ranks` of the rows of one teacher-forced record."""
+    labels = record.next_token_labels()
+    wrong = (record.logits.argmax(-1) != labels) & (labels != IGNORE_INDEX)
     ranks: list[int | None] = []
-    for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
-                                         max_length=max_length):
-        labels = record.next_token_labels()
-        wrong = (record.logits.argmax(-1) != labels) & (labels != IGNORE_INDEX)
-        for row in range(labels.shape[0]):
-            positions = wrong[row].nonzero()
-            if len(positions) == 0:
-                ranks.append(None)
-                continue
-            position = int(positions[0])
-            scores = record.logits[row, position]
-            ranks.append(int((scores > scores[labels[row, position]]).sum()))
+    for row in range(labels.shape[0]):
+        positions = wrong[row].nonzero()
+        if len(positions) == 0:
+            ranks.append(None)
+            continue
+        position = int(positions[0])
+        scores = record.logits[row, position]
+        ranks.append(int((scores > scores[labels[row, position]]).sum()))
     return ranks
 
 
-@torch.no_grad()
+class ErrorRatios:
+    """:func:`heldout_error_ratio` of several Copilots of one Pilot, accumulated record by record, so that one
+    teacher-forced Pilot pass can serve them all (and other statistics: see ``record_mistake_log(on_record=...)``).
+    """
+
+    def __init__(self, copilots: dict, *, top_k: int = 32):
+        self.copilots, self.top_k = copilots, top_k
+        self.totals = {name: [0.0, 0.0, 0] for name in copilots}  # squared error, squared norm, tokens
+        for copilot in copilots.values():
+            copilot.eval()
+
+    @torch.no_grad()
+    def add(self, record: PilotRecord) -> None:
+        batches = {}  # the record's errors, compacted once per device the Copilots sit on
+        for name, copilot in self.copilots.items():
+            device = next(copilot.parameters()).device
+            if device not in batches:
+                log = MistakeLog(max_rounds=1, top_k=self.top_k, storage_dtype=torch.float32, device=device)
+                log.add(record, step=0)
+                batches[device] = log.sample(record.labels.shape[0], device=device)
+            batch = batches[device]
+            valid = batch.errors.valid & batch.attention_mask.bool()
+            corrections = copilot(**batch.copilot_inputs()).corrections
+            self.totals[name][0] += float(squared_error_norm(corrections, batch.errors)[valid].sum())
+            self.totals[name][1] += float(batch.errors.squared_norm()[valid].sum())
+            self.totals[name][2] += int(valid.sum())
+
+    def results(self) -> dict[str, dict]:
+        """One result per Copilot name: ``copilot_rmse``, ``zero_rmse``, their ``ratio`` and the ``tokens`` scored."""
+        results = {}
+        for name, (squared_error, squared_norm, tokens) in self.totals.items():
+            if tokens == 0:
+                raise ValueError("The examples have no answer tokens to score (every target was empty or masked).")
+            results[name] = {"copilot_rmse": (squared_error / tokens) ** 0.5,
+                             "zero_rmse": (squared_norm / tokens) ** 0.5,
+                             "ratio": (squared_error / squared_norm) ** 0.5, "tokens": tokens}
+        return results
+
+
 def heldout_error_ratios(pilot, copilots: dict, tokenizer, examples: list[Example], task_format: TaskFormat, *,
                          batch_size: int = 16, max_length: int = 256, top_k: int = 32) -> dict[str, dict]:
     """:func:`heldout_error_ratio` of several Copilots of the same Pilot, from one teacher-forced Pilot pass;
     returns one result per name of ``copilots``."""
-    totals = {name: [0.0, 0.0, 0] for name in copilots}  # squared error, squared norm, tokens
-    for copilot in copilots.values():
-        copilot.eval()
+    ratios = ErrorRatios(copilots, top_k=top_k)
     for record in teacher_forced_records(pilot, tokenizer, examples, task_format, batch_size=batch_size,
                                          max_length=max_length):
-        batches = {}  # the record's errors, compacted once per device the Copilots sit on
-        for name, copilot in copilots.items():
-            device = next(copilot.parameters()).device
-            if device not in batches:
-                log = MistakeLog(max_rounds=1, top_k=top_k, storage_dtype=torch.float32, device=device)
-                log.add(record, step=0)
-                batches[device] = log.sample(record.logits.shape[0], device=device)
-            batch = batches[device]
-            valid = batch.errors.valid & batch.attention_mask.bool()
-            corrections = copilot(**batch.copilot_inputs()).corrections
-            totals[name][0] += float(squared_error_norm(corrections, batch.errors)[valid].sum())
-            totals[name][1] += float(batch.errors.squared_norm()[valid].sum())
-            totals[name][2] += int(valid.sum())
-    results = {}
-    for name, (squared_error, squared_norm, tokens) in totals.items():
-        if tokens == 0:
-            raise ValueError("The examples have no answer tokens to score (every target was empty or masked).")
-        results[name] = {"copilot_rmse": (squared_error / tokens) ** 0.5, "zero_rmse": (squared_norm / tokens) ** 0.5,
-                         "ratio": (squared_error / squared_norm) ** 0.5, "tokens": tokens}
-    return results
+        ratios.add(record)
+    return ratios.results()
 
 
 def heldout_error_ratio(pilot, copilot, tokenizer, examples: list[Example], task_format: TaskFormat, *,

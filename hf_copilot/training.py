@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 
-
 @dataclass
 class CopilotTrainingConfig:
     """How the Copilot learns from the Mistake Log.

@@ -8,8 +8,8 @@ import torch
 from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
 from hf_copilot import CopilotModel, evaluation
-from hf_copilot.evaluation import (Decoding, evaluate_decodings, first_error_ranks, generate_answers,
-                                   heldout_error_ratio, heldout_error_ratios)
+from hf_copilot.evaluation import (Decoding, ErrorRatios, evaluate_decodings, first_error_ranks, generate_answers,
+                                   heldout_error_ratio, heldout_error_ratios, record_mistake_log)
 from hf_copilot.finetune import encode_example, finetune
 from hf_copilot.tasks import DEFAULT_FORMAT
 
@@ -217,6 +217,22 @@ def test_heldout_error_ratio_matches_a_dense_recomputation(trained, tokenizer):
     both = heldout_error_ratios(pilot, {"trained": copilot, "fresh": fresh}, tokenizer, examples, FMT, batch_size=3,
                                 top_k=VOCAB)
     assert both == {"trained": pytest.approx(result, rel=1e-6), "fresh": pytest.approx(untrained, rel=1e-6)}
+
+
+def test_recording_a_mistake_log_can_score_a_copilot_in_the_same_pass(trained, tokenizer):
+    pilot, copilot = trained
+    examples = qa_examples(7, start=20)
+    seen = []
+    ratios = ErrorRatios({"trained": copilot}, top_k=VOCAB)
+    log = record_mistake_log(pilot, tokenizer, examples, FMT, batch_size=3, top_k=VOCAB,
+                             on_record=lambda record: (seen.append(record.labels.shape[0]), ratios.add(record)))
+    assert seen == [3, 3, 1] and log.rounds == 3  # every batch, each once
+    squared_error, squared_norm, tokens = reference_errors(pilot, copilot, tokenizer, examples)
+    result = ratios.results()["trained"]
+    assert result["tokens"] == tokens
+    assert result["ratio"] == pytest.approx((squared_error / squared_norm) ** 0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        ErrorRatios({"trained": copilot}).results()
 
 
 def test_accuracy_plot_draws_one_line_per_space_and_beams_from_the_pilot_alone(tmp_path, monkeypatch):
