@@ -7,7 +7,7 @@ A plain loop (no Trainer, no callback) times, on random tokens with every positi
   Pilot step            forward + backward + (fused) AdamW step of the Pilot alone, as Trainer does it;
   error compaction      CompactErrors.from_logits on that step's logits (what the tap's hook adds);
   log_softmax           one log-softmax over the same logits: the least any error one-hot - softmax must cost;
-  Mistake Log add       packing one record into the log;
+  Mistake Log add       packing one record, its errors already compacted as the callback's tap does, into the log;
   Copilot update        one CopilotUpdater.step (sample + forward + backward + clipping + fused AdamW), and its
                         forward + backward alone;
   Pilot step, interleaved   the Pilot's step when each is followed by a Copilot update (do the two models'
@@ -17,6 +17,7 @@ the capture and joint ratios these parts add up to (compare training_overhead.py
 """
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -65,6 +66,7 @@ def main():
         pilot(**batch)
         (record,) = tap.pop_records()
     labels = record.next_token_labels()
+    compacted = dataclasses.replace(record, logits=None, compact_errors=record.errors(32))  # as the callback's tap
     optimizer = torch.optim.AdamW(pilot.parameters(), lr=1e-6, fused=True)  # Trainer's default optimizer
     updater = CopilotUpdater(copilot, CopilotTrainingConfig(), total_updates=10**6)
     sample = log.sample(args.batch, generator=torch.Generator().manual_seed(0))
@@ -87,7 +89,7 @@ def main():
         "Pilot step": pilot_step,
         "error compaction": lambda: CompactErrors.from_logits(record.logits, labels, 32),
         "log_softmax": lambda: record.logits.log_softmax(-1),
-        "Mistake Log add": lambda: scratch.add(record, step=0),
+        "Mistake Log add": lambda: scratch.add(compacted, step=0),
         "Copilot update": lambda: updater.step(log),
         "Copilot forward + backward": copilot_forward_backward,
         "Pilot step + Copilot update, interleaved": interleaved,
