@@ -50,7 +50,7 @@ CPU_PROTOCOL = dict(tasks=CPU_TASKS, train_size=400, test_size=200, epochs=1.0, 
                     eval_batch_size=32)
 PROTOCOLS = {
     # Sized for 2 CPU cores, one cell at a time: 1 epoch over 400 examples, greedy; an arithmetic cell takes 7-10
-    # minutes, an ARC-Easy cell 22-29 (3 seeds of both: 1.6 h on the machine of quality_cpu.md).
+    # minutes, an ARC-Easy cell 20-29 (3 seeds of both: 1.63 h, quality_cpu.md).
     "cpu": CPU_PROTOCOL,
     # The CPU protocol with 4x the training data (still one epoch): does the Copilot transfer once it has more
     # examples per parameter? (About 4x the CPU protocol's training time; arithmetic only, as ARC-Easy has 370
