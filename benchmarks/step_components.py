@@ -10,8 +10,8 @@ A plain loop (no Trainer, no callback) times, on random tokens with every positi
   Mistake Log add       packing one record, its errors already compacted as the callback's tap does, into the log;
   Copilot update        one CopilotUpdater.step (sample + forward + backward + clipping + fused AdamW), and its
                         forward + backward alone;
-  Pilot step, interleaved   the Pilot's step when each is followed by a Copilot update (do the two models'
-                        working sets slow each other down?).
+  Pilot step + Copilot update, interleaved
+                        the two in turn (do the two models' working sets slow each other down?).
 Each part is the median over ``--iterations`` calls; the table gives the median over ``--repeats`` repeats, and
 the capture and joint ratios these parts add up to (compare training_overhead.py, which measures them in Trainer).
 """
