@@ -23,10 +23,11 @@ import torch
 from transformers import AutoModelForCausalLM, set_seed
 
 from hf_copilot import CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog
-from hf_copilot.assets import resolve_model
-from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ratio
-from hf_copilot.finetune import load_pilot
-from hf_copilot.tasks import TASKS
+from hf_copilot.recipes.assets import resolve_model
+from hf_copilot.recipes.diagnostics import heldout_error_ratio
+from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
+from hf_copilot.recipes.finetune import load_pilot
+from hf_copilot.recipes.tasks import TASKS
 
 from quality import CELLS, PROTOCOLS, on_accelerator, protocol_data, write_json
 

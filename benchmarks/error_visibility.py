@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from hf_copilot.evaluation import teacher_forced_records
-from hf_copilot.finetune import load_pilot
+from hf_copilot.recipes.diagnostics import teacher_forced_records
+from hf_copilot.recipes.finetune import load_pilot
 from hf_copilot.mistake_log import IGNORE_INDEX
-from hf_copilot.tasks import TASKS
+from hf_copilot.recipes.tasks import TASKS
 
 from quality import protocol_data
 

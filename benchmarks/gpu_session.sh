@@ -25,7 +25,7 @@ stage_tests() {
 }
 
 stage_model() {  # SmolLM2 converted once, before anything is timed
-    python3 -c "from hf_copilot.assets import fetch_smollm2; print(fetch_smollm2())"
+    python3 -c "from hf_copilot.recipes.assets import fetch_smollm2; print(fetch_smollm2())"
 }
 
 stage_cost() {  # each benchmark measures with and without the Copilot in one process, median of 5

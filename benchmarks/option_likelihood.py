@@ -19,8 +19,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_copilot.assets import resolve_model
-from hf_copilot.tasks import load_task
+from hf_copilot.recipes.assets import resolve_model
+from hf_copilot.recipes.tasks import load_task
 
 
 def context_of(example) -> str:

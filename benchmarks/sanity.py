@@ -24,9 +24,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
 
 from hf_copilot import CopilotModel
-from hf_copilot.evaluation import Decoding, evaluate_decodings, heldout_error_ratio
-from hf_copilot.finetune import finetune
-from hf_copilot.tasks import DEFAULT_FORMAT, Example
+from hf_copilot.recipes.diagnostics import heldout_error_ratio
+from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
+from hf_copilot.recipes.finetune import finetune
+from hf_copilot.recipes.tasks import DEFAULT_FORMAT, Example
 
 LARGEST = 20
 TASK_FORMAT = DEFAULT_FORMAT

@@ -53,8 +53,8 @@ def main():
     training_args = TrainingArguments(output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=1e-3,
                                       per_device_train_batch_size=8, logging_steps=10, save_steps=20,
                                       report_to=[], use_cpu=not torch.cuda.is_available())
-    trainer = Trainer(model=pilot, args=training_args, train_dataset=counting_dataset(512, 24, vocab, seed=0),
-                      callbacks=[callback])
+    trainer = Trainer(model=pilot, args=training_args, train_dataset=counting_dataset(512, 24, vocab, seed=0))
+    callback.attach(trainer)  # ahead of the reporters, so they see the copilot_* metrics too
     trainer.train()
     trainer.save_model(args.output_dir)
     for entry in trainer.state.log_history:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
 
+from .errors import DEFAULT_TOP_K
 from .mistake_log import MistakeLog
 from .pilot import PilotTap
 from .training import CopilotTrainingConfig, CopilotUpdater
@@ -42,8 +41,8 @@ class CopilotCallback(TrainerCallback):
         **training: fields of :class:`CopilotTrainingConfig` (learning rate, batch size, updates per step, ...).
     """
 
-    def __init__(self, copilot, *, log_rounds: int = 128, log_max_bytes: int | None = None, top_k: int = 32,
-                 log_device: str | torch.device = "cpu", save_dir: str | None = None,
+    def __init__(self, copilot, *, log_rounds: int = 128, log_max_bytes: int | None = None,
+                 top_k: int = DEFAULT_TOP_K, log_device: str | torch.device = "cpu", save_dir: str | None = None,
                  save_mistake_log: bool = False, resume_from: str | None = None, **training):
         self.copilot = copilot
         self.config = CopilotTrainingConfig(**training)
@@ -59,6 +58,20 @@ class CopilotCallback(TrainerCallback):
         self._losses: list[float] = []
         self._seconds = 0.0  # spent filling the log and updating the Copilot (the tap counts its own hooks' time)
 
+    def attach(self, trainer) -> CopilotCallback:
+        """Adds this callback to ``trainer`` ahead of its other callbacks and returns it.
+
+        Trainer calls callbacks in order and hands each the same ``logs`` dict, so only the callbacks after this one
+        see the ``copilot_*`` metrics it adds. Passed as ``Trainer(callbacks=[...])`` it runs after the reporters
+        Trainer installs itself (TensorBoard, W&B, ...), which then miss those metrics (they still reach
+        ``trainer.state.log_history`` and the progress bar). Attached, every reporter sees them in the same entry.
+        """
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
+
     @property
     def seconds(self) -> float:
         """Wall-clock time this process has spent on the Copilot so far: compacting errors in the tap's hooks,
@@ -71,7 +84,6 @@ class CopilotCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("CopilotCallback needs the Trainer to pass the model to its callbacks.")
         self.copilot.check_pilot(model)
-        self._run_first(sys._getframe(1))
         self.copilot.to(args.device)
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         total_updates = math.ceil(state.max_steps / self.config.update_every) * self.config.updates_per_step
@@ -136,14 +148,6 @@ class CopilotCallback(TrainerCallback):
         for record in self.tap.pop_records():
             self.mistake_log.add(record, step=state.global_step + 1)
         self._seconds += time.perf_counter() - started
-
-    def _run_first(self, frame):
-        """Moves this callback to the front of the Trainer's callback list, so that reporters (TensorBoard, W&B,
-        the progress bar) see the Copilot metrics this callback adds to each log."""
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler) and self in handler.callbacks:
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(0, self)
 
     def _save(self, folder, args, state, with_training_state: bool):
         if state.is_world_process_zero:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from .errors import DEFAULT_TOP_K
+
 PILOT_KINDS = ("decoder_only", "encoder_decoder")
 CORRECTIONS = ("vocabulary", "rerank")
 LOSSES = ("rmse", "cross_entropy")
@@ -67,7 +69,7 @@ class CopilotConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
         correction: str = "vocabulary",
-        rerank_top_k: int = 32,
+        rerank_top_k: int = DEFAULT_TOP_K,
         loss: str = "rmse",
         read_errors: bool = True,
         **kwargs,

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 
-from .errors import IGNORE_INDEX, CompactErrors
+from .errors import DEFAULT_TOP_K, IGNORE_INDEX, CompactErrors
 from .pilot import PilotRecord
 
 FORMAT_VERSION = 1
@@ -141,7 +141,7 @@ class MistakeLog:
         self,
         max_rounds: int = 128,
         max_bytes: int = 512 * 2**20,
-        top_k: int = 32,
+        top_k: int = DEFAULT_TOP_K,
         storage_dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
     ):

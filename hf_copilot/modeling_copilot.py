@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
-from .pilot import decoder_layers, logits_width, pilot_kind, unwrap_pilot
+from .pilot_shape import decoder_layers, logits_width, pilot_kind, unwrap_pilot
 
 logger = logging.getLogger(__name__)
 

@@ -11,72 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from .errors import IGNORE_INDEX, CompactErrors
-
-
-def unwrap_pilot(model: nn.Module) -> PreTrainedModel:
-    """The underlying ``PreTrainedModel`` inside DDP / DeepSpeed (``.module``), ``torch.compile``
-    (``._orig_mod``) and PEFT (``.get_base_model()``) wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not isinstance(
-            model, PreTrainedModel
-        ):
-            model = model.module
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(
-            f"Expected a transformers PreTrainedModel as the Pilot (optionally wrapped by DDP, DeepSpeed, "
-            f"torch.compile or PEFT); got {type(model).__name__}."
-        )
-    return model
-
-
-def pilot_kind(model: PreTrainedModel) -> str:
-    """``"encoder_decoder"`` or ``"decoder_only"``; any other model cannot be a Pilot."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "encoder_decoder"
-    if model.can_generate():
-        return "decoder_only"
-    raise ValueError(
-        f"{type(model).__name__} cannot be a Pilot: the Copilot rectifies next-token predictions, so the Pilot must "
-        "be a generative language model (a *ForCausalLM or an encoder-decoder *ForConditionalGeneration)."
-    )
-
-
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The ``ModuleList`` of the Pilot's decoder blocks (Llama ``model.layers``, GPT2 ``transformer.h``, T5
-    ``decoder.block``, ...), found from the block class the model itself declares."""
-    block_names = set()
-    hidden_source = getattr(model, "_can_record_outputs", None) or {}
-    hidden_cls = hidden_source.get("hidden_states") if isinstance(hidden_source, dict) else None
-    hidden_cls = getattr(hidden_cls, "target_class", hidden_cls)  # unwrap an OutputRecorder
-    if hidden_cls is not None:
-        block_names.add(hidden_cls if isinstance(hidden_cls, str) else getattr(hidden_cls, "__name__", ""))
-    block_names.update(getattr(model, "_no_split_modules", None) or [])
-    decoder = model.get_decoder()
-    for module in decoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in block_names:
-            return module
-    raise ValueError(
-        f"Could not find the decoder layers of {type(model).__name__}: expected a ModuleList of "
-        f"{sorted(block_names) or 'declared blocks'} under model.get_decoder(). Please open an issue naming "
-        "the model class."
-    )
-
-
-def logits_width(model: PreTrainedModel) -> int:
-    """Number of logits the Pilot emits per token (its output embedding rows, else ``config.vocab_size``)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight.shape[0]
-    return model.config.get_text_config().vocab_size
+from .pilot_shape import decoder_layers, pilot_kind, unwrap_pilot
 
 
 @dataclass

@@ -88,7 +88,7 @@ COLOURS = ("red", "blue", "green")
 
 def qa_examples(n: int = 8, start: int = 0):
     """Fabricated questions of varying length: with 2 or 3 choices among COLOURS, or free-form (every 4th)."""
-    from hf_copilot.tasks import Example
+    from hf_copilot.recipes.tasks import Example
 
     examples = []
     for i in range(start, start + n):
@@ -103,7 +103,7 @@ def qa_examples(n: int = 8, start: int = 0):
 
 def qa_tokenizer():
     """A word tokenizer covering every word of qa_examples rendered with DEFAULT_FORMAT (prompts and targets)."""
-    from hf_copilot.tasks import DEFAULT_FORMAT
+    from hf_copilot.recipes.tasks import DEFAULT_FORMAT
 
     words = []
     for example in qa_examples(12):

@@ -9,8 +9,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from hf_copilot import assets
-from hf_copilot.assets import benchmark_dataset_dir, fetch_smollm2, resolve_model
+from hf_copilot.recipes import assets
+from hf_copilot.recipes.assets import benchmark_dataset_dir, fetch_smollm2, resolve_model
 
 PIQA = "piqa/plain_text/validation"
 BOOLQ = "boolq/none/validation"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICES, VOCAB, tiny_pilot
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import CopilotCallback, CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog, train_copilot
 
@@ -37,7 +37,9 @@ def trainer_args(tmp_path, **overrides):
 def run(tmp_path, callback=None, pilot=None, args=None, **trainer_kwargs):
     pilot = pilot or tiny_pilot("llama")
     trainer = Trainer(model=pilot, args=args or trainer_args(tmp_path), train_dataset=pattern_dataset(),
-                      callbacks=[callback] if callback else None, **trainer_kwargs)
+                      **trainer_kwargs)
+    if callback is not None:
+        callback.attach(trainer)
     trainer.train()
     return trainer
 
@@ -95,6 +97,33 @@ def test_metrics_reach_the_log_history(tmp_path):
                     "copilot_log_error_norm", "copilot_log_dropped_mass"]:
             assert key in entry, key
     assert (tmp_path / "copilot" / "model.safetensors").exists()
+
+
+class RecordingReporter(TrainerCallback):
+    """Stands in for TensorBoard / W&B: keeps a copy of every log it is shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+@pytest.mark.parametrize("attached", [True, False])
+def test_reporters_see_the_metrics_in_the_same_log_when_attached(tmp_path, attached):
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    callback, reporter = CopilotCallback(copilot, batch_size=4), RecordingReporter()
+    # The reporter is installed before the Copilot's callback, as Trainer installs TensorBoard / W&B.
+    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(tmp_path), train_dataset=pattern_dataset(),
+                      callbacks=[reporter] + ([] if attached else [callback]))
+    if attached:
+        callback.attach(trainer)
+        callback.attach(trainer)  # attaching twice keeps one copy
+        assert trainer.callback_handler.callbacks.count(callback) == 1
+    trainer.train()
+    training_logs = [logs for logs in reporter.seen if "loss" in logs]
+    assert len(training_logs) == 6
+    assert all(("copilot_loss" in logs) == attached for logs in training_logs)
 
 
 def test_label_smoothing_fails_with_a_fix(tmp_path):

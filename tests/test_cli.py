@@ -10,8 +10,8 @@ from conftest import qa_examples, qa_tokenizer, tiny_pilot
 from transformers import AutoModelForCausalLM
 
 from hf_copilot import CopilotModel
-from hf_copilot.cli import main
-from hf_copilot.tasks import DEFAULT_FORMAT, load_examples_file
+from hf_copilot.recipes.cli import main
+from hf_copilot.recipes.tasks import DEFAULT_FORMAT, load_examples_file
 
 EXPECTED_DECODINGS = ["pilot greedy", "probs λ=0.5 greedy", "probs λ=1 greedy", "logits λ=0.5 greedy",
                       "logits λ=1 greedy"]
@@ -129,7 +129,7 @@ def test_task_and_data_are_mutually_exclusive(user_files, tmp_path, capsys):
 
 
 def test_answer_style_option_changes_how_choices_are_answered(user_files):
-    from hf_copilot.cli import _examples, build_parser
+    from hf_copilot.recipes.cli import _examples, build_parser
 
     _, data = user_files
     parser = build_parser()

@@ -7,11 +7,14 @@ import pytest
 import torch
 from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
-from hf_copilot import CopilotModel, evaluation
-from hf_copilot.evaluation import (Decoding, ErrorRatios, evaluate_decodings, first_error_ranks, generate_answers,
-                                   heldout_error_ratio, heldout_error_ratios, record_mistake_log)
-from hf_copilot.finetune import encode_example, finetune
-from hf_copilot.tasks import DEFAULT_FORMAT
+from hf_copilot import CopilotModel
+from hf_copilot.recipes import scoring
+from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks, heldout_error_ratio, heldout_error_ratios,
+                                            record_mistake_log)
+from hf_copilot.recipes.scoring import Decoding, evaluate_decodings, generate_answers
+from hf_copilot.recipes.finetune import finetune
+from hf_copilot.recipes.prompts import encode_example
+from hf_copilot.recipes.tasks import DEFAULT_FORMAT
 
 FMT = dataclasses.replace(DEFAULT_FORMAT, max_new_tokens=12)
 
@@ -169,13 +172,13 @@ def test_screened_greedy_decodings_equal_a_full_rectified_generate(trained, toke
     decodings = [Decoding(1.0, "logits"), Decoding(0.3, "logits"), Decoding(0.5, "probs"),
                  Decoding(2.0, "logits", gate=0.6)]
     regenerated = []
-    real_generate_answers = evaluation.generate_answers
+    real_generate_answers = scoring.generate_answers
 
     def counting(*args, **kwargs):
         regenerated.append(len(args[2]))
         return real_generate_answers(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "generate_answers", counting)
+    monkeypatch.setattr(scoring, "generate_answers", counting)
     rows = evaluate_decodings(pilot, tokenizer, examples, FMT, decodings, copilot=noisy, batch_size=3)
     monkeypatch.undo()
 
@@ -188,7 +191,7 @@ def test_screened_greedy_decodings_equal_a_full_rectified_generate(trained, toke
     assert changed and sum(regenerated) < len(decodings) * len(examples)  # rows both left and kept the path
 
     regenerated.clear()
-    monkeypatch.setattr(evaluation, "generate_answers", counting)
+    monkeypatch.setattr(scoring, "generate_answers", counting)
     silent = evaluate_decodings(pilot, tokenizer, examples, FMT, decodings, copilot=noisy_copilot(pilot, copilot, 0),
                                 batch_size=3)
     assert regenerated == []  # a Copilot that corrects nothing never leaves the Pilot's path
@@ -236,7 +239,7 @@ def test_recording_a_mistake_log_can_score_a_copilot_in_the_same_pass(trained, t
 
 
 def test_accuracy_plot_draws_one_line_per_space_and_beams_from_the_pilot_alone(tmp_path, monkeypatch):
-    from hf_copilot import plots
+    from hf_copilot.recipes import plots
 
     figures = []
     monkeypatch.setattr(plots.plt, "close", figures.append)
@@ -256,7 +259,7 @@ def test_accuracy_plot_draws_one_line_per_space_and_beams_from_the_pilot_alone(t
 
 
 def test_rectification_plot_shows_the_first_fixed_example_and_adds_up(trained, tokenizer, tmp_path, monkeypatch):
-    from hf_copilot import plots
+    from hf_copilot.recipes import plots
 
     pilot, copilot = trained
     figures = []

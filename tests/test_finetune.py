@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_copilot import CopilotModel
 from hf_copilot.errors import IGNORE_INDEX
-from hf_copilot.finetune import add_lora, encode_example, finetune, load_pilot, save_pilot
-from hf_copilot.tasks import DEFAULT_FORMAT, Example
+from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
+from hf_copilot.recipes.prompts import encode_example
+from hf_copilot.recipes.tasks import DEFAULT_FORMAT, Example
 
 FMT = DEFAULT_FORMAT
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import word_tokenizer
 from transformers import EvalPrediction
 
-from hf_copilot import tasks
-from hf_copilot.tasks import (
+from hf_copilot.recipes import tasks
+from hf_copilot.recipes.tasks import (
     DEFAULT_FORMAT,
     TASKS,
     AnswerAccuracy,

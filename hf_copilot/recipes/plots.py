@@ -12,8 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .evaluation import Decoding, _batches  # noqa: E402
-from .generation import CopilotLogitsProcessor  # noqa: E402
+from ..generation import CopilotLogitsProcessor  # noqa: E402
+from .prompts import prompt_batches  # noqa: E402
+from .scoring import Decoding  # noqa: E402
 
 
 def plot_accuracy_vs_lambda(rows: list[dict], path: Path) -> Path:
@@ -52,7 +53,7 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
     if best["space"] != "logits":
         raise ValueError("plot_rectification shows a logit-space fusion; pass a row with space='logits'.")
     decoding = Decoding(best["lam"], best["space"], 1)
-    (_, inputs), = _batches([examples[index]], tokenizer, task_format, 1, next(pilot.parameters()).device)
+    (_, inputs), = prompt_batches([examples[index]], tokenizer, task_format, 1, next(pilot.parameters()).device)
     with CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space, top_analysis=top) as processor:
         pilot.generate(**inputs, max_new_tokens=task_format.max_new_tokens, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id, logits_processor=[processor])

@@ -14,36 +14,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from .callback import CopilotCallback
-from .mistake_log import IGNORE_INDEX
+from ..callback import CopilotCallback
+from ..errors import IGNORE_INDEX
+from .prompts import encode_example, prepare_tokenizer
 from .tasks import Example, TaskFormat
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def encode_example(example: Example, tokenizer, task_format: TaskFormat, max_length: int) -> dict:
-    """Token ids of prompt + target + EOS, with the prompt masked out of the labels.
-
-    Over-long prompts lose their beginning (the question and the answer format sit at the end), never the
-    target: a truncated target would teach the Pilot to stop early.
-    """
-    prompt = tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"]
-    target = tokenizer(task_format.target(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(target) >= max_length:
-        raise ValueError(f"The target alone is {len(target)} tokens, which leaves no room for the prompt within "
-                         f"max_length={max_length}: raise max_length.")
-    prompt = prompt[-(max_length - len(target)):]
-    ids = prompt + target
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target}
-
-
-def prepare_tokenizer(tokenizer):
-    """Right padding for training, a pad token (EOS when the model has none)."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no EOS token: the Pilot could never learn where an answer ends.")
-    return tokenizer
 
 
 def add_lora(model, rank: int):
@@ -78,14 +54,14 @@ def finetune(pilot, tokenizer, examples: list[Example], task_format: TaskFormat,
         output_dir=str(output_dir), per_device_train_batch_size=batch_size, num_train_epochs=epochs,
         max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.03,
         weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        train_sampling_strategy="group_by_length", disable_tqdm=not progress, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length", disable_tqdm=not progress, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
     )
-    callbacks = []
-    if copilot is not None:
-        callbacks.append(CopilotCallback(copilot, save_dir=str(Path(output_dir) / "copilot"),
-                                         **{"seed": seed, **(copilot_options or {})}))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=pilot, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer = Trainer(model=pilot, args=args, train_dataset=dataset, data_collator=collator)
+    if copilot is not None:
+        CopilotCallback(copilot, save_dir=str(Path(output_dir) / "copilot"),
+                        **{"seed": seed, **(copilot_options or {})}).attach(trainer)
     trainer.train()
     return trainer
 

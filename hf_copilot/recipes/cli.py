@@ -22,9 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from .assets import resolve_model
-from .evaluation import Decoding, evaluate_decodings, heldout_error_ratio
+from ..modeling_copilot import CopilotModel
+from .diagnostics import heldout_error_ratio
 from .finetune import add_lora, finetune, load_pilot, save_pilot
-from .modeling_copilot import CopilotModel
+from .scoring import Decoding, evaluate_decodings
 from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, load_examples_file, load_task
 
 DEMO = dict(task="basic_arithmetic", train_size=800, test_size=200, epochs=1.0, lams=(0.5, 1.0))
