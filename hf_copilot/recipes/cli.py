@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from .assets import resolve_model
+from ..configuration_copilot import PAPER_LORA
 from ..modeling_copilot import CopilotModel
 from .diagnostics import heldout_error_ratio
 from .finetune import add_lora, finetune, load_pilot, save_pilot
@@ -52,6 +53,11 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def _layers(text: str) -> int | None:
+    """``all`` (None: as deep as the Pilot) or a positive layer count."""
+    return None if text == "all" else int(text)
+
+
 def _source(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--task", choices=sorted(TASKS), help="a registered benchmark task")
@@ -78,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--max-length", type=int, default=256)
     train.add_argument("--lora-rank", type=int, default=32, help="LoRA rank of the Pilot; 0 = full fine-tuning")
-    train.add_argument("--copilot-layers", type=int, default=2)
+    train.add_argument("--copilot-layers", type=_layers, default=2,
+                       help="Copilot depth, or 'all' for every Pilot layer (the paper's Copilot)")
+    train.add_argument("--copilot-lora-rank", type=int, default=0,
+                       help="adapt the Copilot's copied layers with LoRA of this rank (the paper: 32, alpha 2r, "
+                            "dropout 0.08); 0 = train every weight")
     train.add_argument("--copilot-correction", choices=("vocabulary", "rerank"), default="vocabulary",
                        help="the paper's |V|-wide head, or re-ranking of the Pilot's top candidates")
     train.add_argument("--copilot-loss", choices=("rmse", "cross_entropy"), default="rmse",
@@ -108,12 +118,15 @@ def run_train(args) -> Path:
     model_dir = resolve_model(args.model)
     pilot = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=args.copilot_layers,
-                                      correction=args.copilot_correction, loss=args.copilot_loss)
+    rank = args.copilot_lora_rank
+    lora = dict(PAPER_LORA, r=rank, lora_alpha=2 * rank) if rank else None
+    layers = args.copilot_layers or pilot.config.get_text_config().num_hidden_layers
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=layers, correction=args.copilot_correction,
+                                      loss=args.copilot_loss, lora=lora)
     if args.lora_rank:
         pilot = add_lora(pilot, args.lora_rank)
     print(f"Fine-tuning {model_dir} on {len(examples)} examples; Copilot {copilot.num_parameters() / 1e6:.1f}M "
-          f"parameters.", flush=True)
+          f"parameters ({copilot.num_parameters(only_trainable=True) / 1e6:.1f}M trained).", flush=True)
     started = time.perf_counter()
     trainer = finetune(
         pilot, tokenizer, examples, task_format, args.output, copilot=copilot, epochs=args.epochs,
