@@ -14,7 +14,7 @@ from hf_copilot.recipes.tasks import load_task
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
 CPU_TASKS = ("arc_easy", "basic_arithmetic")
 """The CPU protocol's default tasks: the two on which a CPU-trained 135M Pilot is above chance. PIQA and BoolQ stay
-at chance there (README, "Does it help?") and would add 1.5-2 h per seed; ``--tasks`` still runs them."""
+at chance there (docs/results.md) and would add 1.5-2 h per seed; ``--tasks`` still runs them."""
 RESULTS = Path(__file__).parent / "results"
 """Where this room's result pages go."""
 CELLS = RESULTS / "cells"
