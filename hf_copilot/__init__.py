@@ -7,7 +7,7 @@ Copilot loads with ``AutoModel.from_pretrained(path)`` in any process that impor
 from transformers import AutoConfig, AutoModel
 
 from .callback import CopilotCallback
-from .configuration_copilot import CopilotConfig
+from .configuration_copilot import PAPER_LORA, CopilotConfig
 from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
 from .generation import CopilotLogitsProcessor
 from .mistake_log import MistakeBatch, MistakeLog
@@ -34,6 +34,7 @@ __all__ = [
     "MistakeBatch",
     "MistakeLog",
     "OwnCorrections",
+    "PAPER_LORA",
     "PilotRecord",
     "PilotTap",
     "dense_errors",

@@ -8,6 +8,9 @@ from .errors import DEFAULT_TOP_K
 
 PILOT_KINDS = ("decoder_only", "encoder_decoder")
 CORRECTIONS = ("vocabulary", "rerank")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PAPER_LORA = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.08}
+"""The paper's Copilot adapter (App. E): rank 32, alpha 64, dropout 0.08, on every block projection."""
 LOSSES = ("rmse", "cross_entropy")
 
 
@@ -44,6 +47,12 @@ class CopilotConfig(PreTrainedConfig):
         loss: ``"rmse"`` (the paper's Eq. 7) or, with ``correction="rerank"``, ``"cross_entropy"`` (experimental):
             the negative log-likelihood of the label under the re-ranked candidate distribution (positions whose
             label is not among the candidates are skipped).
+        lora: ``None`` (every weight trains) or LoRA settings for the blocks, as in the paper's Copilot: a dict of
+            ``r``, ``lora_alpha``, ``lora_dropout`` and optionally ``target_modules`` (default: every attention
+            and feed-forward projection). The blocks' own weights are then frozen (they are the pretrained Pilot
+            layers ``from_pilot`` copied in) and only the adapters train; everything outside the blocks (error
+            projection, alignment, norms, correction head) is new and always trains. The adapters are part of the
+            model's state dict, so ``save_pretrained`` / ``from_pretrained`` round-trip them in one folder.
         read_errors: whether the Copilot reads the error sequence (the paper: true errors ℓ_<i in training, its own
             corrections f_<i in generation). ``False`` (experimental) feeds zeros instead, in training and
             generation alike, so the Copilot sees the same kind of input in both (no exposure bias) and relies on
@@ -77,6 +86,7 @@ class CopilotConfig(PreTrainedConfig):
         rerank_top_k: int = DEFAULT_TOP_K,
         loss: str = "rmse",
         read_errors: bool = True,
+        lora: dict | None = None,
         **kwargs,
     ):
         if pilot_kind not in PILOT_KINDS:
@@ -100,6 +110,8 @@ class CopilotConfig(PreTrainedConfig):
                              "distribution of its own to score the label with).")
         if rerank_top_k < 2:
             raise ValueError(f"rerank_top_k must be >= 2 (one candidate cannot be re-ranked), got {rerank_top_k}.")
+        if lora is not None:
+            lora = _lora_settings(lora)
         num_key_value_heads = num_key_value_heads or num_attention_heads
         if num_attention_heads % num_key_value_heads != 0:
             raise ValueError(
@@ -129,6 +141,7 @@ class CopilotConfig(PreTrainedConfig):
         self.rerank_top_k = rerank_top_k
         self.loss = loss
         self.read_errors = read_errors
+        self.lora = lora
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -141,3 +154,28 @@ class CopilotConfig(PreTrainedConfig):
         if self.is_decoder_only_pilot:
             return ["self" if i % 2 == 0 else "cross" for i in range(self.num_hidden_layers)]
         return ["self+cross"] * self.num_hidden_layers
+
+
+def _lora_settings(lora) -> dict:
+    """LoRA settings as a plain, JSON-serialisable dict (a ``peft.LoraConfig`` is accepted too)."""
+    if hasattr(lora, "to_dict") and hasattr(lora, "peft_type"):
+        lora = {key: getattr(lora, key) for key in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora must be a dict of LoRA settings (r, lora_alpha, lora_dropout, target_modules) or a "
+                        f"peft.LoraConfig; got {type(lora).__name__}.")
+    unknown = set(lora) - {"r", "lora_alpha", "lora_dropout", "target_modules"}
+    if unknown:
+        raise ValueError(f"Unknown LoRA setting(s) {sorted(unknown)}: the Copilot takes r, lora_alpha, lora_dropout "
+                         "and target_modules.")
+    settings = {"r": 32, "lora_alpha": None, "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS), **lora}
+    if not isinstance(settings["r"], int) or settings["r"] < 1:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {settings['r']!r}.")
+    settings["lora_alpha"] = settings["lora_alpha"] or 2 * settings["r"]
+    if not 0 <= settings["lora_dropout"] < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {settings['lora_dropout']}.")
+    settings["target_modules"] = sorted(settings["target_modules"])
+    unknown_targets = set(settings["target_modules"]) - set(LORA_TARGETS)
+    if unknown_targets or not settings["target_modules"]:
+        raise ValueError(f"LoRA target_modules must be a non-empty subset of {LORA_TARGETS}; got "
+                         f"{settings['target_modules']}.")
+    return settings

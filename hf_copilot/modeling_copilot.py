@@ -293,6 +293,51 @@ class CopilotModel(CopilotPreTrainedModel):
         self.correction_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._feedback_cache: tuple[tuple, torch.Tensor] | None = None
         self.post_init()
+        if config.lora is not None:
+            self._add_lora()  # after post_init, so LoRA's own initialisation (B = 0) is kept
+
+    def _add_lora(self) -> None:
+        """Puts ``config.lora`` adapters on the blocks' projections (peft) and freezes the blocks' own weights.
+
+        Everything outside the blocks is new, not pretrained, and stays trainable: the zero-initialised head and
+        the error projection must learn in full for the Copilot to correct anything.
+        """
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as error:
+            raise ImportError("A LoRA Copilot needs peft: pip install peft (or 'hf_copilot[real]').") from error
+        inject_adapter_in_model(LoraConfig(**self.config.lora, bias="none"), self)
+        self._freeze_adapted_blocks()
+
+    def _freeze_adapted_blocks(self) -> None:
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = "lora_" in name or not name.startswith("layers.")
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        if isinstance(model, CopilotModel) and model.config.lora is not None:
+            model._freeze_adapted_blocks()  # loading puts fresh, trainable parameters in place
+        return model
+
+    def merge_lora(self) -> CopilotModel:
+        """Folds the LoRA adapters into the blocks' weights, in place, and returns this Copilot as a plain one.
+
+        The corrections do not change (up to float rounding); inference gets a little cheaper, and the saved
+        folder no longer needs peft. All weights become trainable again, as in any Copilot without LoRA.
+        """
+        if self.config.lora is None:
+            return self
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if hasattr(child, "base_layer") and hasattr(child, "merge"):
+                    child.merge()
+                    setattr(module, name, child.get_base_layer())
+        self.config.lora = None
+        for parameter in self.parameters():
+            parameter.requires_grad = True
+        self._feedback_cache = None
+        return self
 
     def forward(
         self,
@@ -559,6 +604,10 @@ class CopilotModel(CopilotPreTrainedModel):
     def from_pilot(cls, pilot, num_hidden_layers: int | None = None, **config_overrides) -> CopilotModel:
         """A Copilot shaped for ``pilot``, initialised from it where the shapes fit.
 
+        ``num_hidden_layers`` defaults to 2; the paper's Copilot is a pretrained decoder of the Pilot's family at
+        0.5-1x its size, e.g. ``num_hidden_layers=pilot.config.num_hidden_layers`` (every Pilot layer copied)
+        with ``lora=PAPER_LORA`` (see :class:`CopilotConfig`).
+
         Vocabulary, widths, heads, feed-forward size and rotary settings come from the Pilot's config; any
         :class:`CopilotConfig` field can be overridden. Copilot layer i copies every tensor of Pilot decoder
         layer i whose name and shape match (Llama, Qwen2, Mistral: the whole block; cross-attention layers take
@@ -568,8 +617,12 @@ class CopilotModel(CopilotPreTrainedModel):
         """
         model = unwrap_pilot(pilot)
         config = cls._config_for(model, num_hidden_layers, config_overrides)
+        lora, config.lora = config.lora, None  # copy the Pilot's weights first, then adapt them
         copilot = cls(config).to(model.device, model.dtype)
         copied = copilot._copy_from(model)
+        if lora is not None:
+            copilot.config.lora = lora
+            copilot._add_lora()
         modules = dict.fromkeys(".".join(name.split(".")[:2]) for name in copied)
         logger.info("CopilotModel.from_pilot(%s): copied %d tensors from the Pilot (%s)", type(model).__name__,
                     len(copied), ", ".join(modules) or "nothing fits: all fresh")

@@ -69,15 +69,17 @@ class CopilotUpdater:
         self.copilot = copilot
         self.config = config
         self.autocast_dtype = autocast_dtype
-        decay = [p for p in copilot.parameters() if p.dim() >= 2]
-        no_decay = [p for p in copilot.parameters() if p.dim() < 2]
+        # Only what trains: a LoRA Copilot's frozen block weights need no optimizer state and no all-reduce.
+        self.trainable = [p for p in copilot.parameters() if p.requires_grad]
+        decay = [p for p in self.trainable if p.dim() >= 2]
+        no_decay = [p for p in self.trainable if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.learning_rate,
             betas=config.adam_betas,
             eps=config.adam_epsilon,
             # One kernel per step instead of several passes over every parameter (the |V|×d matrices are large).
-            fused=all(p.device.type in ("cpu", "cuda") for p in copilot.parameters()) or None,
+            fused=all(p.device.type in ("cpu", "cuda") for p in self.trainable) or None,
         )
         self.scheduler = get_scheduler(
             config.lr_scheduler_type,
@@ -99,9 +101,9 @@ class CopilotUpdater:
         with autocast:
             loss = self.copilot(**batch.copilot_inputs(), return_corrections=False).loss
         loss.backward()
-        _average_gradients(self.copilot)
+        _average_gradients(self.trainable)
         if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.copilot.parameters(), self.config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -150,14 +152,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _average_gradients(model):
+def _average_gradients(parameters):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for p, g in zip(model.parameters(), grads):
+    for p, g in zip(parameters, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(p).to(p.dtype)
         offset += g.numel()
