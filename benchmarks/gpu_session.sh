@@ -7,7 +7,7 @@
 # Results go to $OUT (default gpu_out/). The quality cells run side by side as separate processes (a 135M Pilot
 # leaves one GPU mostly idle); every process stops at the deadline (QUALITY_SECONDS, default 420), and a cell cut
 # short still leaves its partial.json. runs.tgz holds every cell's JSON and log; tabulate them on any machine with
-#   tar xzf runs.tgz && python benchmarks/quality.py --protocol gpu_short --report-only --runs runs/quality
+#   tar xzf runs.tgz && python -m benchmarks.quality.quality --protocol gpu_short --report-only --runs runs/quality
 set -u
 OUT=${OUT:-gpu_out}
 RUNS=${RUNS:-runs/quality}
@@ -30,19 +30,20 @@ stage_model() {  # SmolLM2 converted once, before anything is timed
 
 stage_cost() {  # each benchmark measures with and without the Copilot in one process, median of 5
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/cost.md"
-    timeout "${COST_SECONDS:-200}" bash -c "cd benchmarks
-        python3 training_overhead.py --pilot smollm2 --bf16 --repeats 5 --steps 10 --warmup 2
-        python3 memory.py --pilot smollm2 --bf16 --steps 12 --seq 256 --log-rounds 4 --output $OUT/memory_gpu.md
-        python3 generation_overhead.py --pilot smollm2 --device cuda --dtype bfloat16 --repeats 5 \
+    timeout "${COST_SECONDS:-200}" bash -c "
+        python3 -m benchmarks.cost.training_overhead --pilot smollm2 --bf16 --repeats 5 --steps 10 --warmup 2
+        python3 -m benchmarks.cost.memory --pilot smollm2 --bf16 --steps 12 --seq 256 --log-rounds 4 \
+            --output $OUT/memory_gpu.md
+        python3 -m benchmarks.cost.generation_overhead --pilot smollm2 --device cuda --dtype bfloat16 --repeats 5 \
             --beams 1 4 --batches 1 8 --new-tokens 64" 2>&1 | tee -a "$OUT/cost.md"
 }
 
 run_cell() {  # task seed deadline: the cell, then the Copilot variants on its saved Mistake Log
     local left=$(( $3 - $(date +%s) ))
-    (( left > 0 )) && timeout "$left" python3 benchmarks/quality.py --protocol gpu_short --tasks "$1" --seeds "$2" \
+    (( left > 0 )) && timeout "$left" python3 -m benchmarks.quality.quality --protocol gpu_short --tasks "$1" --seeds "$2" \
         --runs "$RUNS" --table /dev/null || return
     left=$(( $3 - $(date +%s) ))
-    (( left > 0 )) && timeout "$left" python3 benchmarks/copilot_variants.py --protocol gpu_short --tasks "$1" \
+    (( left > 0 )) && timeout "$left" python3 -m benchmarks.quality.copilot_variants --protocol gpu_short --tasks "$1" \
         --seeds "$2" --variants "$VARIANTS" --runs "$RUNS" --table /dev/null
 }
 
@@ -57,7 +58,7 @@ stage_quality() {
         done
     done
     wait
-    python3 benchmarks/quality.py --protocol gpu_short --report-only --runs "$RUNS" --table "$OUT/quality_gpu_short.md"
+    python3 -m benchmarks.quality.quality --protocol gpu_short --report-only --runs "$RUNS" --table "$OUT/quality_gpu_short.md"
     find "$RUNS/gpu_short" \( -name "*.json" -o -name "log.txt" \) -print0 | tar czf "$OUT/runs.tgz" --null -T -
 }
 

@@ -31,7 +31,8 @@ class CopilotCallback(TrainerCallback):
 
     Args:
         copilot: the :class:`CopilotModel` to train (e.g. ``CopilotModel.from_pilot(pilot)``).
-        log_rounds: Mistake Log capacity in training rounds (micro-batches); the paper keeps 128.
+        log_rounds: Mistake Log capacity in rounds; a round is one Pilot optimizer step with all its micro-batches
+            (the paper keeps 128).
         log_max_bytes: byte budget of the log (see :class:`MistakeLog`).
         top_k: Pilot probabilities kept per token in the compact errors.
         log_device: where the log lives (``"cpu"``, pinned when CUDA exists; or the Pilot's device).

@@ -18,7 +18,9 @@ class CopilotConfig(PreTrainedConfig):
     """Configuration of a :class:`~hf_copilot.CopilotModel`.
 
     The Copilot is a small pre-norm Transformer decoder (RMSNorm, rotary self-attention, SwiGLU feed-forward: the
-    Llama block) that reads the Pilot's states through the paper's modified cross-attention.
+    Llama block) that reads the Pilot's states through the paper's modified cross-attention. The defaults are the
+    paper's; the options marked experimental were added to test hypotheses about why a Copilot does or does not
+    help, and may change.
 
     Args:
         vocab_size: the Pilot's output vocabulary (width of the errors the Copilot reads and predicts).
@@ -35,14 +37,16 @@ class CopilotConfig(PreTrainedConfig):
             projection; ``mlp_bias`` on the feed-forward projections.
         pilot_model_type: the Pilot's ``model_type`` (informational, checked by the callback and processor).
         correction: how the correction f is produced. ``"vocabulary"`` (the paper): a linear head d_C → |V|.
-            ``"rerank"``: a residual re-ranking of the Pilot's own top ``rerank_top_k`` candidates,
-            ``f = softmax(log p̂_top + δ) · Σp̂_top − p̂_top`` on those tokens and 0 elsewhere, with
+            ``"rerank"`` (experimental): a residual re-ranking of the Pilot's own top ``rerank_top_k``
+            candidates, ``f = softmax(log p̂_top + δ) · Σp̂_top − p̂_top`` on those tokens and 0 elsewhere, with
             ``δ_j = ⟨h_i, w_{token j}⟩`` read from the same (|V|, d) head matrix. It is exactly 0 when δ = 0, keeps
-            ``p̂ + f`` a distribution, and costs k instead of |V| dot products per position.
-        rerank_top_k: candidates re-ranked by ``correction="rerank"`` (at most the Mistake Log's ``top_k``).
-        loss: ``"rmse"`` (the paper's Eq. 7) or, with ``correction="rerank"``, ``"cross_entropy"``: the negative
-            log-likelihood of the label under the re-ranked candidate distribution (positions whose label is not
-            among the candidates are skipped).
+            ``p̂ + f`` a distribution, and costs k instead of |V| dot products per position. It exists to test
+            whether a Copilot that starts from the Pilot's own distribution learns a correction that transfers.
+        rerank_top_k: (experimental) candidates re-ranked by ``correction="rerank"`` (at most the Mistake Log's
+            ``top_k``).
+        loss: ``"rmse"`` (the paper's Eq. 7) or, with ``correction="rerank"``, ``"cross_entropy"`` (experimental):
+            the negative log-likelihood of the label under the re-ranked candidate distribution (positions whose
+            label is not among the candidates are skipped).
         lora: ``None`` (every weight trains) or LoRA settings for the blocks, as in the paper's Copilot: a dict of
             ``r``, ``lora_alpha``, ``lora_dropout`` and optionally ``target_modules`` (default: every attention
             and feed-forward projection). The blocks' own weights are then frozen (they are the pretrained Pilot
@@ -50,8 +54,9 @@ class CopilotConfig(PreTrainedConfig):
             projection, alignment, norms, correction head) is new and always trains. The adapters are part of the
             model's state dict, so ``save_pretrained`` / ``from_pretrained`` round-trip them in one folder.
         read_errors: whether the Copilot reads the error sequence (the paper: true errors ℓ_<i in training, its own
-            corrections f_<i in generation). ``False`` feeds zeros instead, in training and generation alike, so
-            the Copilot sees the same kind of input in both (no exposure bias) and relies on the Pilot's states.
+            corrections f_<i in generation). ``False`` (experimental) feeds zeros instead, in training and
+            generation alike, so the Copilot sees the same kind of input in both (no exposure bias) and relies on
+            the Pilot's states.
     """
 
     model_type = "copilot"

@@ -61,8 +61,9 @@ class CopilotLogitsProcessor(LogitsProcessor):
         lam: the fusion weight λ ≥ 0; ``0`` returns the scores unchanged.
         space: ``"probs"`` (paper Eq. 8: ``softmax(scores) + λ f``, clamped positive, renormalised, returned as log)
             or ``"logits"`` (``scores + λ f``).
-        gate: when set (0 < gate ≤ 1), fuse only where the Pilot is unsure: rows whose highest Pilot probability is
-            below ``gate`` are rectified, the others keep the Pilot's scores (default: every step is rectified).
+        gate: (experimental) when set (0 < gate ≤ 1), fuse only where the Pilot is unsure: rows whose highest Pilot
+            probability is below ``gate`` are rectified, the others keep the Pilot's scores (default: every step is
+            rectified). It tests whether the Pilot's own confidence tells where a correction is worth applying.
         top_analysis: when ``n > 0``, :attr:`analysis` holds one dict per step of the current ``generate()`` call
             with the top-n tokens of the fused scores (``token_ids``) and, for those tokens, the Pilot's scores
             (``pilot_scores``), the Copilot's corrections (``corrections``) and the fused scores (``fused_scores``),

@@ -44,6 +44,7 @@ def run(tmp_path, callback=None, pilot=None, args=None, **trainer_kwargs):
     return trainer
 
 
+@pytest.mark.slow
 def test_pilot_training_is_untouched_by_the_callback(tmp_path):
     plain = run(tmp_path / "plain").model
     copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
@@ -52,6 +53,7 @@ def test_pilot_training_is_untouched_by_the_callback(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_copilot_learns_the_errors_of_a_fixed_pilot(tmp_path, device, bf16):
@@ -138,6 +140,7 @@ def test_mismatched_copilot_fails_before_training(tmp_path):
         run(tmp_path, CopilotCallback(copilot))
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_copilot_as_an_uninterrupted_run(tmp_path):
     def callback():
         return CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4,
@@ -156,6 +159,7 @@ def test_resume_gives_the_same_copilot_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_offline_training_from_a_saved_log(tmp_path):
     copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
     callback = CopilotCallback(copilot, batch_size=4, learning_rate=1e-12)
@@ -172,6 +176,7 @@ def test_offline_training_from_a_saved_log(tmp_path):
     assert whole_log.tokens == 2 * log.stats()["tokens"]  # every sequence drawn twice; padding not counted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_rounds", [128, 2])
 def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path, log_rounds):
     """MistakeLog.until(step) is the log as it stood at that step, so an offline replay equals the joint run; with
@@ -206,6 +211,7 @@ def test_replaying_a_saved_log_round_by_round_reproduces_joint_training(tmp_path
 DDP_SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux CI")
 def test_two_processes_end_with_identical_copilots(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}

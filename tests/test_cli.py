@@ -59,6 +59,7 @@ def check_results(eval_dir, data):
     return results
 
 
+@pytest.mark.slow
 def test_train_then_eval_on_a_model_folder_and_a_data_file(user_files, tmp_path, capsys):
     model_dir, data = user_files
     out = tmp_path / "run"
@@ -82,6 +83,7 @@ def test_train_then_eval_on_a_model_folder_and_a_data_file(user_files, tmp_path,
     assert "| pilot greedy |" in printed and "Held-out Copilot RMSE" in printed
 
 
+@pytest.mark.slow
 def test_lora_train_then_eval_from_another_directory(user_files, tmp_path, monkeypatch):
     """The adapter names its base folder; a relative --model must still be found when eval runs elsewhere."""
     model_dir, data = user_files
@@ -98,6 +100,7 @@ def test_lora_train_then_eval_from_another_directory(user_files, tmp_path, monke
     check_results(tmp_path / "eval", data)
 
 
+@pytest.mark.slow
 def test_help_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "hf_copilot", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

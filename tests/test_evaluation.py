@@ -86,6 +86,7 @@ def recount(answer: str, example) -> bool:
     return answer.strip().split("\n")[0].strip().lower().rstrip(".") == example.answer.lower()
 
 
+@pytest.mark.slow
 def test_evaluate_decodings_counts_fixed_and_broken_against_the_pilot_alone(trained, tokenizer):
     pilot, copilot = trained
     noisy = noisy_copilot(pilot, copilot, 0.1)  # corrections large enough to both fix and break answers
@@ -163,6 +164,7 @@ def noisy_copilot(pilot, copilot, scale):
     return noisy
 
 
+@pytest.mark.slow
 def test_screened_greedy_decodings_equal_a_full_rectified_generate(trained, tokenizer, monkeypatch):
     """evaluate_decodings screens every rectified greedy decoding in one Pilot pass and regenerates only the rows
     that leave the Pilot's path; each must equal generate() with the processor over all rows."""

@@ -66,6 +66,7 @@ def run_finetune(tmp_path, tokenizer, copilot=None, pilot=None, **kwargs):
     return pilot, trainer
 
 
+@pytest.mark.slow
 def test_finetune_trains_the_copilot_alongside_and_leaves_the_pilot_untouched(tmp_path, tokenizer):
     plain_pilot, _ = run_finetune(tmp_path / "plain", tokenizer)
 
@@ -91,6 +92,7 @@ def test_finetune_trains_the_copilot_alongside_and_leaves_the_pilot_untouched(tm
     assert moved  # the Pilot did train
 
 
+@pytest.mark.slow
 def test_lora_adapter_saves_and_merges_back(tmp_path, tokenizer):
     base_dir = tmp_path / "base"
     tiny_pilot("llama").save_pretrained(base_dir)

@@ -354,6 +354,7 @@ def test_bf16_forward_and_backward_match_fp32():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in half.parameters())
 
 
+@pytest.mark.slow
 def test_save_and_load_give_identical_outputs(tmp_path):
     copilot = trained_looking(CopilotModel(small_config()))
     copilot.save_pretrained(tmp_path)

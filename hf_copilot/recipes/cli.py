@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--beams", type=_ints, default=(1, 4), help="comma-separated beam counts")
     evaluate.add_argument("--batch-size", type=int, default=16)
 
-    demo = commands.add_parser("demo", help=f"train + eval SmolLM2-135M on {DEMO['task']} (about 15 min on 2 CPU cores)")
+    demo = commands.add_parser("demo", help=f"train + eval SmolLM2-135M on {DEMO['task']} (minutes on a CPU; the "
+                                            "first run also downloads and converts the model and data)")
     demo.add_argument("--output", type=Path, default=Path("runs/demo"))
     return parser
 

@@ -1,7 +1,7 @@
 """What the base model already knows about each task, scored without generation: a reference, not a metric.
 
-    python benchmarks/option_likelihood.py                      # SmolLM2-135M, the three multiple-choice tasks
-    python benchmarks/option_likelihood.py --tasks boolq --test-size 100
+    python -m benchmarks.quality.option_likelihood                      # SmolLM2-135M, the three multiple-choice tasks
+    python -m benchmarks.quality.option_likelihood --tasks boolq --test-size 100
 
 The benchmark itself scores generated answers only (as the paper does). This script ranks each test item's options
 by the base model's log-likelihood of the option after a plain "Question: ... Answer:" context, the usual zero-shot

@@ -1,13 +1,14 @@
 """Compare Copilot variants on one real Pilot run, without retraining the Pilot for each.
 
-    python benchmarks/copilot_variants.py --tasks basic_arithmetic --seeds 0 --variants paper,rerank
-    python benchmarks/copilot_variants.py --tasks arc_easy --seeds 0 --screen   # held-out diagnostic only
+    python -m benchmarks.quality.copilot_variants --tasks basic_arithmetic --seeds 0 --variants paper,rerank
+    python -m benchmarks.quality.copilot_variants --tasks arc_easy --seeds 0 --screen   # held-out diagnostic only
 
 The Pilot's training is identical whatever the Copilot does, so each variant replays the Mistake Log that
-``benchmarks/quality.py`` saved from the joint run round by round (``MistakeLog.until``), which is exactly what
+``benchmarks/quality/quality.py`` saved from the joint run round by round (``MistakeLog.until``), which is exactly what
 joint training would have shown it, then is scored like the benchmark: the held-out diagnostic (Copilot RMSE ÷
 all-zero RMSE on teacher-forced test items, and on 200 training items) and test accuracy at fixed λ values.
-One JSON per (task, seed, variant) under ``--runs``; the table goes to ``benchmarks/results/copilot_variants.md``.
+One JSON per (task, seed, variant) under ``--runs``; the table goes to
+``benchmarks/quality/results/copilot_variants.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.finetune import load_pilot
 from hf_copilot.recipes.tasks import TASKS
 
-from quality import CELLS, PROTOCOLS, on_accelerator, protocol_data, write_json
+from benchmarks.quality.protocols import CELLS, PROTOCOLS, RESULTS, on_accelerator, protocol_data, write_json
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -102,8 +104,8 @@ def run_variant(task: str, seed: int, variant: str, protocol: str, runs: Path, m
     joint = runs / protocol / task / f"seed{seed}" / "joint"
     log_dir = joint / "copilot" / "mistake_log"
     if not log_dir.is_dir():
-        raise FileNotFoundError(f"{log_dir} is missing: train it first with benchmarks/quality.py --joint-only "
-                                f"--protocol {protocol} --tasks {task} --seeds {seed} (or run the whole cell).")
+        raise FileNotFoundError(f"{log_dir} is missing: train it first with python -m benchmarks.quality.quality "
+                                f"--joint-only --protocol {protocol} --tasks {task} --seeds {seed} (or run the whole cell).")
     started = time.perf_counter()
     set_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -194,7 +196,7 @@ def main() -> None:
     parser.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--table", type=Path, default=Path(__file__).parent / "results" / "copilot_variants.md")
+    parser.add_argument("--table", type=Path, default=RESULTS / "copilot_variants.md")
     parser.add_argument("--screen", action="store_true",
                         help="held-out diagnostic only, no generation (minutes instead of tens of minutes)")
     parser.add_argument("--report-only", action="store_true",
@@ -209,7 +211,7 @@ def main() -> None:
         print(table(results))
         return
     model_dir = resolve_model(args.model)
-    torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/quality.py
+    torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/quality/quality.py
     results = []
     for task in args.tasks:
         for seed in args.seeds:

@@ -1,6 +1,6 @@
 """Are the Pilot's test-time mistakes visible in what the Copilot reads? A linear probe, before any Copilot.
 
-    python benchmarks/error_visibility.py --cell runs/quality/cpu/arc_easy/seed1   # a finished quality.py cell
+    python -m benchmarks.quality.error_visibility --cell runs/quality/cpu/arc_easy/seed1   # a finished quality.py cell
 
 At the position where the Pilot chooses its answer (the first token after "the correct answer is"), teacher-forced,
 a logistic regression on the Pilot's layer-averaged hidden state h̄ (what the Copilot cross-attends to) learns,
@@ -22,7 +22,7 @@ from hf_copilot.recipes.finetune import load_pilot
 from hf_copilot.mistake_log import IGNORE_INDEX
 from hf_copilot.recipes.tasks import TASKS
 
-from quality import protocol_data
+from benchmarks.quality.protocols import protocol_data
 
 
 def decision_points(pilot, tokenizer, examples, task_format, lead: str = "the correct answer is"):

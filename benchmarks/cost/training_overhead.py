@@ -2,9 +2,9 @@
 
 Launch (one process measures every setting, alternating, so they share the machine's state):
 
-    python benchmarks/training_overhead.py --pilot tiny --repeats 5 --steps 25
-    python benchmarks/training_overhead.py --pilot smollm2 --repeats 5 --steps 6 --warmup 2 --settings all
-    python benchmarks/training_overhead.py --pilot smollm2 --bf16 --steps 22 --warmup 2    # on a GPU
+    python -m benchmarks.cost.training_overhead --pilot tiny --repeats 5 --steps 25
+    python -m benchmarks.cost.training_overhead --pilot smollm2 --repeats 5 --steps 6 --warmup 2 --settings all
+    python -m benchmarks.cost.training_overhead --pilot smollm2 --bf16 --steps 22 --warmup 2    # on a GPU
 
 Each repeat trains the Pilot from the same initial weights for ``--steps`` steps per setting on random tokens (every
 position labelled: the worst case for the capture, which skips unlabelled positions). A step's time is measured
@@ -22,10 +22,11 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import CopilotCallback, CopilotModel
+
+from benchmarks.cost.pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 
 SETTINGS = {
     "pilot only": None,

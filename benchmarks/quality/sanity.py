@@ -1,11 +1,11 @@
 """Synthetic sanity benchmark: a tiny Pilot trained from scratch on two-number addition, in minutes on a CPU.
 
-    python benchmarks/sanity.py                     # default knobs and the cost/quality trade-off table
+    python -m benchmarks.quality.sanity                  # default knobs and the cost/quality trade-off table
 
 It runs the real path (``finetune`` with ``CopilotCallback``, ``evaluate_decodings``, ``heldout_error_ratio``) on
 a task small enough to repeat, so it is where the joint-training knobs are compared: Copilot updates every n Pilot
 steps and the Copilot's batch size. Time ratios are measured in this process against the same Pilot training
-without the callback (median of ``--repeats`` runs each). Writes ``benchmarks/results/sanity.md``.
+without the callback (median of ``--repeats`` runs each). Writes ``benchmarks/quality/results/sanity.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from hf_copilot.recipes.diagnostics import heldout_error_ratio
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.finetune import finetune
 from hf_copilot.recipes.tasks import DEFAULT_FORMAT, Example
+
+from benchmarks.quality.protocols import RESULTS
 
 LARGEST = 20
 TASK_FORMAT = DEFAULT_FORMAT
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--settings", type=lambda t: [name for name in t.split(",") if name], default=None,
                         help="comma-separated setting names to run (default: all; '' for none); the Pilot alone "
                              "always runs")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "sanity.md")
+    parser.add_argument("--output", type=Path, default=RESULTS / "sanity.md")
     args = parser.parse_args()
     train, test = addition_examples(args.train_size, seed=1), addition_examples(200, seed=2)
     settings = {
@@ -116,7 +118,7 @@ def main() -> None:
         held = "–" if "heldout_ratio" not in runs[0] else f"{statistics.fmean(r['heldout_ratio'] for r in runs):.3f}"
         lines.append(f"| {name} | {ratio:.2f}× | {mean('pilot greedy')} | {mean('probs λ=1 greedy')} | "
                      f"{mean('logits λ=1 greedy')} | {held} |")
-    command = shlex.join(["python", "benchmarks/sanity.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.quality.sanity", *sys.argv[1:]])
     text = (f"# Sanity benchmark: tiny Pilot from scratch on addition\n\n`{command}`, {torch.get_num_threads()} CPU "
             f"threads; {len(train)} training and {len(test)} test sums, {args.epochs:g} epochs; accuracy (%) is the "
             f"mean over seeds {seeds.start}–{seeds.stop - 1}, time the median.\n\n"

@@ -1,10 +1,10 @@
 """What CopilotLogitsProcessor adds to generate(): wall time with and without it, in one process.
 
-    python benchmarks/generation_overhead.py --pilot tiny [--repeats 5] [--device cpu]
-    python benchmarks/generation_overhead.py --pilot smollm2 --beams 1 4 --batches 1 8 --new-tokens 64 256
-    python benchmarks/generation_overhead.py --pilot smollm2 --device cuda --dtype bfloat16    # on a GPU
+    python -m benchmarks.cost.generation_overhead --pilot tiny [--repeats 5] [--device cpu]
+    python -m benchmarks.cost.generation_overhead --pilot smollm2 --beams 1 4 --batches 1 8 --new-tokens 64 256
+    python -m benchmarks.cost.generation_overhead --pilot smollm2 --device cuda --dtype bfloat16    # on a GPU
 
-The Pilots are described in ``benchmarks/pilots.py``. The Copilot is
+The Pilots are described in ``benchmarks/cost/pilots.py``. The Copilot is
 ``CopilotModel.from_pilot(pilot)`` (the default shape) with a non-zero head, so the fusion really runs. Every
 configuration generates exactly the requested number of tokens (min_new_tokens = max_new_tokens). Plain and Copilot
 runs alternate so that drift in machine load hits both alike; the table reports medians.
@@ -21,10 +21,11 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from pilots import PILOTS, load_pilot
 
 from hf_copilot.generation import CopilotLogitsProcessor
 from hf_copilot.modeling_copilot import CopilotModel
+
+from benchmarks.cost.pilots import PILOTS, load_pilot
 
 PROMPT_LENGTH = 32
 

@@ -1,13 +1,13 @@
 """Memory of joint training: peak with vs without the callback, and growth over a long run.
 
-    python benchmarks/memory.py --pilot tiny --steps 1000
-    python benchmarks/memory.py --pilot smollm2 --steps 20 --seq 256
-    python benchmarks/memory.py --pilot smollm2 --steps 20 --seq 256 --bf16 --output memory_gpu.md    # on a GPU
+    python -m benchmarks.cost.memory --pilot tiny --steps 1000
+    python -m benchmarks.cost.memory --pilot smollm2 --steps 20 --seq 256
+    python -m benchmarks.cost.memory --pilot smollm2 --steps 20 --seq 256 --bf16 --output memory_gpu.md    # on a GPU
 
 Each setting runs in its own fresh process (peak resident memory is per process): the Pilot alone, then the Pilot
 with CopilotCallback. Every step records the process's resident memory (and, on CUDA, the allocator's peak); the
 report gives the peak ratio and the growth after the Mistake Log has filled (rounds > ``--log-rounds``), which
-must be ~0 for a bounded log. Writes ``benchmarks/results/memory_<pilot>.md``.
+must be ~0 for a bounded log. Writes ``benchmarks/cost/results/memory_<pilot>.md``.
 """
 
 import argparse
@@ -17,8 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
-from pilots import PILOTS, load_pilot, random_token_rows
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from benchmarks.cost.pilots import PILOTS, load_pilot, random_token_rows
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+"""Each setting's process runs this module from the repository root, as the parent was run."""
 
 
 def resident_bytes() -> int:
@@ -79,17 +83,18 @@ def main() -> None:
     parser.add_argument("--log-rounds", type=int, default=128)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (Trainer's --bf16), as on a GPU")
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/memory_<pilot>.md")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: benchmarks/cost/results/memory_<pilot>.md")
     args = parser.parse_args()
     if args.setting:
         child(args)
         return
     runs = {}
     for setting in ("Pilot alone", "with callback"):
-        command = [sys.executable, __file__, "--setting", setting] + [
+        command = [sys.executable, "-m", __spec__.name, "--setting", setting] + [
             f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
             if name not in ("setting", "output", "bf16")] + (["--bf16"] if args.bf16 else [])
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPOSITORY)
         runs[setting] = json.loads(done.stdout.strip().splitlines()[-1])
     plain, joint = runs["Pilot alone"], runs["with callback"]
     start = min(args.log_rounds + 10, args.steps // 2)
@@ -103,8 +108,9 @@ def main() -> None:
     if plain["cuda_peak"]:
         rows.insert(1, f"| CUDA peak allocated | {plain['cuda_peak'] / 2**20:.0f} MiB | "
                        f"{joint['cuda_peak'] / 2**20:.0f} MiB | {joint['cuda_peak'] / plain['cuda_peak']:.3f}× |")
-    text = (f"# Memory of joint training\n\n`python benchmarks/memory.py --pilot {args.pilot} --steps {args.steps} "
-            f"--seq {args.seq}{' --bf16' if args.bf16 else ''}`: batch {args.batch}×{args.seq}, the default Copilot, log of {args.log_rounds} rounds."
+    text = (f"# Memory of joint training\n\n`python -m benchmarks.cost.memory --pilot {args.pilot} "
+            f"--steps {args.steps} --seq {args.seq}{' --bf16' if args.bf16 else ''}`: batch {args.batch}×{args.seq}, "
+            f"the default Copilot, log of {args.log_rounds} rounds."
             f"\n\n| | Pilot alone | with callback | ratio |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
     (args.output or Path(__file__).parent / "results" / f"memory_{args.pilot}.md").write_text(text)

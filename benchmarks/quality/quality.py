@@ -1,11 +1,11 @@
 """The paper's Table 1 in miniature: does the Copilot make a real Pilot more accurate, against fair controls?
 
-    python benchmarks/quality.py --protocol cpu       # SmolLM2-135M, ARC-Easy + arithmetic x 3 seeds (resumable)
-    python benchmarks/quality.py --protocol cpu --tasks arc_easy,piqa,boolq,basic_arithmetic   # all four
-    python benchmarks/quality.py --protocol gpu_short # 1,500 training rows, 2 epochs: minutes per cell on one GPU
-    python benchmarks/quality.py --protocol gpu       # the same at paper-like sizes, for a GPU machine
-    python benchmarks/quality.py --protocol cpu --tasks basic_arithmetic --seeds 0   # one cell
-    python benchmarks/quality.py --protocol cpu_more_data --tasks basic_arithmetic --joint-only  # for replays
+    python -m benchmarks.quality.quality --protocol cpu        # SmolLM2-135M, ARC-Easy + arithmetic x 3 seeds
+    python -m benchmarks.quality.quality --protocol cpu --tasks arc_easy,piqa,boolq,basic_arithmetic  # all four
+    python -m benchmarks.quality.quality --protocol gpu_short  # 1,500 training rows, 2 epochs: minutes a cell on a GPU
+    python -m benchmarks.quality.quality --protocol gpu        # the same at paper-like sizes, for a GPU machine
+    python -m benchmarks.quality.quality --protocol cpu --tasks basic_arithmetic --seeds 0          # one cell
+    python -m benchmarks.quality.quality --protocol cpu_more_data --tasks basic_arithmetic --joint-only  # replays
 
 For every (task, seed) cell, with the same LoRA Pilot training in every arm:
   joint   the Pilot fine-tuned with CopilotCallback; scored alone and rectified (both fusion spaces, fixed λ values
@@ -14,8 +14,8 @@ For every (task, seed) cell, with the same LoRA Pilot training in every arm:
   latest  control (c), the paper's "Latest" ablation: a fresh Copilot trained offline, for as many updates, on a
           Mistake Log of the *final* Pilot only.
 Each finished cell is one JSON file under ``--runs``; a rerun skips finished cells and finished stages, so the
-protocol resumes where it stopped. The table goes to ``benchmarks/results/quality_<protocol>.md``, and each
-finished cell is also copied to ``benchmarks/results/cells/<protocol>/<task>/seed<k>.json``, which
+protocol resumes where it stopped. The table goes to ``benchmarks/quality/results/quality_<protocol>.md``, and each
+finished cell is also copied to ``benchmarks/quality/results/cells/<protocol>/<task>/seed<k>.json``, which
 ``--report-only`` reads when ``--runs`` does not hold the cell.
 """
 
@@ -37,50 +37,10 @@ from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks_of, r
                                             teacher_forced_records)
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
-from hf_copilot.recipes.tasks import TASKS, load_task
+from hf_copilot.recipes.tasks import TASKS
 
-ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
-CPU_TASKS = ("arc_easy", "basic_arithmetic")
-"""The CPU protocol's default tasks: the two on which a CPU-trained 135M Pilot is above chance. PIQA and BoolQ stay
-at chance there (README, "Does it help?") and would add 1.5-2 h per seed; ``--tasks`` still runs them."""
-CELLS = Path(__file__).parent / "results" / "cells"
-"""A copy of every finished cell's result (small JSON, committed), so the table survives the machine that ran it."""
-CPU_PROTOCOL = dict(tasks=CPU_TASKS, train_size=400, test_size=200, epochs=1.0, learning_rate=5e-4, batch_size=8,
-                    lora_rank=32, copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
-                    decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
-                    eval_batch_size=32)
-PROTOCOLS = {
-    # Sized for 2 CPU cores, one cell at a time: 1 epoch over 400 examples, greedy; an arithmetic cell takes 7-10
-    # minutes, an ARC-Easy cell 20-29 (3 seeds of both: 1.63 h, quality_cpu.md).
-    "cpu": CPU_PROTOCOL,
-    # The CPU protocol with 4x the training data (still one epoch): does the Copilot transfer once it has more
-    # examples per parameter? (About 4x the CPU protocol's training time; arithmetic only, as ARC-Easy has 370
-    # training rows in all.)
-    "cpu_more_data": {**CPU_PROTOCOL, "tasks": ("basic_arithmetic",), "train_size": 1600},
-    # Enough data for Pilots above chance, small enough that every cell finishes in minutes on one GPU (the
-    # cells are independent processes: run them side by side, see benchmarks/gpu_session.sh).
-    "gpu_short": dict(tasks=ALL_TASKS, train_size=1500, test_size=None, epochs=2.0, learning_rate=2e-4,
-                      batch_size=16, lora_rank=32, copilot_layers=2, copilot_learning_rate=5e-4, copilot_batch_size=8,
-                      decodings=[("probs", 0.5), ("probs", 1.0), ("logits", 1.0), ("logits", 3.0)], beams=(1,),
-                      eval_batch_size=64),
-    # Closer to the paper (3 epochs, all training rows, beam 4 too); hours on one GPU.
-    "gpu": dict(tasks=ALL_TASKS, train_size=None, test_size=None, epochs=3.0, learning_rate=2e-4, batch_size=16,
-                lora_rank=32, copilot_layers=4, copilot_learning_rate=5e-4, copilot_batch_size=16,
-                decodings=[("probs", lam) for lam in (0.1, 0.3, 0.5, 0.8, 1.0)]
-                + [("logits", lam) for lam in (0.5, 1.0, 3.0)], beams=(1, 4), eval_batch_size=64),
-}
-
-
-def on_accelerator(model):
-    """Evaluate where the Trainer trained: the GPU when there is one."""
-    return model.to("cuda") if torch.cuda.is_available() else model
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(path)
+from benchmarks.quality.protocols import (ALL_TASKS, CELLS, PROTOCOLS, RESULTS, on_accelerator, protocol_data,
+                                         write_json)
 
 
 def _base(model_dir: Path):
@@ -123,14 +83,6 @@ class Stopwatch:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
         self._last = now
-
-
-def protocol_data(task: str, protocol: str) -> tuple[list, list]:
-    """A task's training and test examples at a protocol's sizes (``test_size=None``: the task's own)."""
-    p = PROTOCOLS[protocol]
-    train = load_task(task, "train", train_size=p["train_size"])
-    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
-    return train, test
 
 
 def train_joint(task: str, seed: int, protocol: str, runs: Path, model_dir: Path) -> Path:
@@ -280,11 +232,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0, 1, 2])
     parser.add_argument("--model", default="smollm2-135m", help="Pilot base model folder, or smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="where cells and checkpoints go")
-    parser.add_argument("--table", type=Path, default=None, help="markdown output (default benchmarks/results/...)")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="markdown output (default benchmarks/quality/results/quality_<protocol>.md)")
     parser.add_argument("--report-only", action="store_true",
                         help="tabulate the finished cells (from --runs, else the committed copies), run nothing")
     parser.add_argument("--joint-only", action="store_true",
-                        help="train only the cells' joint runs (what benchmarks/copilot_variants.py replays)")
+                        help="train only the cells' joint runs (what benchmarks/quality/copilot_variants.py replays)")
     args = parser.parse_args()
     args.tasks = args.tasks or list(PROTOCOLS[args.protocol]["tasks"])
     if unknown := sorted(set(args.tasks) - set(ALL_TASKS)):
@@ -313,11 +266,11 @@ def main() -> None:
             print(f"== {task} seed {seed}", flush=True)
             results.append(run_cell(task, seed, args.protocol, args.runs, model_dir))
             print(json.dumps({k: v for k, v in results[-1].items() if k in ("joint", "longer")}, indent=1), flush=True)
-    command = "python benchmarks/quality.py --protocol {} --tasks {} --seeds {}".format(
+    command = "python -m benchmarks.quality.quality --protocol {} --tasks {} --seeds {}".format(
         args.protocol, ",".join(sorted({r["task"] for r in results}, key=ALL_TASKS.index)),
         ",".join(map(str, sorted({r["seed"] for r in results}))))
     table = summarise(results, args.protocol, command, sum(r["seconds"] for r in results) / 3600)
-    path = args.table or Path(__file__).parent / "results" / f"quality_{args.protocol}.md"
+    path = args.table or RESULTS / f"quality_{args.protocol}.md"
     path.write_text(table)
     print(table)
 

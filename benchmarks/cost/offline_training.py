@@ -1,6 +1,6 @@
 """Offline Copilot training throughput: tokens per second of ``train_copilot`` on a recorded Mistake Log.
 
-    python benchmarks/offline_training.py --pilot smollm2 --updates 12 --repeats 5
+    python -m benchmarks.cost.offline_training --pilot smollm2 --updates 12 --repeats 5
 
 The log is recorded once from random token rows (batch x seq, every position labelled) with ``PilotTap``; then
 the default Copilot (``CopilotModel.from_pilot(pilot)``, batch 8) is trained ``--updates`` times per repeat from a
@@ -13,9 +13,10 @@ import statistics
 import time
 
 import torch
-from pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 
 from hf_copilot import CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog, PilotTap
+
+from benchmarks.cost.pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 
 WARMUP_UPDATES = 2
 

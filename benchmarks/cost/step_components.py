@@ -1,7 +1,7 @@
 """Where a joint training step's time goes, part by part, outside the Trainer: the floor the overhead ratios sit on.
 
-    python benchmarks/step_components.py --pilot tiny --repeats 5
-    python benchmarks/step_components.py --pilot smollm2 --repeats 5 --iterations 3
+    python -m benchmarks.cost.step_components --pilot tiny --repeats 5
+    python -m benchmarks.cost.step_components --pilot smollm2 --repeats 5 --iterations 3
 
 A plain loop (no Trainer, no callback) times, on random tokens with every position labelled:
   Pilot step            forward + backward + (fused) AdamW step of the Pilot alone, as Trainer does it;
@@ -22,13 +22,14 @@ import statistics
 import time
 
 import torch
-from pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 
 from hf_copilot import CopilotModel
 from hf_copilot.errors import CompactErrors
 from hf_copilot.mistake_log import MistakeLog
 from hf_copilot.pilot import PilotTap
 from hf_copilot.training import CopilotTrainingConfig, CopilotUpdater
+
+from benchmarks.cost.pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 
 
 def median_ms(fn, iterations: int) -> float:
