@@ -147,12 +147,17 @@ def format_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.2f}" if p >= 0.1 else f"p = {p:.3f}"
 
 
+def format_change(difference: float, interval: Sequence[float]) -> str:
+    """A difference and its interval in accuracy points, e.g. ``+0.3 pt [−0.5, +1.5]``."""
+    low, high = interval
+    return f"{100 * difference:+.1f} pt [{100 * low:+.1f}, {100 * high:+.1f}]".replace("-", "−")
+
+
 def describe(comparison: PairedComparison, alpha: float = ALPHA) -> str:
     """The difference in points with its 1 − alpha interval, the counts and the p-value, e.g.
     ``Δ = +0.3 pt [−0.5, +1.5] (+1/−0, p = 1.00)``: one table cell."""
-    low, high = comparison.interval(alpha)
-    return (f"Δ = {100 * comparison.difference:+.1f} pt [{100 * low:+.1f}, {100 * high:+.1f}] "
-            f"(+{comparison.fixed}/−{comparison.broken}, {format_p(comparison.p_value)})").replace("-", "−")
+    return (f"Δ = {format_change(comparison.difference, comparison.interval(alpha))} "
+            f"(+{comparison.fixed}/−{comparison.broken}, {format_p(comparison.p_value)})")
 
 
 def verdict(comparison: PairedComparison, alpha: float = ALPHA) -> str:
