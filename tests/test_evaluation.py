@@ -15,6 +15,7 @@ from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks, held
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings, generate_answers
 from hf_copilot.recipes.finetune import finetune
 from hf_copilot.recipes.prompts import encode_example
+from hf_copilot.recipes.significance import sign_test_p_value
 from hf_copilot.recipes.tasks import DEFAULT_FORMAT
 
 FMT = dataclasses.replace(DEFAULT_FORMAT, max_new_tokens=12)
@@ -114,6 +115,12 @@ def test_evaluate_decodings_counts_fixed_and_broken_against_the_pilot_alone(trai
         assert row["accuracy"] == sum(mine) / len(examples)
         assert row["fixed"] == sum(m and not b for m, b in zip(mine, base))
         assert row["broken"] == sum(b and not m for m, b in zip(mine, base))
+        if row["lam"]:  # the paired comparison with the Pilot alone, from the recounted items
+            assert row["difference"] == (sum(mine) - sum(base)) / len(examples)
+            assert row["p_value"] == sign_test_p_value(row["fixed"], row["broken"])
+            assert row["interval"][0] <= row["difference"] <= row["interval"][1]
+        else:
+            assert (row["p_value"], row["difference"], row["interval"]) == (None, 0.0, None)
     assert any(row["fixed"] for row in rows) and any(row["broken"] for row in rows)  # the counts have teeth
     assert 0 < rows[0]["correct"] < len(examples)
 

@@ -26,7 +26,7 @@ from ..modeling_copilot import CopilotModel
 from .diagnostics import heldout_error_ratio
 from .finetune import add_lora, finetune, load_pilot, save_pilot
 from .scoring import Decoding, evaluate_decodings
-from .significance import PairedComparison, format_change, format_p, verdict
+from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
 from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, load_examples_file, load_task
 
 DEMO = dict(task="basic_arithmetic", train_size=800, test_size=200, epochs=1.0, lams=(0.5, 1.0))
@@ -168,9 +168,12 @@ def format_table(rows: list[dict], diagnostic: dict) -> str:
                      f"{row['fixed']} | {row['broken']} | {change[0]} | {change[1]} |")
     lines.append(f"\nHeld-out Copilot RMSE ÷ all-zero RMSE: {diagnostic['ratio']:.4f} over {diagnostic['tokens']} "
                  "teacher-forced tokens (below 1: the Copilot predicts the Pilot's errors on unseen items).")
+    rectified = [row for row in rows if row["lam"]]
     lines.append("\nAgainst the Pilot alone (same beams; exact McNemar test on fixed vs broken, Newcombe's 95% "
-                 "interval for the accuracy difference):")
-    lines += [f"- {row['decoding']}: {verdict(PairedComparison.from_scores(row))}" for row in rows if row["lam"]]
+                 f"interval for the accuracy difference). {len(rectified)} settings tried: up to "
+                 f"{min(1.0, len(rectified) * ALPHA):.0%} chance that one looks significant by luck alone; "
+                 f"p < {ALPHA / max(len(rectified), 1):.2g} holds for all of them together (Bonferroni).")
+    lines += [f"- {row['decoding']}: {verdict(PairedComparison.from_scores(row))}" for row in rectified]
     return "\n".join(lines)
 
 
