@@ -398,6 +398,10 @@ def test_rectification_plot_falls_back_to_the_first_answer_token(trained, tokeni
     assert rendered.facts["pilot_choice"] == rendered.facts["rectified_choice"] == answers[0].split()[4]
     assert set(rendered.facts["correction"]) == {0.0}
 
+    lead = [tokenizer.convert_tokens_to_ids(word) for word in "the correct answer".split()]
+    assert plots._deciding_step(tokenizer, "the correct answer is ", lead, lead) == (
+        2, "last step; the two decodings agree and no answer was written")  # it stopped inside the lead
+
 
 def test_first_error_ranks_match_a_per_example_recount(trained, tokenizer):
     pilot, _ = trained

@@ -140,3 +140,11 @@ def test_verdicts_and_descriptions():
     assert verdict(loss).startswith("significant loss at α = 0.05, Δ = −5.4 pt [")
     assert verdict(loss).endswith("(+0/−20, p < 0.001)")
     assert noise.fields() == {"p_value": 1.0, "difference": 1 / 367, "interval": noise.interval()}
+
+
+def test_the_pooling_example_of_docs_evaluation_md():
+    seeds = [dict(correct=70, total=200, fixed=5, broken=2), dict(correct=66, total=200, fixed=3, broken=3),
+             dict(correct=73, total=200, fixed=6, broken=1)]
+    assert describe(pooled_scores(seeds)) == "Δ = +1.3 pt [−0.2, +2.8] (+14/−6, p = 0.12)"
+    assert [describe(PairedComparison.from_scores(s)).split(" (")[0] for s in seeds] == [
+        "Δ = +1.5 pt [−1.3, +4.3]", "Δ = +0.0 pt [−2.6, +2.6]", "Δ = +2.5 pt [−0.3, +5.3]"]

@@ -160,7 +160,8 @@ def run_eval(args) -> dict:
 
 def format_table(rows: list[dict], diagnostic: dict) -> str:
     """The results table, the held-out diagnostic, then one verdict per rectified decoding against the Pilot alone."""
-    lines = ["| decoding | accuracy | fixed | broken | Δ vs Pilot alone [95% interval] | p |", "|---|---|---|---|---|---|"]
+    lines = ["| decoding | accuracy | fixed | broken | Δ vs Pilot alone [95% interval] | p |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         change = ((format_change(row["difference"], row["interval"]), format_p(row["p_value"])) if row["lam"]
                   else ("reference", ""))

@@ -148,8 +148,9 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
     shown, where the rectified distribution is exactly softmax(Pilot logits + λ × correction), so the two panels
     explain each other (probability-space fusion clamps and renormalises).
 
-    ``facts``: ``example``, ``step``, ``why``, ``token_ids`` and ``tokens`` (the candidates, decoded), ``pilot`` and ``fused``
-    (probabilities, %), ``correction`` (λ × correction), ``pilot_choice`` and ``rectified_choice`` (decoded).
+    ``facts``: ``example``, ``step``, ``why``, ``token_ids`` and ``tokens`` (the candidates, decoded), ``pilot``
+    and ``fused`` (probabilities, %), ``correction`` (λ × correction), ``pilot_choice`` and ``rectified_choice``
+    (decoded).
     """
     if best["space"] != "logits" or best["num_beams"] != 1:
         raise ValueError("plot_rectification follows one greedy logit-space decoding; pass a row with "
@@ -187,7 +188,7 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
     upper.set_ylabel("probability (%)")
     upper.margins(y=0.15)
     upper.legend(fontsize=8)
-    bars = lower.bar(positions, values["correction"], 0.5, color="tab:green", label=f"{lam:g} × Copilot correction")
+    bars = lower.bar(positions, values["correction"], 0.5, color="tab:green")
     lower.bar_label(bars, fmt="%+.3g", fontsize=7)
     lower.axhline(0, color="black", linewidth=0.6)
     lower.set_ylabel("λ × correction (logits)")
