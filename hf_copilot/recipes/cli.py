@@ -185,7 +185,7 @@ def _plots(args, pilot, copilot, tokenizer, examples, task_format, rows) -> None
         print(f"Skipping plots ({error}); pip install 'hf_copilot[real]' to draw them.", flush=True)
         return
     plot_accuracy_vs_lambda(rows, args.output / "accuracy_vs_lambda.png")
-    # The figure's bars add up only in logit space, and it follows one greedy decoding step by step.
+    # The figure explains a logit-space fusion (softmax of Pilot logits + λ × correction), one greedy step at a time.
     shown = [r for r in rows if r["lam"] > 0 and r["space"] == "logits" and r["num_beams"] == 1]
     best = max(shown, key=lambda r: r["accuracy"], default=None)
     if best is not None:

@@ -58,8 +58,8 @@ def plot_accuracy_vs_lambda(rows: list[dict], path: Path) -> Rendered:
     axis reads off absolute accuracy. The statistics come from each row's counts (``correct``, ``total``,
     ``fixed``, ``broken``), so stored results redraw as well.
 
-    ``facts``: ``reference`` (beams → the Pilot's accuracy, %), ``series`` (label → points of λ, Δ, low, high in
-    points and p) and ``ylim``.
+    ``facts``: ``reference`` (beams → the Pilot's accuracy, %) and ``series`` (label → points of λ, Δ, low and
+    high in points, and p).
     """
     reference = {r["num_beams"]: r for r in rows if r["lam"] == 0}
     groups = sorted({(r["space"], r["num_beams"]) for r in rows if r["lam"] > 0})
@@ -103,8 +103,7 @@ def plot_accuracy_vs_lambda(rows: list[dict], path: Path) -> Rendered:
     figure.text(0.01, -0.02, f"Bars: 95% interval of the paired difference (Newcombe). Filled: p < {ALPHA:g}, exact "
                 f"McNemar test; hollow: not significant. The axis spans at least ±{MIN_HALF_SPAN:g} points.",
                 fontsize=7, va="top")
-    facts = {"reference": {b: 100 * r["accuracy"] for b, r in reference.items()}, "series": series,
-             "ylim": axis.get_ylim()}
+    facts = {"reference": {b: 100 * r["accuracy"] for b, r in reference.items()}, "series": series}
     return _save(figure, path, facts)
 
 
@@ -177,7 +176,7 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
               "correction": [lam * float(corrections[t]) for t in candidates],
               "fused": [100 * float(fused_probs[t]) for t in candidates]}
     tokens = [tokenizer.decode([t]) for t in candidates]
-    ticks = [repr(token or tokenizer.convert_ids_to_tokens(t)) + ("\n(Pilot)" if t == pilot_choices[step] else "")
+    ticks = [(repr(token) if token else f"id {t}") + ("\n(Pilot)" if t == pilot_choices[step] else "")
              + ("\n(rectified)" if t == fused_choices[step] else "") for token, t in zip(tokens, candidates)]
 
     figure, (upper, lower) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 2))
