@@ -46,6 +46,7 @@ from hf_copilot.recipes.assets import resolve_model
 from hf_copilot.recipes.diagnostics import ErrorRatios, record_mistake_log, teacher_forced_records
 from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
+from hf_copilot.recipes.significance import PairedComparison, describe, pooled
 from hf_copilot.recipes.tasks import TASKS, load_task
 
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
@@ -338,31 +339,30 @@ def accuracy_table(results: list[dict]) -> str:
         values = [rows[name]["accuracy"] for rows in cells[task] if name in rows]
         return statistics.fmean(values) if values else None
 
-    def fixed_broken(name):
-        """Items this arm gets right and the Pilot alone (final, same beams) wrong, and the reverse, pooled."""
+    def against_pilot(name):
+        """This arm against the final Pilot alone under the same beams, item by item, pooled over every cell."""
         reference = "Pilot alone, final, beam 4" if "beam" in name else base_name
-        pairs = [(mine, theirs) for t in tasks for rows in cells[t]
-                 for mine, theirs in zip(rows[name]["right"], rows[reference]["right"])]
-        return sum(m and not b for m, b in pairs), sum(b and not m for m, b in pairs)
+        return describe(pooled(PairedComparison.from_outcomes(rows[name]["right"], rows[reference]["right"])
+                               for t in tasks for rows in cells[t]))
 
     base = statistics.fmean(mean(base_name, t) for t in tasks)
-    lines = [f"| arm, decoding | {' | '.join(tasks)} | average | vs Pilot alone (final, same beams) |",
-             "|---" * (len(tasks) + 3) + "|"]
+    lines = [f"| arm, decoding | {' | '.join(tasks)} | average | relative | vs Pilot alone (final, same beams) |",
+             "|---" * (len(tasks) + 4) + "|"]
     for name in names:
         means = [mean(name, t) for t in tasks]
         if None in means:
             continue
         average = statistics.fmean(means)
-        fixed, broken = fixed_broken(name)
         relative = f"{100 * (average - base) / base:+.1f}%" if base else "n/a"
         lines.append(f"| {name} | " + " | ".join(f"{100 * m:.1f}" for m in means)
-                     + f" | {100 * average:.1f} | {relative} (+{fixed}/−{broken}) |")
+                     + f" | {100 * average:.1f} | {relative} | {against_pilot(name)} |")
     shares = ", ".join(f"{t}: {statistics.fmean(r['longer']['share'] for r in results if r['task'] == t):.2f}"
                        for t in tasks)
     ranks = ", ".join(f"{t}: r={next(r['capacity']['rank'] for r in results if r['task'] == t)}" for t in tasks)
-    return ("Accuracy (%) of generated, parsed answers on each task's test items, mean over seeds; the last column "
-            "is the relative change of the average against the final Pilot alone (greedy), and the items fixed / "
-            "broken against the final Pilot alone under the same beams, pooled over every cell.\n\n"
+    return ("Accuracy (%) of generated, parsed answers on each task's test items, mean over seeds; the relative "
+            "change of the average against the final Pilot alone (greedy); and, item by item against the final "
+            "Pilot alone under the same beams pooled over every cell, the difference with its 95% interval, the "
+            "items fixed/broken and the exact McNemar p-value (hf_copilot.recipes.significance).\n\n"
             + "\n".join(lines)
             + f"\n\nThe paper Copilot's share of the joint run's time ({shares}) set control (b)'s extra steps; "
             f"control (d)'s LoRA rank ({ranks}) matches the paper Copilot's trainable parameters.")
