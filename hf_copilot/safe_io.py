@@ -171,7 +171,7 @@ class VerifiedCheckpointMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir():
-            _check_model_type(folder, cls.config_class.model_type)
+            check_model_type(folder, cls.config_class.model_type)
             verify_manifest(folder, required=False)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         broken = non_finite_parameters(model.state_dict())
@@ -182,7 +182,8 @@ class VerifiedCheckpointMixin:
         return model
 
 
-def _check_model_type(folder: Path, model_type: str) -> None:
+def check_model_type(folder: Path, model_type: str) -> None:
+    """Raises unless ``folder/config.json`` names ``model_type`` (read before loading anything heavier)."""
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder} has no config.json, so it holds no saved model (save_pretrained writes one).")

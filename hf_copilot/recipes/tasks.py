@@ -87,12 +87,14 @@ class TaskFormat:
       can use what it knows about the options' text here, which it cannot do through arbitrary labels.
 
     ``max_new_tokens`` is enough for a target (a "text" answer cut short still counts when it can only be one
-    option).
+    option). ``max_prompt_tokens``, when set, cuts longer prompts at generation time to their last tokens, as
+    fine-tuning does (the question and the answer format sit at the end).
     """
 
     max_new_tokens: int
     choice_word: str = "answer"
     answer_style: str = "label"
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self):
         if self.answer_style not in ANSWER_STYLES:
