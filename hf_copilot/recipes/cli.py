@@ -195,6 +195,8 @@ def run_train(args) -> Path:
 
 def run_eval(args) -> dict:
     _check_output_folder(args.output)
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"No Pilot folder at {str(args.model)!r} (train writes <output>/pilot).")
     if not Path(args.copilot).is_dir():  # never fall through to a Hub download of a mistyped name
         raise FileNotFoundError(f"No Copilot folder at {str(args.copilot)!r} (train writes <output>/copilot).")
     check_model_type(Path(args.copilot), CopilotConfig.model_type)
