@@ -225,14 +225,14 @@ class CopilotCallback(TrainerCallback):
         """The ``copilot`` folder to resume from: the checkpoint's own when complete and intact, else (with a
         warning) the newest complete one of an earlier checkpoint beside it; raises saying what to do when none is."""
         checkpoint = Path(self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        problem = _copilot_state_problem(checkpoint / "copilot", args.process_index)
+        problem = _copilot_state_problem(checkpoint / "copilot", args.world_size)
         if problem is None:
             return str(checkpoint / "copilot")
         older = sorted(((int(match.group(1)), path) for path in checkpoint.parent.glob("checkpoint-*")
                         if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path != checkpoint),
                        reverse=True)
         for step, path in older:
-            if step <= state.global_step and _copilot_state_problem(path / "copilot", args.process_index) is None:
+            if step <= state.global_step and _copilot_state_problem(path / "copilot", args.world_size) is None:
                 warnings.warn(
                     f"The Copilot state of {checkpoint} is not usable ({problem}). The Pilot resumes from step "
                     f"{state.global_step}; the Copilot resumes from {path} (step {step}), losing its updates since.",
@@ -246,14 +246,15 @@ class CopilotCallback(TrainerCallback):
         )
 
 
-def _copilot_state_problem(folder: Path, rank: int) -> str | None:
-    """Why ``folder`` (a checkpoint's ``copilot``) cannot be resumed from, or None when its files are complete and
-    match the checksums saved with them."""
+def _copilot_state_problem(folder: Path, world_size: int) -> str | None:
+    """Why ``folder`` (a checkpoint's ``copilot``) cannot be resumed from, or None when the files of every rank are
+    complete and match the checksums saved with them (so that all ranks take the same decision)."""
     if not folder.is_dir():
         return f"{folder} does not exist"
     try:
         verify_manifest(folder)
-        verify_manifest(folder, STATE_MANIFEST_NAME.format(rank=rank))
+        for rank in range(world_size):
+            verify_manifest(folder, STATE_MANIFEST_NAME.format(rank=rank))
     except DamagedFileError as error:
         return str(error)
     return None

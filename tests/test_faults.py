@@ -6,10 +6,13 @@ subprocess at each stage of a checkpoint save, bytes overwritten in saved files,
 and malformed data files.
 """
 
+import importlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -30,8 +33,8 @@ from hf_copilot.recipes.tasks import DEFAULT_FORMAT, load_examples_file
 from hf_copilot.safe_io import DamagedFileError, torch_load_checked
 from hf_copilot.training import CopilotTrainingConfig
 
-TESTS = Path(__file__).parent
-ROOT = TESTS.parent
+
+ROOT = Path(__file__).parent.parent
 
 
 def new_callback(**options):
@@ -151,34 +154,6 @@ def test_a_micro_batch_over_the_log_budget_is_skipped_not_raised(tmp_path):
 
 # ---- 2. crash-safe checkpoints: kill -9 during each stage of the save ---------------------------------------------
 
-KILLED_RUN = """
-import importlib, os, signal, sys
-sys.path.insert(0, {tests!r})
-import torch
-from conftest import tiny_pilot
-from test_callback import pattern_dataset, trainer_args
-from transformers import Trainer
-from hf_copilot import CopilotCallback, CopilotModel
-
-output, target, nth, limit = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) or None
-module_name, name = target.rsplit(".", 1)
-module = importlib.import_module(module_name)
-original, calls = getattr(module, name), []
-
-def killing(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-
-setattr(module, name, killing)
-torch.set_num_threads(1)
-callback = CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4,
-                           save_mistake_log=True)
-args = trainer_args(output, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=limit)
-Trainer(model=tiny_pilot("llama"), args=args, train_dataset=pattern_dataset(), callbacks=[callback]).train()
-"""
-
 SAVE_STAGES = {  # what is interrupted, at its 2nd call: the save of checkpoint-4 (checkpoint-2 is complete)
     "copilot weights": "hf_copilot.safe_io.replace_folder_files",
     "mistake log": "hf_copilot.mistake_log.save_file",
@@ -187,13 +162,30 @@ SAVE_STAGES = {  # what is interrupted, at its 2nd call: the save of checkpoint-
 }
 
 
-def killed_run(output, stage, save_total_limit=0):
-    script = output.parent / "killed_run.py"
-    script.write_text(KILLED_RUN.format(tests=str(TESTS)))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, str(script), str(output), SAVE_STAGES[stage], "2",
-                             str(save_total_limit)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == -9, result.stderr[-3000:]
+def _run_until_killed(output, target, save_total_limit):
+    """In a forked child: a checkpointing run whose ``target`` function SIGKILLs the process at its 2nd call."""
+    module_name, name = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    original, calls = getattr(module, name), []
+
+    def killing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(module, name, killing)
+    train(output, new_callback(save_mistake_log=True), max_steps=6, save_strategy="steps", save_steps=2,
+          save_total_limit=save_total_limit)
+
+
+def killed_run(output, stage, save_total_limit=None):
+    """kill -9 of a training subprocess (forked, so it starts in no time) in the middle of a checkpoint save."""
+    child = multiprocessing.get_context("fork").Process(target=_run_until_killed,
+                                                        args=(output, SAVE_STAGES[stage], save_total_limit))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
     assert (output / "checkpoint-4" / "trainer_state.json").exists()
 
 
