@@ -104,11 +104,15 @@ def verify_manifest(folder: str | os.PathLike, name: str = MANIFEST_FILE, requir
 
 
 def replace_folder_files(staging: Path, folder: Path) -> list[str]:
-    """Moves every file of ``staging`` (flat) into ``folder``, each by an atomic rename; returns their names."""
+    """Moves every entry of ``staging`` into ``folder``, each by one rename (a file atomically; a sub-folder replaces
+    the old one of that name just after it is removed); returns their names."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(entry.name for entry in staging.iterdir() if entry.is_file())
+    names = sorted(entry.name for entry in staging.iterdir())
     for name in names:
-        fsync_file(staging / name)
+        if (staging / name).is_dir():
+            shutil.rmtree(folder / name, ignore_errors=True)
+        else:
+            fsync_file(staging / name)
         os.replace(staging / name, folder / name)
     _fsync_folder(folder)
     return names
@@ -165,7 +169,7 @@ class VerifiedCheckpointMixin:
         with staging_folder(folder) as staging:
             super().save_pretrained(staging, *args, **kwargs)
             names = replace_folder_files(staging, folder)
-        write_manifest(folder, names)
+        write_manifest(folder, [name for name in names if (folder / name).is_file()])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
