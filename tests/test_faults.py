@@ -470,6 +470,7 @@ def test_train_refuses_epochs_that_train_nothing(user_files, capsys, epochs):
     assert f"argument --epochs: '{epochs}' is not a positive finite number" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_pilot_folder_as_copilot_is_refused_in_one_line_without_traceback(user_files):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "hf_copilot", *eval_argv(user_files, copilot=user_files / "pilot")],
@@ -488,11 +489,31 @@ def test_eval_output_is_checked_before_any_work(user_files, capsys, tmp_path):
     assert main(argv) == 1
     assert f"--output {existing} is an existing file" in capsys.readouterr().err
     assert existing.read_text() == "mine"
+    assert main(eval_argv(user_files, output=existing / "eval")) == 1  # a folder that cannot be made
+    assert f"--output {existing / 'eval'} is not a writable folder" in capsys.readouterr().err
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         assert main(eval_argv(user_files, output=locked)) == 1
-        assert "is not writable" in capsys.readouterr().err
+        assert "is not a writable folder" in capsys.readouterr().err
+
+
+def test_data_errors_and_warnings_reach_the_cli_user_as_one_line(user_files, capsys, tmp_path):
+    data = tmp_path / "data.jsonl"
+    row = json.dumps({"question": "q", "answer": "a"}).encode()
+    data.write_bytes(row + b"\n" + row + b"\n" + b'{"question": "caf\xe9", "answer": "b"}\n')
+    argv = eval_argv(user_files, output=tmp_path / "eval")
+    argv[argv.index("--data") + 1] = str(data)
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"hf-copilot eval: error: {data}, line 3: byte 0xe9 is not UTF-8; save the file as UTF-8."]
+    data.write_bytes(row + b"\n" + row + b"\n")  # a warning, then train stops at the missing model folder
+    assert main(["train", "--model", str(tmp_path / "missing"), "--data", str(data), "--output",
+                 str(tmp_path / "train")]) == 1
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning == (f"hf-copilot: warning: {data}: 1 row(s) repeat an earlier one (line 2 repeats line 1); they "
+                       "are kept, and count twice in training and accuracy.")
+    assert error.startswith(f"hf-copilot train: error: No model folder at '{tmp_path / 'missing'}'")
 
 
 def test_eval_cuts_long_prompts_and_says_how_many(user_files, capsys, tmp_path):

@@ -145,12 +145,12 @@ def _check_output_folder(folder: Path) -> None:
     """Fails now, not after hours of work, when results could not be written to ``folder``."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output {folder} is an existing file; pass a folder.")
-    folder.mkdir(parents=True, exist_ok=True)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise ValueError(f"--output {folder} is not writable ({error.strerror}).") from None
+        raise ValueError(f"--output {folder} is not a writable folder ({error.strerror}).") from None
 
 
 def _fit_prompts(examples, tokenizer, task_format, max_length: int, pilot_positions: int | None):
