@@ -13,6 +13,7 @@ from .generation import CopilotLogitsProcessor
 from .mistake_log import MistakeBatch, MistakeLog
 from .modeling_copilot import CopilotCache, CopilotModel, CopilotOutput, OwnCorrections
 from .pilot import PilotRecord, PilotTap
+from .safe_io import DamagedFileError
 from .training import CopilotTrainingConfig, CopilotUpdater, train_copilot
 
 AutoConfig.register(CopilotConfig.model_type, CopilotConfig, exist_ok=True)
@@ -31,6 +32,7 @@ __all__ = [
     "CopilotOutput",
     "CopilotTrainingConfig",
     "CopilotUpdater",
+    "DamagedFileError",
     "MistakeBatch",
     "MistakeLog",
     "OwnCorrections",

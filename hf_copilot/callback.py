@@ -11,19 +11,26 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
+import warnings
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from .errors import DEFAULT_TOP_K
-from .mistake_log import MistakeLog
+from .mistake_log import METADATA_FILE, TENSORS_FILE, MistakeLog
 from .pilot import PilotTap
+from .safe_io import (DamagedFileError, atomic_write, non_finite_parameters, torch_load_checked, verify_manifest,
+                      write_manifest)
 from .training import CopilotTrainingConfig, CopilotUpdater
 
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_NAME = "copilot_training_state_rank{rank}.pt"
+STATE_MANIFEST_NAME = "checksums_rank{rank}.json"  # the training state (and, rank 0, the log) a rank wrote
+MAX_PENDING_RECORDS = 8  # uncollected records that tell the tap train() was interrupted
 
 
 class CopilotCallback(TrainerCallback):
@@ -38,7 +45,8 @@ class CopilotCallback(TrainerCallback):
         log_device: where the log lives (``"cpu"``, pinned when CUDA exists; or the Pilot's device).
         save_dir: where the final Copilot is saved after training (default ``<output_dir>/<name>``).
         save_mistake_log: also write the Mistake Log into each checkpoint and next to the final Copilot.
-        resume_from: checkpoint folder to restore the Copilot from when it is not ``<output_dir>/checkpoint-<step>``.
+        resume_from: checkpoint folder to restore the Copilot from when it is not ``<output_dir>/checkpoint-<step>``;
+            ``False`` starts a new Copilot beside a resumed Pilot (when no checkpoint holds a usable Copilot state).
         name: the Copilot's folder name (in each checkpoint and under ``output_dir``) and metric prefix. Give each
             Copilot its own name to train several beside one Pilot (e.g. two sizes on one run).
         **training: fields of :class:`CopilotTrainingConfig` (learning rate, batch size, updates per step, ...).
@@ -46,13 +54,14 @@ class CopilotCallback(TrainerCallback):
 
     def __init__(self, copilot, *, log_rounds: int = 128, log_max_bytes: int | None = None,
                  top_k: int = DEFAULT_TOP_K, log_device: str | torch.device = "cpu", save_dir: str | None = None,
-                 save_mistake_log: bool = False, resume_from: str | None = None, name: str = "copilot",
+                 save_mistake_log: bool = False, resume_from: str | None | bool = None, name: str = "copilot",
                  **training):
         self.copilot = copilot
         self.config = CopilotTrainingConfig(**training)
         log_options = dict(max_rounds=log_rounds, top_k=top_k, device=log_device)
         if log_max_bytes is not None:
             log_options["max_bytes"] = log_max_bytes
+        self._log_options = log_options
         self.mistake_log = MistakeLog(**log_options)
         self.save_dir = save_dir
         self.save_mistake_log = save_mistake_log
@@ -89,14 +98,19 @@ class CopilotCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("CopilotCallback needs the Trainer to pass the model to its callbacks.")
         self.copilot.check_pilot(model)
+        self._release_tap(interrupted=True)
         self.copilot.to(args.device)
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         total_updates = math.ceil(state.max_steps / self.config.update_every) * self.config.updates_per_step
         self.updater = CopilotUpdater(self.copilot, self.config, total_updates, autocast_dtype=autocast)
-        if state.global_step > 0:
+        self.mistake_log = MistakeLog(**self._log_options)  # a new run never mixes in an earlier run's rounds
+        self._losses.clear()
+        if state.global_step > 0 and self.resume_from is not False:
             self._resume(args, state)
         # Errors are made compact inside the forward hook, so the logits are not held through the Pilot's backward.
-        self.tap = PilotTap(model, mode="train", errors_top_k=self.mistake_log.top_k).attach()
+        # Records are popped after every micro-batch: a pile of them means train() stopped without telling us.
+        self.tap = PilotTap(model, mode="train", errors_top_k=self.mistake_log.top_k,
+                            max_pending=MAX_PENDING_RECORDS).attach()
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._drain(state)
@@ -109,7 +123,9 @@ class CopilotCallback(TrainerCallback):
             return
         started = time.perf_counter()
         for _ in range(self.config.updates_per_step):
-            self._losses.append(self.updater.step(self.mistake_log))
+            loss = self.updater.step(self.mistake_log)
+            if math.isfinite(loss):  # a skipped update is counted in copilot_skipped_updates, not averaged in
+                self._losses.append(loss)
         self._seconds += time.perf_counter() - started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -123,6 +139,9 @@ class CopilotCallback(TrainerCallback):
             "log_error_norm": stats["mean_error_norm"],
             "log_dropped_mass": stats["mean_dropped_mass"],
             "seconds": self.seconds,
+            "skipped_sequences": stats["skipped_non_finite_sequences"],
+            "skipped_records": stats["skipped_oversized_records"],
+            "skipped_updates": self.updater.skipped_updates,
         }
         if self._losses:
             metrics["loss"] = sum(self._losses) / len(self._losses)
@@ -137,12 +156,33 @@ class CopilotCallback(TrainerCallback):
         self._save(folder, args, state, with_training_state=True)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.tap is not None:
-            self.tap.detach()
-            self._seconds += self.tap.seconds
-            self.tap = None
+        self._release_tap()
+        self.copilot.eval()
+        if self.updater is not None and self.updater.updates == self.updater.skipped_updates:
+            stats = self.mistake_log.stats()
+            warnings.warn(
+                f"The Copilot took no update in this train() ({state.global_step} Pilot steps; its Mistake Log holds "
+                f"{stats['labelled_tokens']} labelled tokens, {stats['skipped_non_finite_sequences']} non-finite "
+                f"sequences and {stats['skipped_oversized_records']} oversized records were left out, "
+                f"{self.updater.skipped_updates} updates skipped). It is saved untrained and leaves the Pilot "
+                "unchanged. A Copilot learns from tokens that have a next-token label: check that the labels are not "
+                "all -100, that sequences are longer than one token, and that training runs at least one step.",
+                RuntimeWarning, stacklevel=2)
         self._save(self.save_dir or os.path.join(args.output_dir, self.name), args, state,
                    with_training_state=False)
+
+    def _release_tap(self, interrupted: bool = False) -> None:
+        """Detaches the tap and drops its records. At the start of a train() a tap still there means the previous
+        train() was interrupted (Trainer calls no callback on an exception)."""
+        if self.tap is None:
+            return
+        if interrupted:
+            logger.warning("CopilotCallback: the previous train() did not finish; its hooks are removed and its "
+                           "uncollected records dropped before this run starts.")
+        self.tap.detach()
+        self.tap.pop_records()
+        self._seconds += self.tap.seconds
+        self.tap = None
 
     # --- helpers --------------------------------------------------------------------------------------------
 
@@ -156,29 +196,71 @@ class CopilotCallback(TrainerCallback):
         self._seconds += time.perf_counter() - started
 
     def _save(self, folder, args, state, with_training_state: bool):
+        broken = non_finite_parameters(self.copilot.state_dict())
+        if broken:  # cannot happen through the guarded updates; never stop the Pilot's run over it
+            warnings.warn(f"The Copilot's weights {broken[:3]} hold NaN/inf, so it is not saved to {folder}; the "
+                          "Pilot's training goes on. A resume falls back to the newest complete Copilot state.",
+                          RuntimeWarning, stacklevel=2)
+            return
+        rank = args.process_index
+        written = []
         if state.is_world_process_zero:
             self.copilot.save_pretrained(folder)
             if self.save_mistake_log:
                 self.mistake_log.save(os.path.join(folder, "mistake_log"))
+                written += [f"mistake_log/{name}" for name in (TENSORS_FILE, METADATA_FILE)]
         if with_training_state:
-            os.makedirs(folder, exist_ok=True)
-            rank = args.process_index
-            torch.save(self.updater.state_dict(), os.path.join(folder, TRAINING_STATE_NAME.format(rank=rank)))
+            name = TRAINING_STATE_NAME.format(rank=rank)
+            atomic_write(os.path.join(folder, name), lambda path: torch.save(self.updater.state_dict(), path))
+            written.append(name)
+            # Written last: a checkpoint whose manifest is missing or disagrees with its files was cut short.
+            write_manifest(folder, written, STATE_MANIFEST_NAME.format(rank=rank))
 
     def _resume(self, args, state):
-        folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        folder = os.path.join(folder, self.name)
+        folder = self._usable_copilot_state(args, state)
         training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=args.process_index))
-        if not os.path.isfile(training_state):
-            raise FileNotFoundError(
-                f"Training resumes at step {state.global_step}, but {training_state} does not exist, so the Copilot "
-                "cannot resume with it. If the checkpoint lives elsewhere, pass CopilotCallback(resume_from=<that "
-                "checkpoint folder>); to start the Copilot afresh, train without resume_from_checkpoint."
-            )
         loaded = type(self.copilot).from_pretrained(folder)
         self.copilot.load_state_dict(loaded.state_dict())
-        self.updater.load_state_dict(torch.load(training_state, map_location=args.device, weights_only=False))
+        self.updater.load_state_dict(torch_load_checked(training_state, map_location=args.device, weights_only=False))
         log_folder = os.path.join(folder, "mistake_log")
         if os.path.isdir(log_folder):
             self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot)
         logger.info("Copilot resumed from %s (%d updates so far)", folder, self.updater.updates)
+
+    def _usable_copilot_state(self, args, state) -> str:
+        """The ``copilot`` folder to resume from: the checkpoint's own when complete and intact, else (with a
+        warning) the newest complete one of an earlier checkpoint beside it; raises saying what to do when none is."""
+        checkpoint = Path(self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        problem = _copilot_state_problem(checkpoint / self.name, args.world_size)
+        if problem is None:
+            return str(checkpoint / self.name)
+        older = sorted(((int(match.group(1)), path) for path in checkpoint.parent.glob("checkpoint-*")
+                        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path != checkpoint),
+                       reverse=True)
+        for step, path in older:
+            if step <= state.global_step and _copilot_state_problem(path / self.name, args.world_size) is None:
+                warnings.warn(
+                    f"The Copilot state of {checkpoint} is not usable ({problem}). The Pilot resumes from step "
+                    f"{state.global_step}; the Copilot resumes from {path} (step {step}), losing its updates since.",
+                    RuntimeWarning, stacklevel=2)
+                return str(path / self.name)
+        raise DamagedFileError(
+            f"Training resumes at step {state.global_step}, but the Copilot state in {checkpoint / self.name} is not "
+            f"usable ({problem}) and no earlier checkpoint beside it holds a complete one. Resume from a checkpoint "
+            "whose copilot/ is complete, pass CopilotCallback(resume_from=<a checkpoint folder with one>), or train "
+            "a new Copilot beside the resumed Pilot with CopilotCallback(resume_from=False)."
+        )
+
+
+def _copilot_state_problem(folder: Path, world_size: int) -> str | None:
+    """Why ``folder`` (a checkpoint's ``copilot``) cannot be resumed from, or None when the files of every rank are
+    complete and match the checksums saved with them (so that all ranks take the same decision)."""
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    try:
+        verify_manifest(folder)
+        for rank in range(world_size):
+            verify_manifest(folder, STATE_MANIFEST_NAME.format(rank=rank))
+    except DamagedFileError as error:
+        return str(error)
+    return None

@@ -24,6 +24,7 @@ The processor never sees ``beam_idx``, the cache position or the start of a ``ge
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,10 @@ class CopilotLogitsProcessor(LogitsProcessor):
     """Fuses a Copilot's corrections into the Pilot's scores during ``pilot.generate()``.
 
     Args:
-        copilot: a :class:`CopilotModel` built for ``pilot`` (put it in eval mode: it runs as it is).
+        copilot: a :class:`CopilotModel` built for ``pilot`` (a Copilot in train mode is switched to eval mode).
         pilot: the Pilot that ``generate()`` runs; hooks are attached to it until :meth:`close`.
-        lam: the fusion weight λ ≥ 0; ``0`` returns the scores unchanged.
+        lam: the fusion weight λ in [0, :data:`MAX_LAM`]; ``0`` returns the scores unchanged. Checked again when
+            the attribute is set later.
         space: ``"probs"`` (paper Eq. 8: ``softmax(scores) + λ f``, clamped positive, renormalised, returned as log)
             or ``"logits"`` (``scores + λ f``).
         gate: (experimental) when set (0 < gate ≤ 1), fuse only where the Pilot is unsure: rows whose highest Pilot
@@ -81,8 +83,6 @@ class CopilotLogitsProcessor(LogitsProcessor):
     def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0,
                  gate: float | None = None):
         copilot.check_pilot(pilot)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam (the fusion weight λ) must be a finite number >= 0; got {lam!r}.")
         if space not in FUSION_SPACES:
             raise ValueError(f"space must be one of {FUSION_SPACES}; got {space!r}.")
         if isinstance(top_analysis, bool) or not isinstance(top_analysis, int) or top_analysis < 0:
@@ -91,12 +91,21 @@ class CopilotLogitsProcessor(LogitsProcessor):
             raise ValueError(f"gate must be None or a Pilot probability in (0, 1]; got {gate!r}.")
         self.gate = gate
         self.copilot = copilot
-        self.lam = float(lam)
+        self.lam = lam
         self.space = space
         self.top_analysis = top_analysis
         self.analysis: list[dict[str, torch.Tensor]] = []
         self.tap = PilotTap(pilot, mode="generate").attach()
         self._state: _DecodingState | None = None
+
+    @property
+    def lam(self) -> float:
+        """The fusion weight λ, checked whenever it is set (0 ≤ λ ≤ :data:`MAX_LAM`)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, lam: float):
+        self._lam = check_lam(lam)
 
     def close(self) -> None:
         """Removes the hooks from the Pilot and forgets the decoding state."""
@@ -146,6 +155,8 @@ class CopilotLogitsProcessor(LogitsProcessor):
         parents = None
         if state is not None and input_ids.shape == (state.input_ids.shape[0], state.input_ids.shape[1] + 1):
             parents = self._parents(input_ids, state)
+        if parents is not None and record.hidden_states.shape[1] > 1 and record.use_cache is not False:
+            parents = None  # a new generate() continuing from a previous output: its prompt is that output
         if parents is not None and record.hidden_states.shape[1] > 1:
             raise RuntimeError(
                 "The Pilot re-read the whole sequence for one new token: generate(use_cache=False) is not supported "
@@ -183,6 +194,10 @@ class CopilotLogitsProcessor(LogitsProcessor):
                 + UNSUPPORTED_DECODING + " A generate() that continues from a pre-filled past_key_values is not "
                 "supported either."
             )
+        if self.copilot.training:
+            warnings.warn("CopilotLogitsProcessor: the Copilot was in train mode (its dropout would make every "
+                          "generation differ); it is switched to eval mode.", RuntimeWarning, stacklevel=4)
+            self.copilot.eval()
         mask = _prompt_mask(record, input_ids)
         output = self.copilot(
             pilot_hidden_states=record.hidden_states,
@@ -249,6 +264,18 @@ class CopilotLogitsProcessor(LogitsProcessor):
             "corrections": corrections.to(scores.dtype).gather(-1, top.indices).cpu(),
             "fused_scores": top.values.cpu(),
         })
+
+
+MAX_LAM = 1e4
+"""The largest fusion weight accepted. Corrections are of order 1 and scores of order 10: beyond this the Copilot
+alone decides every token, and λ × a correction can overflow half precision."""
+
+
+def check_lam(lam) -> float:
+    """``lam`` as a float, or a ValueError when it is not a usable fusion weight."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or not 0 <= lam <= MAX_LAM:
+        raise ValueError(f"lam (the fusion weight λ) must be a finite number in [0, {MAX_LAM:g}]; got {lam!r}.")
+    return float(lam)
 
 
 def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs",

@@ -12,8 +12,8 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
 import uuid
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .errors import DEFAULT_TOP_K, IGNORE_INDEX, CompactErrors
 from .pilot import PilotRecord
+from .safe_io import DamagedFileError, atomic_write_text, fsync_file, sha256_of, staging_folder
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "mistake_log.safetensors"
@@ -109,6 +110,18 @@ class _Entry:
         return self.spans if self.input_lengths is None else _spans(self.input_lengths)
 
 
+def _finite_sequences(record: PilotRecord, errors: CompactErrors, keep: torch.Tensor) -> torch.Tensor:
+    """Boolean (B,): whether every value the log would store of each sequence is finite (positions not kept, such
+    as padding, do not count). Non-finite logits show up as NaN probabilities (softmax of inf is NaN)."""
+    finite = torch.isfinite(errors.probs).all(-1) & torch.isfinite(record.hidden_states).all(-1)
+    if record.kind == "decoder_only":
+        finite &= torch.isfinite(record.input_states).all(-1)
+    rows = (finite | ~keep).all(-1)
+    if record.kind == "encoder_decoder":
+        rows &= torch.isfinite(record.input_states).flatten(1).all(-1)
+    return rows
+
+
 def _spans(lengths: torch.Tensor) -> list[tuple[int, int]]:
     ends = list(itertools.accumulate(lengths.tolist()))
     return list(zip([0] + ends[:-1], ends))
@@ -119,7 +132,9 @@ class MistakeLog:
 
     Per added :class:`~hf_copilot.pilot.PilotRecord` (one entry) it keeps, for each sequence, the real positions
     (attention mask 1) up to the sequence's last labelled position: positions after it carry no error and, the
-    decoder being causal, do not influence earlier ones. Sequences without any label are not stored.
+    decoder being causal, do not influence earlier ones. Sequences without any label are not stored, nor sequences
+    holding a non-finite value, and a record larger than ``max_bytes`` is left out whole: both are counted in
+    :attr:`skipped` (warned once), never raised, so the Copilot's log never stops the Pilot's training.
 
     Bytes, with d the Pilot's width, k = ``top_k`` (at most |V|) and s the size of ``storage_dtype`` (2 for bf16):
 
@@ -160,6 +175,9 @@ class MistakeLog:
         self.hidden_size: int | None = None
         self.bytes = 0
         self._entries: deque[_Entry] = deque()
+        # What add() left out: sequences with non-finite values, records larger than max_bytes.
+        self.skipped = {"non_finite_sequences": 0, "oversized_records": 0}
+        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -186,7 +204,18 @@ class MistakeLog:
         labels = record.next_token_labels()
         up_to_last_label = (labels != IGNORE_INDEX).flip(-1).cumsum(-1).flip(-1) > 0
         keep = record.token_mask() & up_to_last_label
-        lengths = keep.sum(-1)
+        # On the full (batch, positions) grid, then select: indexing the |V|-wide logits first would copy them.
+        errors = record.errors(self.top_k)
+        finite = _finite_sequences(record, errors, keep)
+        labelled = keep.any(-1)
+        keep = keep & finite[:, None]
+        # One copy to the host for the lengths and the count of non-finite sequences (no extra synchronisation).
+        lengths, poisoned = torch.stack([keep.sum(-1), (labelled & ~finite).long()]).cpu()
+        if poisoned.any():
+            self._skip("non_finite_sequences", int(poisoned.sum()), (
+                "A Pilot forward gave non-finite logits or states (NaN/inf) for {count} sequence(s) so far; they are "
+                "left out of the Mistake Log so that they cannot poison the Copilot (copilot_skipped_sequences in "
+                "the logs). The Pilot's own training is not changed."))
         kept_sequences = lengths > 0
         if not kept_sequences.any():
             return
@@ -194,12 +223,11 @@ class MistakeLog:
             source_mask = (
                 record.input_mask.bool() if record.input_mask is not None
                 else torch.ones(record.input_states.shape[:2], dtype=torch.bool, device=keep.device)
-            ) & kept_sequences[:, None]
+            ) & keep.any(-1)[:, None]
             input_states, input_lengths = record.input_states[source_mask], source_mask.sum(-1)[kept_sequences]
         else:
             input_states, input_lengths = record.input_states[keep], None
-        # On the full (batch, positions) grid, then select: indexing the |V|-wide logits first would copy them.
-        errors = record.errors(self.top_k).map(lambda tensor: tensor[keep])
+        errors = errors.map(lambda tensor: tensor[keep])
         entry = _Entry(
             step=int(step),
             input_states=self._store(input_states, self.storage_dtype),
@@ -207,19 +235,28 @@ class MistakeLog:
             labels=self._store(errors.labels, torch.int32),
             ids=self._store(errors.ids, torch.int32),
             probs=self._store(errors.probs, self.storage_dtype),
-            lengths=lengths[kept_sequences].cpu(),
+            lengths=lengths[kept_sequences],
             input_lengths=None if input_lengths is None else input_lengths.cpu(),
         )
         if entry.nbytes > self.max_bytes:
-            raise ValueError(
-                f"One round of the Mistake Log needs {entry.nbytes} bytes, more than max_bytes={self.max_bytes}. "
-                "Raise max_bytes (see the MistakeLog docstring for the bytes per token) or lower top_k."
-            )
+            self._skip("oversized_records", 1, (
+                f"A Pilot forward needed {entry.nbytes} bytes of Mistake Log, more than max_bytes={self.max_bytes}; "
+                "{count} such forward(s) were left out of the log so far (copilot_skipped_records in the logs) and "
+                "the Pilot's training goes on. Raise max_bytes (see the MistakeLog docstring for the bytes per "
+                "token) or lower top_k to keep them."))
+            return
         self.kind, self.vocab_size, self.hidden_size = shape
         self._entries.append(entry)
         self.bytes += entry.nbytes
         while len(self._entries) > 1 and (self.rounds > self.max_rounds or self.bytes > self.max_bytes):
             self.bytes -= self._entries.popleft().nbytes
+
+    def _skip(self, reason: str, count: int, message: str) -> None:
+        """Counts what :meth:`add` left out (``skipped``) and warns the first time it happens in this log."""
+        self.skipped[reason] += count
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(message.format(count=self.skipped[reason]), RuntimeWarning, stacklevel=3)
 
     def _store(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         tensor = tensor.to(dtype)  # cast where the record lives, so fewer bytes cross to the log
@@ -322,6 +359,8 @@ class MistakeLog:
             "bytes": self.bytes,
             "mean_error_norm": norm_sum / labelled if labelled else float("nan"),
             "mean_dropped_mass": dropped_sum / labelled if labelled else float("nan"),
+            "skipped_non_finite_sequences": self.skipped["non_finite_sequences"],
+            "skipped_oversized_records": self.skipped["oversized_records"],
         }
 
     def check_compatible(self, copilot) -> None:
@@ -348,18 +387,18 @@ class MistakeLog:
             )
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes the log to ``directory`` (safetensors + JSON). The files are written elsewhere first and moved
-        into place, so an interrupted save never leaves a half-written log there."""
+        """Writes the log to ``directory`` (safetensors + JSON metadata holding the tensors' SHA-256). The files are
+        written and synced elsewhere first and moved into place, so an interrupted save never leaves a half-written
+        log there (at worst the previous log, or none)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
         retired = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
-        try:
+        with staging_folder(directory) as staging:
             tensors = {
                 f"{i}.{name}": tensor.to("cpu").contiguous()
                 for i, entry in enumerate(self._entries) for name, tensor in entry.tensors().items()
             }
             save_file(tensors, staging / TENSORS_FILE)
+            fsync_file(staging / TENSORS_FILE)
             metadata = {
                 "format_version": FORMAT_VERSION,
                 "kind": self.kind,
@@ -370,38 +409,78 @@ class MistakeLog:
                 "max_rounds": self.max_rounds,
                 "max_bytes": self.max_bytes,
                 "steps": self.steps,
+                "tensors_sha256": sha256_of(staging / TENSORS_FILE),
             }
-            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+            atomic_write_text(staging / METADATA_FILE, json.dumps(metadata, indent=2))
             if directory.exists():
                 os.rename(directory, retired)  # kept until the new log is in place
             os.rename(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, copilot=None, device: str | torch.device = "cpu") -> MistakeLog:
-        """Reads a log written by :meth:`save`; with ``copilot`` given, first checks that it fits
-        (:meth:`check_compatible`)."""
+        """Reads a log written by :meth:`save`, checking its tensors against the SHA-256 saved with them; with
+        ``copilot`` given, first checks that it fits (:meth:`check_compatible`). A damaged, edited or incomplete log
+        raises :class:`~hf_copilot.safe_io.DamagedFileError` naming the file."""
         directory = Path(directory)
         metadata_path = directory / METADATA_FILE
         if not metadata_path.is_file():
             raise FileNotFoundError(f"{directory} holds no Mistake Log ({METADATA_FILE} is missing); write one with "
                                     "MistakeLog.save(directory).")
-        metadata = json.loads(metadata_path.read_text())
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory} holds a Mistake Log of format {metadata.get('format_version')}; this "
-                             f"version of hf_copilot reads format {FORMAT_VERSION}. Record the log again.")
+        metadata = _read_metadata(metadata_path)
         log = cls(max_rounds=metadata["max_rounds"], max_bytes=metadata["max_bytes"], top_k=metadata["top_k"],
                   storage_dtype=getattr(torch, metadata["storage_dtype"]), device=device)
         log.kind, log.vocab_size, log.hidden_size = metadata["kind"], metadata["vocab_size"], metadata["hidden_size"]
         if copilot is not None:
             log.check_compatible(copilot)
-        tensors = load_file(directory / TENSORS_FILE)
+        tensors_path = directory / TENSORS_FILE
+        if not tensors_path.is_file():
+            raise DamagedFileError(f"{tensors_path} is missing: {directory} holds only half a Mistake Log.")
+        if sha256_of(tensors_path) != metadata["tensors_sha256"]:
+            raise DamagedFileError(f"{tensors_path} is damaged: its SHA-256 differs from the one saved in "
+                                   f"{metadata_path}. Record the log again (or resume from an older checkpoint).")
+        tensors = load_file(tensors_path)
         for i, step in enumerate(metadata["steps"]):
             stored = {name: tensors.get(f"{i}.{name}") for name in _Entry.TENSOR_NAMES}
+            missing = [name for name in ("input_states", "hidden_states", "labels", "ids", "probs", "lengths")
+                       if stored[name] is None]
+            if missing:
+                raise DamagedFileError(f"{tensors_path} has no {missing} for entry {i} listed in {metadata_path}.")
             bookkeeping = {name: stored.pop(name) for name in ("lengths", "input_lengths")}
             entry = _Entry(step, **{name: log._store(t, t.dtype) for name, t in stored.items()}, **bookkeeping)
             log._entries.append(entry)
             log.bytes += entry.nbytes
         return log
+
+
+_METADATA_TYPES = {"kind": (str, type(None)), "vocab_size": (int, type(None)), "hidden_size": (int, type(None)),
+                   "top_k": int, "storage_dtype": str, "max_rounds": int, "max_bytes": int, "steps": list,
+                   "tensors_sha256": str}
+
+
+def _read_metadata(path: Path) -> dict:
+    """The log's metadata, with every field present and of the type :meth:`MistakeLog.save` writes."""
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{path} is not valid JSON ({error}); record the log again.") from None
+    if not isinstance(metadata, dict):
+        raise DamagedFileError(f"{path} holds a {type(metadata).__name__}, not the log's metadata object.")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path.parent} holds a Mistake Log of format {metadata.get('format_version')}; this "
+                         f"version of hf_copilot reads format {FORMAT_VERSION}. Record the log again.")
+    problems = [f"{key!r} is missing" if key not in metadata else f"{key!r} is {metadata[key]!r}"
+                for key, types in _METADATA_TYPES.items()
+                if key not in metadata or not isinstance(metadata[key], types) or isinstance(metadata[key], bool)]
+    if not problems:
+        if metadata["kind"] not in (None, "decoder_only", "encoder_decoder"):
+            problems.append(f"'kind' is {metadata['kind']!r}")
+        if not isinstance(getattr(torch, metadata["storage_dtype"], None), torch.dtype):
+            problems.append(f"'storage_dtype' is {metadata['storage_dtype']!r}")
+        if not all(isinstance(step, int) and not isinstance(step, bool) for step in metadata["steps"]):
+            problems.append("'steps' holds something other than step numbers")
+        if min(metadata["top_k"], metadata["max_rounds"], metadata["max_bytes"]) < 1:
+            problems.append("top_k, max_rounds and max_bytes must be positive")
+    if problems:
+        raise DamagedFileError(f"{path} was edited or damaged: " + "; ".join(problems) + ". Record the log again.")
+    return metadata

@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
 from .pilot_shape import decoder_layers, logits_width, pilot_kind, unwrap_pilot
+from .safe_io import VerifiedCheckpointMixin
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class _Memory:
         return torch.cat([enc_key, key], dim=2), torch.cat([enc_value, value], dim=2)
 
 
-class CopilotPreTrainedModel(PreTrainedModel):
+class CopilotPreTrainedModel(VerifiedCheckpointMixin, PreTrainedModel):
     config: CopilotConfig
     config_class = CopilotConfig
     base_model_prefix = "copilot"

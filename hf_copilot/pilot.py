@@ -7,6 +7,7 @@ import functools
 import inspect
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ class PilotRecord:
         input_mask: the encoder padding mask (encoder-decoder only).
         vocab_size: the number of logits per position (taken from ``logits``; kept when they are dropped).
         compact_errors: the errors in compact form, when the tap computed them during the forward.
+        use_cache: the ``use_cache`` the Pilot was called with (``None`` when not given).
     """
 
     kind: str
@@ -53,6 +55,7 @@ class PilotRecord:
     input_mask: torch.Tensor | None = None
     vocab_size: int | None = None
     compact_errors: CompactErrors | None = None
+    use_cache: bool | None = None
 
     def __post_init__(self):
         if self.logits is not None:
@@ -99,6 +102,7 @@ class _OpenForward:
     labels_aligned: bool
     attention_mask: torch.Tensor | None
     input_mask: torch.Tensor | None
+    use_cache: bool | None = None
     input_states: torch.Tensor | None = None
     hidden_sum: torch.Tensor | None = None
     layers_seen: int = 0
@@ -123,6 +127,9 @@ class PilotTap:
     (B·T·|V|·4 bytes, 400 MB for SmolLM2 at 8×256) are then free before the backward runs, instead of being held
     through it. Joint training (:class:`~hf_copilot.CopilotCallback`) uses this.
 
+    With ``max_pending=n`` a forward that finds ``n`` records not yet popped drops them all and detaches the tap
+    (with a warning): whoever popped them has stopped, and the records would otherwise pile up for good.
+
     Only forwards of the top-level model are recorded: a decoder layer running outside one (an
     activation-checkpoint recompute during backward, a direct call) is ignored, and a layer that runs twice
     within one forward counts once.
@@ -134,7 +141,8 @@ class PilotTap:
             (record,) = tap.pop_records()
     """
 
-    def __init__(self, pilot: nn.Module, mode: str = "train", errors_top_k: int | None = None):
+    def __init__(self, pilot: nn.Module, mode: str = "train", errors_top_k: int | None = None,
+                 max_pending: int | None = None):
         if errors_top_k is not None and errors_top_k < 1:
             raise ValueError(f"errors_top_k must be a positive number of probabilities to keep, or None; got "
                              f"{errors_top_k}.")
@@ -143,6 +151,7 @@ class PilotTap:
         self.layers = decoder_layers(self.model)
         self.mode = mode
         self.errors_top_k = errors_top_k
+        self.max_pending = max_pending
         self.seconds = 0.0  # wall-clock time the hooks spent compacting errors (``errors_top_k``), so far
         self.records: list[PilotRecord] = []
         self._handles = []
@@ -217,7 +226,7 @@ class PilotTap:
             attention_mask, input_mask = inputs.get("decoder_attention_mask"), inputs.get("attention_mask")
         else:
             attention_mask, input_mask = inputs.get("attention_mask"), None
-        self._open = _OpenForward(labels, aligned, attention_mask, input_mask)
+        self._open = _OpenForward(labels, aligned, attention_mask, input_mask, inputs.get("use_cache"))
 
     def _before_first_layer(self, module, args, kwargs):
         forward = self._open
@@ -262,6 +271,7 @@ class PilotTap:
             labels_aligned=forward.labels_aligned,
             attention_mask=forward.attention_mask,
             input_mask=forward.input_mask,
+            use_cache=forward.use_cache,
         )
         if self.errors_top_k is not None and record.labels is not None:
             started = time.perf_counter()
@@ -269,4 +279,17 @@ class PilotTap:
                 record.compact_errors = record.errors(self.errors_top_k)
             record.logits = None
             self.seconds += time.perf_counter() - started
+        if self.max_pending is not None and len(self.records) >= self.max_pending:
+            self._abandon()
+            return
         self.records.append(record)
+
+    def _abandon(self) -> None:
+        """Nobody collects the records any more (the loop that popped them stopped, e.g. an interrupted
+        ``Trainer.train()``): drop them and detach, so the Pilot no longer pays for a tap that feeds nothing."""
+        warnings.warn(
+            f"PilotTap: {len(self.records)} records were never collected with pop_records() (did the training loop "
+            "that collects them stop, e.g. an interrupted Trainer.train()?). The tap drops them and detaches from "
+            "the Pilot; a new train() attaches a fresh one.", RuntimeWarning, stacklevel=2)
+        self.records.clear()
+        self.detach()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -89,10 +90,13 @@ class CopilotUpdater:
         )
         self.generator = torch.Generator().manual_seed(config.seed + _rank())
         self.updates = 0
+        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
         self.tokens = 0  # real (non-padding) positions the Copilot has trained on, for throughput reports
 
     def step(self, mistake_log) -> float:
-        """Draws a batch from ``mistake_log``, takes one optimizer step, returns the loss."""
+        """Draws a batch from ``mistake_log``, takes one optimizer step, returns the loss. A step whose loss or
+        gradients are not finite leaves the weights and the optimizer's moments as they were (counted in
+        :attr:`skipped_updates`, warned once)."""
         device = next(self.copilot.parameters()).device
         batch = mistake_log.sample(self.config.batch_size, generator=self.generator, device=device)
         self.copilot.train()
@@ -102,14 +106,41 @@ class CopilotUpdater:
             loss = self.copilot(**batch.copilot_inputs(), return_corrections=False).loss
         loss.backward()
         _average_gradients(self.trainable)
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-        self.optimizer.step()
+        skipped = self._step_if_finite()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         self.tokens += int(batch.attention_mask.sum())
-        return loss.item()
+        loss, skipped = torch.stack([loss.detach().float(), skipped]).tolist()  # the step's one host copy
+        if skipped:
+            self.skipped_updates += 1
+            if self.skipped_updates == 1:
+                warnings.warn(
+                    "A Copilot update met a non-finite loss or gradient (NaN/inf) and was skipped, so the Copilot's "
+                    "weights stay finite; skipped updates are counted in copilot_skipped_updates. Many of them "
+                    "point at a learning rate too high for the Copilot.", RuntimeWarning, stacklevel=2)
+        return loss
+
+    def _step_if_finite(self) -> torch.Tensor:
+        """Takes the optimizer step unless the gradients hold a NaN/inf; returns 1.0 (skipped) or 0.0, on the device.
+
+        The gradient norm that clipping computes anyway tells: a non-finite loss gives non-finite gradients, hence a
+        non-finite norm. A fused optimizer takes that flag as a tensor and skips on the device (as under a
+        GradScaler), with no host synchronisation; others read it first.
+        """
+        parameters = [p for p in self.trainable if p.grad is not None]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        found_inf = (~torch.isfinite(norm)).float()
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not found_inf.item():
+            self.optimizer.step()
+        return found_inf
 
     @property
     def learning_rate(self) -> float:
@@ -121,6 +152,7 @@ class CopilotUpdater:
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "updates": self.updates,
+            "skipped_updates": self.skipped_updates,
         }
 
     def load_state_dict(self, state: dict):
@@ -128,6 +160,7 @@ class CopilotUpdater:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.updates = state["updates"]
+        self.skipped_updates = state.get("skipped_updates", 0)
 
 
 def train_copilot(copilot, mistake_log, num_updates: int, progress: bool = True, **training) -> list[float]:

@@ -115,16 +115,16 @@ def test_help_runs_as_a_module():
     assert "train" in done.stdout and "eval" in done.stdout and "demo" in done.stdout
 
 
-def test_missing_model_folders_are_named(user_files, tmp_path):
+def test_missing_model_folders_are_named(user_files, tmp_path, capsys):
     _, data = user_files
     missing = tmp_path / "no-such-model"
-    with pytest.raises(FileNotFoundError, match="no-such-model"):
-        main(train_args(missing, data, tmp_path / "out", lora_rank=0))
-    with pytest.raises(FileNotFoundError, match="no-such-model"):
-        main(eval_args(missing, tmp_path / "copilot", data, tmp_path / "eval"))
+    assert main(train_args(missing, data, tmp_path / "out", lora_rank=0)) == 1
+    assert f"hf-copilot train: error: No model folder at '{missing}'" in capsys.readouterr().err
+    assert main(eval_args(missing, tmp_path / "copilot", data, tmp_path / "eval")) == 1
+    assert f"hf-copilot eval: error: No Pilot folder at '{missing}'" in capsys.readouterr().err
     # A bare name is not looked up on the Hub either.
-    with pytest.raises(FileNotFoundError, match="no-such-pilot"):
-        main(eval_args("no-such-pilot", tmp_path / "copilot", data, tmp_path / "eval"))
+    assert main(eval_args("no-such-pilot", tmp_path / "copilot", data, tmp_path / "eval")) == 1
+    assert "No Pilot folder at 'no-such-pilot'" in capsys.readouterr().err
 
 
 def test_task_and_data_are_mutually_exclusive(user_files, tmp_path, capsys):

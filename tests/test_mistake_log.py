@@ -111,11 +111,11 @@ def test_bytes_stay_within_budget_over_a_long_run():
     assert 2 <= len(log) < 60
 
 
-def test_round_larger_than_budget_is_refused():
+def test_round_larger_than_budget_is_skipped_and_counted():
     log = MistakeLog(max_bytes=1000, top_k=TOP_K)
-    with pytest.raises(ValueError, match="max_bytes"):
+    with pytest.warns(RuntimeWarning, match="max_bytes=1000"):
         log.add(synthetic_record([8, 8]), step=0)
-    assert len(log) == 0 and log.bytes == 0
+    assert len(log) == 0 and log.bytes == 0 and log.stats()["skipped_oversized_records"] == 1
 
 
 def test_records_of_another_pilot_are_refused():

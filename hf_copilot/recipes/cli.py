@@ -14,18 +14,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from .assets import resolve_model
-from ..configuration_copilot import PAPER_LORA
+from ..configuration_copilot import PAPER_LORA, CopilotConfig
+from ..generation import FUSION_SPACES, MAX_LAM
 from ..modeling_copilot import CopilotModel
+from ..safe_io import atomic_write_text, check_model_type
+from .assets import resolve_model
 from .diagnostics import heldout_error_ratio
 from .finetune import add_lora, finetune, load_pilot, save_pilot
+from .prompts import prompt_ids
 from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
 from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, load_examples_file, load_task
@@ -46,17 +53,44 @@ def _examples(args, split: str):
     return examples, task_format
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
+def _checked(cast, accept, requirement: str):
+    """An argparse ``type`` that turns text into ``cast(text)`` and refuses values ``accept`` rejects."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {requirement}")
+        return value
+
+    return parse
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+def _list_of(parse):
+    """A comma-separated list, each item parsed (and checked) by ``parse``."""
+    return lambda text: tuple(parse(item.strip()) for item in text.split(","))
+
+
+POSITIVE_INT = _checked(int, lambda value: value > 0, "a positive integer")
+NON_NEGATIVE_INT = _checked(int, lambda value: value >= 0, "an integer >= 0")
+POSITIVE_NUMBER = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive finite number")
+LAM = _checked(float, lambda value: math.isfinite(value) and 0 <= value <= MAX_LAM,
+               f"a fusion weight λ in [0, {MAX_LAM:g}]")
+SPACE = _checked(str, lambda value: value in FUSION_SPACES, f"a fusion space ({', '.join(FUSION_SPACES)})")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line of stderr (exit status 2), not after a screen of usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _layers(text: str) -> int | None:
     """``all`` (None: as deep as the Pilot) or a positive layer count."""
-    return None if text == "all" else int(text)
+    return None if text == "all" else POSITIVE_INT(text)
 
 
 def _source(parser: argparse.ArgumentParser) -> None:
@@ -64,38 +98,39 @@ def _source(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task", choices=sorted(TASKS), help="a registered benchmark task")
     group.add_argument("--data", type=Path, help="JSONL or CSV file of {question, choices?, answer} rows")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the task's train/test split")
-    parser.add_argument("--test-size", type=int, default=None, help="test items (default: the task's own)")
+    parser.add_argument("--test-size", type=POSITIVE_INT, default=None,
+                        help="test items of a --task (default: the task's own)")
     parser.add_argument("--answer-style", choices=ANSWER_STYLES, default=None,
                         help="how choices are answered: by label (answer2), as words, or by writing the option's "
                              "text (default: the task's own; label for --data); use the same for train and eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-copilot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="hf-copilot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a Pilot with the Copilot learning alongside")
     train.add_argument("--model", required=True, help="model folder, or smollm2-135m")
     _source(train)
     train.add_argument("--output", type=Path, required=True, help="folder for pilot/, copilot/ and run.json")
-    train.add_argument("--train-size", type=int, default=None, help="cap on training examples")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--learning-rate", type=float, default=2e-4)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--max-length", type=int, default=256)
-    train.add_argument("--lora-rank", type=int, default=32, help="LoRA rank of the Pilot; 0 = full fine-tuning")
+    train.add_argument("--train-size", type=POSITIVE_INT, default=None, help="cap on training examples of a --task")
+    train.add_argument("--epochs", type=POSITIVE_NUMBER, default=1.0)
+    train.add_argument("--learning-rate", type=POSITIVE_NUMBER, default=2e-4)
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    train.add_argument("--max-length", type=POSITIVE_INT, default=256)
+    train.add_argument("--lora-rank", type=NON_NEGATIVE_INT, default=32,
+                       help="LoRA rank of the Pilot; 0 = full fine-tuning")
     train.add_argument("--copilot-layers", type=_layers, default=2,
                        help="Copilot depth, or 'all' for every Pilot layer (the paper's Copilot)")
-    train.add_argument("--copilot-lora-rank", type=int, default=0,
+    train.add_argument("--copilot-lora-rank", type=NON_NEGATIVE_INT, default=0,
                        help="adapt the Copilot's copied layers with LoRA of this rank (the paper: 32, alpha 2r, "
                             "dropout 0.08); 0 = train every weight")
     train.add_argument("--copilot-correction", choices=("vocabulary", "rerank"), default="vocabulary",
                        help="the paper's |V|-wide head, or re-ranking of the Pilot's top candidates")
     train.add_argument("--copilot-loss", choices=("rmse", "cross_entropy"), default="rmse",
                        help="cross_entropy needs --copilot-correction rerank")
-    train.add_argument("--copilot-learning-rate", type=float, default=5e-4)
-    train.add_argument("--copilot-batch-size", type=int, default=8)
+    train.add_argument("--copilot-learning-rate", type=POSITIVE_NUMBER, default=5e-4)
+    train.add_argument("--copilot-batch-size", type=POSITIVE_INT, default=8)
     train.add_argument("--seed", type=int, default=0)
 
     evaluate = commands.add_parser("eval", help="Pilot alone vs Pilot + Copilot over a λ grid")
@@ -103,10 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--copilot", required=True, help="the Copilot folder (train's <output>/copilot)")
     _source(evaluate)
     evaluate.add_argument("--output", type=Path, required=True, help="folder for results.json and the plots")
-    evaluate.add_argument("--lams", type=_floats, default=(0.1, 0.3, 0.5, 0.8, 1.0), help="comma-separated λ grid")
-    evaluate.add_argument("--spaces", type=lambda t: tuple(t.split(",")), default=("probs", "logits"))
-    evaluate.add_argument("--beams", type=_ints, default=(1, 4), help="comma-separated beam counts")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--lams", type=_list_of(LAM), default=(0.1, 0.3, 0.5, 0.8, 1.0),
+                          help="comma-separated λ grid")
+    evaluate.add_argument("--spaces", type=_list_of(SPACE), default=("probs", "logits"))
+    evaluate.add_argument("--beams", type=_list_of(POSITIVE_INT), default=(1, 4), help="comma-separated beam counts")
+    evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    evaluate.add_argument("--max-length", type=POSITIVE_INT, default=256,
+                          help="prompt + answer tokens; longer prompts lose their beginning, as in train")
 
     demo = commands.add_parser("demo", help=f"train + eval SmolLM2-135M on {DEMO['task']} (minutes on a CPU; the "
                                             "first run also downloads and converts the model and data)")
@@ -114,8 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output_folder(folder: Path) -> None:
+    """Fails now, not after hours of work, when results could not be written to ``folder``."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is an existing file; pass a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output {folder} is not a writable folder ({error.strerror}).") from None
+
+
+def _fit_prompts(examples, tokenizer, task_format, max_length: int, pilot_positions: int | None):
+    """The format with eval prompts cut to what fits before the answer, and how many prompts were cut."""
+    room = min(max_length, pilot_positions or max_length) - task_format.max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max-length {max_length} (the Pilot takes {pilot_positions} positions) leaves no room for "
+                         f"a prompt before {task_format.max_new_tokens} answer tokens; raise --max-length.")
+    cut = sum(len(ids) > room for ids in prompt_ids(examples, tokenizer, task_format))
+    return dataclasses.replace(task_format, max_prompt_tokens=room), cut
+
+
 def run_train(args) -> Path:
     set_seed(args.seed)
+    _check_output_folder(args.output)
     examples, task_format = _examples(args, "train")
     model_dir = resolve_model(args.model)
     pilot = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -140,32 +201,49 @@ def run_train(args) -> Path:
                "train_examples": len(examples), "seconds": time.perf_counter() - started,
                "log_history": trainer.state.log_history,
                "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    (args.output / "run.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(args.output / "run.json", json.dumps(summary, indent=2))
     print(f"Saved the Pilot to {args.output / 'pilot'} and the Copilot to {args.output / 'copilot'} "
           f"({summary['seconds'] / 60:.1f} min).", flush=True)
     return args.output
 
 
 def run_eval(args) -> dict:
-    examples, task_format = _examples(args, "test")
-    pilot, tokenizer = load_pilot(args.model)
+    _check_output_folder(args.output)
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"No Pilot folder at {str(args.model)!r} (train writes <output>/pilot).")
     if not Path(args.copilot).is_dir():  # never fall through to a Hub download of a mistyped name
         raise FileNotFoundError(f"No Copilot folder at {str(args.copilot)!r} (train writes <output>/copilot).")
+    check_model_type(Path(args.copilot), CopilotConfig.model_type)
+    examples, task_format = _examples(args, "test")
+    pilot, tokenizer = load_pilot(args.model)
     copilot = CopilotModel.from_pretrained(args.copilot).eval()
     copilot.check_pilot(pilot)
+    task_format, cut = _fit_prompts(examples, tokenizer, task_format, args.max_length,
+                                    getattr(pilot.config, "max_position_embeddings", None))
+    if cut:
+        print(f"{cut} of {len(examples)} prompts are longer than {task_format.max_prompt_tokens} tokens; their "
+              "beginnings are cut, as train does.", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pilot, copilot = pilot.to(device), copilot.to(device)
     decodings = [Decoding(num_beams=b) for b in args.beams] + [
         Decoding(lam, space, b) for b in args.beams for space in args.spaces for lam in args.lams if lam > 0]
     started = time.perf_counter()
-    diagnostic = heldout_error_ratio(pilot, copilot, tokenizer, examples, task_format, batch_size=args.batch_size)
+    diagnostic = heldout_error_ratio(pilot, copilot, tokenizer, examples, task_format, batch_size=args.batch_size,
+                                     max_length=args.max_length)
+    partial = args.output / "results.partial.json"
+
+    def write_partial(answers):
+        atomic_write_text(partial, json.dumps({"heldout_error_ratio": diagnostic, "answers": {
+            decoding.name: texts for decoding, texts in answers.items()}}, indent=2))
+
     rows = evaluate_decodings(pilot, tokenizer, examples, task_format, decodings, copilot=copilot,
-                              batch_size=args.batch_size, progress=True)
+                              batch_size=args.batch_size, progress=True, on_answers=write_partial)
     results = {"model": str(args.model), "copilot": str(args.copilot), "task": args.task,
                "data": str(args.data) if args.data else None, "test_examples": len(examples),
-               "heldout_error_ratio": diagnostic, "seconds": time.perf_counter() - started, "rows": rows}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(results, indent=2))
+               "prompts_cut": cut, "heldout_error_ratio": diagnostic, "seconds": time.perf_counter() - started,
+               "rows": rows}
+    atomic_write_text(args.output / "results.json", json.dumps(results, indent=2))
+    partial.unlink(missing_ok=True)
     print(format_table(rows, diagnostic))
     _plots(args, pilot, copilot, tokenizer, examples, task_format, rows)
     print(f"Wrote {args.output / 'results.json'}", flush=True)
@@ -219,13 +297,42 @@ def run_demo(args) -> dict:
     run_train(train)
     evaluation = argparse.Namespace(**common, model=args.output / "pilot", copilot=args.output / "copilot",
                                     output=args.output / "eval", lams=DEMO["lams"], spaces=("probs", "logits"),
-                                    beams=(1,), batch_size=32)
+                                    beams=(1,), batch_size=32, max_length=256)
     return run_eval(evaluation)
 
 
+USER_ERRORS = (ValueError, OSError, ImportError)
+"""What a user can fix (options, files, data, a missing extra): one line on stderr, no traceback. Set
+HF_COPILOT_TRACEBACK=1 to see where one came from."""
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Options that only make sense together; each alone was checked as it was parsed."""
+    if getattr(args, "data", None) is not None:
+        ignored = [flag for flag, name in (("--train-size", "train_size"), ("--test-size", "test_size"))
+                   if getattr(args, name, None) is not None]
+        if ignored:
+            parser.error(f"{' and '.join(ignored)} pick rows of a --task; with --data the whole file is used: drop "
+                         f"{' and '.join(ignored)} or cut the file")
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"hf-copilot: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    {"train": run_train, "eval": run_eval, "demo": run_demo}[args.command](args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            {"train": run_train, "eval": run_eval, "demo": run_demo}[args.command](args)
+    except USER_ERRORS as error:
+        if os.environ.get("HF_COPILOT_TRACEBACK"):
+            raise
+        print(f"hf-copilot {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..callback import CopilotCallback
 from ..errors import IGNORE_INDEX
+from ..safe_io import replace_folder_files, staging_folder
 from .prompts import encode_example, prepare_tokenizer
 from .tasks import Example, TaskFormat
 
@@ -80,10 +81,13 @@ def finetune(pilot, tokenizer, examples: list[Example], task_format: TaskFormat,
 
 
 def save_pilot(pilot, tokenizer, folder: str | Path) -> Path:
-    """Save the fine-tuned Pilot: the full model, or only the LoRA adapter (which names its base folder)."""
+    """Save the fine-tuned Pilot: the full model, or only the LoRA adapter (which names its base folder). The files
+    are written aside and each moved into place by an atomic rename."""
     folder = Path(folder)
-    pilot.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with staging_folder(folder) as staging:
+        pilot.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        replace_folder_files(staging, folder)
     return folder
 
 

@@ -35,9 +35,16 @@ def prepare_tokenizer(tokenizer):
 
 
 
+def prompt_ids(examples: list[Example], tokenizer, task_format: TaskFormat) -> list[list[int]]:
+    """Each example's prompt tokens, cut to its last ``task_format.max_prompt_tokens`` when that is set."""
+    limit = task_format.max_prompt_tokens
+    prompts = [tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"] for example in examples]
+    return prompts if limit is None else [prompt[-limit:] for prompt in prompts]
+
+
 def prompt_batches(examples: list[Example], tokenizer, task_format: TaskFormat, batch_size: int, device):
     """Prompts grouped by length (less padding), yielding (original indices, left-padded inputs on ``device``)."""
-    prompts = [tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"] for example in examples]
+    prompts = prompt_ids(examples, tokenizer, task_format)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]

@@ -7,6 +7,7 @@ Copilot fixed and how many it broke, not only the net accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -139,8 +140,12 @@ def _screened_greedy(pilot, tokenizer, examples, task_format, decodings, copilot
 
 
 def evaluate_decodings(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, decodings, *,
-                       copilot=None, batch_size: int = 16, progress: bool = False) -> list[dict]:
+                       copilot=None, batch_size: int = 16, progress: bool = False,
+                       on_answers: Callable[[dict[Decoding, list[str]]], None] | None = None) -> list[dict]:
     """Accuracy of each decoding, with ``fixed``/``broken`` counted against the Pilot alone at the same beams.
+
+    ``on_answers``, when given, sees the answers of every decoding finished so far each time more finish, so that a
+    long evaluation can be written out as it goes.
 
     Returns one row per decoding: its fields, ``accuracy``, ``correct``, ``total``, ``fixed``, ``broken``, the paired
     comparison with the Pilot alone (``p_value`` of the exact McNemar test, accuracy ``difference`` and its 95%
@@ -158,10 +163,14 @@ def evaluate_decodings(pilot, tokenizer, examples: list[Example], task_format: T
     if rectified_greedy:
         answers.update(_screened_greedy(pilot, tokenizer, examples, task_format, rectified_greedy, copilot,
                                         batch_size, progress))
+        if on_answers is not None:
+            on_answers(answers)
     for decoding in sorted(baselines, key=lambda d: d.num_beams) + [d for d in decodings if d not in baselines]:
         if decoding not in answers:
             answers[decoding] = generate_answers(pilot, tokenizer, examples, task_format, copilot=copilot,
                                                  decoding=decoding, batch_size=batch_size, progress=progress)
+            if on_answers is not None:
+                on_answers(answers)
     correct = {d: [task_format.is_correct(text, ex) for text, ex in zip(texts, examples)]
                for d, texts in answers.items()}
     rows = []

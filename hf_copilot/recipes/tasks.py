@@ -14,9 +14,11 @@ the first ``TEST_SIZES[name]`` rows of a seeded shuffle are the test set (200 fo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -85,12 +87,14 @@ class TaskFormat:
       can use what it knows about the options' text here, which it cannot do through arbitrary labels.
 
     ``max_new_tokens`` is enough for a target (a "text" answer cut short still counts when it can only be one
-    option).
+    option). ``max_prompt_tokens``, when set, cuts longer prompts at generation time to their last tokens, as
+    fine-tuning does (the question and the answer format sit at the end).
     """
 
     max_new_tokens: int
     choice_word: str = "answer"
     answer_style: str = "label"
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self):
         if self.answer_style not in ANSWER_STYLES:
@@ -284,6 +288,11 @@ def _example_from_record(record: dict, where: str) -> Example:
     choices = record.get("choices")
     if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
         raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r}.")
+    if choices is not None and not all(choice.strip() for choice in choices):
+        raise ValueError(f"{where}: 'choices' {choices!r} holds an empty choice.")
+    if choices is not None and len(set(choices)) < len(choices):
+        repeated = sorted({choice for choice in choices if choices.count(choice) > 1})
+        raise ValueError(f"{where}: 'choices' lists {repeated} more than once, so an answer could not name one.")
     try:
         return Example(record["question"], answer, choices, record.get("context") or None)
     except ValueError as error:
@@ -302,38 +311,93 @@ def _csv_choices(cell: str | None, where: str) -> list[str] | None:
     return [choice.strip() for choice in cell.split("|")]
 
 
+def _decoded(path: Path) -> str:
+    """The file's text (UTF-8, a leading byte-order mark dropped); bytes that are not UTF-8 are reported with
+    their line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: byte {data[error.start]:#04x} is not UTF-8; save the file as UTF-8."
+                         ) from None
+
+
+CSV_DELIMITERS = (",", ";", "\t")
+
+
+def _csv_records(path: Path, text: str):
+    """Yields (first line, record) of a CSV file whose header names ``question`` and ``answer``; the delimiter is
+    the one of :data:`CSV_DELIMITERS` that makes the header name both."""
+    header = text.split("\n", 1)[0]
+    delimiter = next((d for d in CSV_DELIMITERS if {"question", "answer"} <= {f.strip() for f in header.split(d)}),
+                     None)
+    if delimiter is None:
+        raise ValueError(f"{path}, line 1: the header {header.strip()!r} does not name both 'question' and 'answer' "
+                         "columns (separated by ',', ';' or tabs).")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    names = [name.strip() for name in next(reader)]
+    first = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            raise ValueError(f"{path}, line {first}: the row starting here cannot be read ({error}); is a quote "
+                             "left open?") from None
+        if len(row) > len(names):
+            raise ValueError(f"{path}, line {first}: {len(row)} fields for {len(names)} columns; quote fields that "
+                             f"contain {delimiter!r}.")
+        if any(cell.strip() for cell in row):
+            yield first, dict(zip(names, row))
+        first = reader.line_num + 1
+
+
 def load_examples_file(path: str | Path) -> list[Example]:
-    """Your own examples from ``.jsonl`` (one object a line) or ``.csv`` (with a header row).
+    """Your own examples from ``.jsonl`` (one object a line) or ``.csv`` (with a header row; ``,``, ``;`` or tab).
 
     Keys: ``question``, ``answer``, optional ``choices`` (a list; in CSV a JSON list or ``a|b|c``) and optional
-    ``context``. Other keys are ignored. Errors name the file and line.
+    ``context``. Other keys are ignored. Errors name the file and line; repeated rows are kept with a warning.
     """
     path = Path(path)
-    examples = []
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
-                examples.append(_example_from_record(record, where))
-    elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            for record in reader:
-                where = f"{path}, line {reader.line_num}"
-                record["choices"] = _csv_choices(record.get("choices"), where)
-                examples.append(_example_from_record(record, where))
-    else:
+    if path.suffix not in (".jsonl", ".csv"):
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    text = _decoded(path)
+    examples, lines = [], []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+            examples.append(_example_from_record(record, where))
+            lines.append(number)
+    else:
+        for number, record in _csv_records(path, text):
+            where = f"{path}, line {number}"
+            record["choices"] = _csv_choices(record.get("choices"), where)
+            examples.append(_example_from_record(record, where))
+            lines.append(number)
     if not examples:
         raise ValueError(f"{path}: no examples.")
+    first_seen: dict[Example, int] = {}
+    repeats = []
+    for example, line in zip(examples, lines):
+        first = first_seen.setdefault(example, line)
+        if first != line:
+            repeats.append(f"line {line} repeats line {first}")
+    if repeats:
+        listed = ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else "")
+        warnings.warn(f"{path}: {len(repeats)} row(s) repeat an earlier one ({listed}); they are kept, and count "
+                      "twice in training and accuracy.", UserWarning, stacklevel=2)
     return examples
 
 
