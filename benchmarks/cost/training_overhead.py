@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_copilot import CopilotCallback, CopilotModel
+from hf_copilot import PAPER_LORA, CopilotCallback, CopilotModel
 
 from benchmarks.cost.pilots import PILOTS, SEQUENCE_LENGTH, load_pilot, random_token_rows, stack_rows
 
@@ -36,9 +36,11 @@ SETTINGS = {
     "joint, update every 4 steps": dict(update_every=4),
     "joint, Copilot batch 4": dict(batch_size=4),
     "joint, rerank correction": dict(correction="rerank"),
+    # The paper's Copilot: every Pilot layer copied, adapted with LoRA (r 32, alpha 64, dropout 0.08).
+    "joint, paper Copilot (every layer, LoRA)": dict(num_hidden_layers="all", lora=PAPER_LORA),
 }
 BASIC = ["pilot only", "capture only", "joint (defaults)"]
-COPILOT_FIELDS = ("correction", "num_hidden_layers")
+COPILOT_FIELDS = ("correction", "num_hidden_layers", "lora")
 
 
 def now() -> float:
@@ -68,6 +70,8 @@ class StepTimer(TrainerCallback):
 def make_callback(pilot, setting):
     options = dict(SETTINGS[setting])
     copilot_options = {name: options.pop(name) for name in COPILOT_FIELDS if name in options}
+    if copilot_options.get("num_hidden_layers") == "all":
+        copilot_options["num_hidden_layers"] = pilot.config.num_hidden_layers
     return CopilotCallback(CopilotModel.from_pilot(pilot, **copilot_options), **options)
 
 
