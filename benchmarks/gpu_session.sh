@@ -3,6 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh tests             # the device-parametrised tests, on CUDA
 #   bash benchmarks/gpu_session.sh model cost quality   # bf16 cost benchmarks on SmolLM2, then the gpu_short protocol
+#   bash benchmarks/gpu_session.sh paper             # the paper's Copilot at the paper's proportions (gpu protocol)
+#   PAPER_PROTOCOL=smoke PAPER_MODEL=<tiny folder> TASKS=basic_arithmetic SEEDS=0 bash benchmarks/gpu_session.sh paper
+#                                                    # the same script end to end on a CPU, in minutes
 #
 # Results go to $OUT (default gpu_out/). The quality cells run side by side as separate processes (a 135M Pilot
 # leaves one GPU mostly idle); every process stops at the deadline (QUALITY_SECONDS, default 420), and a cell cut
@@ -12,6 +15,9 @@ set -u
 OUT=${OUT:-gpu_out}
 RUNS=${RUNS:-runs/quality}
 QUALITY_SECONDS=${QUALITY_SECONDS:-420}
+PAPER_SECONDS=${PAPER_SECONDS:-540}
+PAPER_PROTOCOL=${PAPER_PROTOCOL:-gpu}
+PAPER_MODEL=${PAPER_MODEL:-smollm2-135m}
 SEEDS=${SEEDS:-0 1 2}
 TASKS=${TASKS:-arc_easy piqa boolq basic_arithmetic}
 VARIANTS=${VARIANTS:-rerank_ce,rerank_ce_x8,paper_x8}
@@ -60,6 +66,24 @@ stage_quality() {
     wait
     python3 -m benchmarks.quality.quality --protocol gpu_short --report-only --runs "$RUNS" --table "$OUT/quality_gpu_short.md"
     find "$RUNS/gpu_short" \( -name "*.json" -o -name "log.txt" \) -print0 | tar czf "$OUT/runs.tgz" --null -T -
+}
+
+stage_paper() {  # every (task, seed) cell of the paper protocol side by side; each resumes if run again
+    export OMP_NUM_THREADS=1
+    [[ "$PAPER_MODEL" == smollm2-135m ]] && { stage_model >/dev/null || return; }
+    local runs=runs/paper
+    for seed in $SEEDS; do
+        for task in $TASKS; do
+            mkdir -p "$runs/$PAPER_PROTOCOL/$task/seed$seed"
+            timeout "$PAPER_SECONDS" python3 -m benchmarks.quality.paper --protocol "$PAPER_PROTOCOL" --tasks "$task" \
+                --seeds "$seed" --model "$PAPER_MODEL" --runs "$runs" \
+                >"$runs/$PAPER_PROTOCOL/$task/seed$seed/log.txt" 2>&1 &
+        done
+    done
+    wait
+    python3 -m benchmarks.quality.paper --protocol "$PAPER_PROTOCOL" --report-only --runs "$runs" \
+        --tasks "${TASKS// /,}" --seeds "${SEEDS// /,}" | tee "$OUT/paper_$PAPER_PROTOCOL.md"
+    find "$runs/$PAPER_PROTOCOL" \( -name "*.json" -o -name "log.txt" \) -print0 | tar czf "$OUT/paper_runs.tgz" --null -T -
 }
 
 for stage in "$@"; do

@@ -36,15 +36,18 @@ class CopilotCallback(TrainerCallback):
         log_max_bytes: byte budget of the log (see :class:`MistakeLog`).
         top_k: Pilot probabilities kept per token in the compact errors.
         log_device: where the log lives (``"cpu"``, pinned when CUDA exists; or the Pilot's device).
-        save_dir: where the final Copilot is saved after training (default ``<output_dir>/copilot``).
+        save_dir: where the final Copilot is saved after training (default ``<output_dir>/<name>``).
         save_mistake_log: also write the Mistake Log into each checkpoint and next to the final Copilot.
         resume_from: checkpoint folder to restore the Copilot from when it is not ``<output_dir>/checkpoint-<step>``.
+        name: the Copilot's folder name (in each checkpoint and under ``output_dir``) and metric prefix. Give each
+            Copilot its own name to train several beside one Pilot (e.g. two sizes on one run).
         **training: fields of :class:`CopilotTrainingConfig` (learning rate, batch size, updates per step, ...).
     """
 
     def __init__(self, copilot, *, log_rounds: int = 128, log_max_bytes: int | None = None,
                  top_k: int = DEFAULT_TOP_K, log_device: str | torch.device = "cpu", save_dir: str | None = None,
-                 save_mistake_log: bool = False, resume_from: str | None = None, **training):
+                 save_mistake_log: bool = False, resume_from: str | None = None, name: str = "copilot",
+                 **training):
         self.copilot = copilot
         self.config = CopilotTrainingConfig(**training)
         log_options = dict(max_rounds=log_rounds, top_k=top_k, device=log_device)
@@ -54,6 +57,7 @@ class CopilotCallback(TrainerCallback):
         self.save_dir = save_dir
         self.save_mistake_log = save_mistake_log
         self.resume_from = resume_from
+        self.name = name
         self.tap: PilotTap | None = None
         self.updater: CopilotUpdater | None = None
         self._losses: list[float] = []
@@ -113,22 +117,23 @@ class CopilotCallback(TrainerCallback):
             return
         stats = self.mistake_log.stats()
         metrics = {
-            "copilot_learning_rate": self.updater.learning_rate,
-            "copilot_log_tokens": stats["tokens"],
-            "copilot_log_bytes": stats["bytes"],
-            "copilot_log_error_norm": stats["mean_error_norm"],
-            "copilot_log_dropped_mass": stats["mean_dropped_mass"],
-            "copilot_seconds": self.seconds,
+            "learning_rate": self.updater.learning_rate,
+            "log_tokens": stats["tokens"],
+            "log_bytes": stats["bytes"],
+            "log_error_norm": stats["mean_error_norm"],
+            "log_dropped_mass": stats["mean_dropped_mass"],
+            "seconds": self.seconds,
         }
         if self._losses:
-            metrics["copilot_loss"] = sum(self._losses) / len(self._losses)
+            metrics["loss"] = sum(self._losses) / len(self._losses)
             self._losses.clear()
+        metrics = {f"{self.name}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "copilot")
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.name)
         self._save(folder, args, state, with_training_state=True)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -136,7 +141,7 @@ class CopilotCallback(TrainerCallback):
             self.tap.detach()
             self._seconds += self.tap.seconds
             self.tap = None
-        self._save(self.save_dir or os.path.join(args.output_dir, "copilot"), args, state,
+        self._save(self.save_dir or os.path.join(args.output_dir, self.name), args, state,
                    with_training_state=False)
 
     # --- helpers --------------------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ class CopilotCallback(TrainerCallback):
 
     def _resume(self, args, state):
         folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        folder = os.path.join(folder, "copilot")
+        folder = os.path.join(folder, self.name)
         training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=args.process_index))
         if not os.path.isfile(training_state):
             raise FileNotFoundError(

@@ -14,7 +14,7 @@ SCRIPTS = sorted(f"benchmarks.{path.parent.name}.{path.stem}" for room in ("cost
 
 def test_every_script_is_found():
     rooms = {"cost": {"training_overhead", "generation_overhead", "memory", "step_components", "offline_training"},
-             "quality": {"quality", "copilot_variants", "sanity", "error_visibility", "option_likelihood"}}
+             "quality": {"quality", "copilot_variants", "sanity", "error_visibility", "option_likelihood", "paper"}}
     assert {f"benchmarks.{room}.{name}" for room, names in rooms.items() for name in names} <= set(SCRIPTS)
 
 

@@ -267,3 +267,23 @@ def test_adam_epsilon_scales_the_steps_of_weakly_supported_head_rows(tmp_path):
     for bad in (dict(adam_epsilon=0.0), dict(learning_rate=-1.0)):
         with pytest.raises(ValueError, match="must be positive"):
             CopilotTrainingConfig(**bad)
+
+
+def test_two_named_copilots_on_one_run_each_train_as_if_alone(tmp_path):
+    def callback(name):
+        return CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4,
+                               name=name, seed=3)
+
+    alone = callback("big")
+    run(tmp_path / "alone", alone)
+    big, small = callback("big"), callback("small")
+    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(tmp_path / "both"), train_dataset=pattern_dataset())
+    small.attach(trainer)
+    big.attach(trainer)
+    trainer.train()
+    for (name, a), b in zip(alone.copilot.state_dict().items(), big.copilot.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert (tmp_path / "both" / "big" / "model.safetensors").exists()
+    assert (tmp_path / "both" / "small" / "model.safetensors").exists()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("big_loss" in entry and "small_loss" in entry and "copilot_loss" not in entry for entry in logged)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_copilot import CopilotModel
 from hf_copilot.recipes.cli import main
+from hf_copilot.recipes.significance import sign_test_p_value
 from hf_copilot.recipes.tasks import DEFAULT_FORMAT, load_examples_file
 
 EXPECTED_DECODINGS = ["pilot greedy", "probs λ=0.5 greedy", "probs λ=1 greedy", "logits λ=0.5 greedy",
@@ -81,6 +82,13 @@ def test_train_then_eval_on_a_model_folder_and_a_data_file(user_files, tmp_path,
     check_results(eval_dir, data)
     printed = capsys.readouterr().out
     assert "| pilot greedy |" in printed and "Held-out Copilot RMSE" in printed
+    results = json.loads((eval_dir / "results.json").read_text())
+    for row in results["rows"][1:]:  # one verdict per rectified decoding, from its own fixed/broken counts
+        line = next(line for line in printed.splitlines() if line.startswith(f"- {row['decoding']}: "))
+        assert f"(+{row['fixed']}/−{row['broken']}, p = " in line
+        expected = "no significant change" if sign_test_p_value(row["fixed"], row["broken"]) >= 0.05 else "significant"
+        assert expected in line or "borderline" in line
+    assert "rectification.png: logits λ=" in printed and ", step " in printed
 
 
 @pytest.mark.slow

@@ -1,19 +1,21 @@
 """Scoring a Pilot with and without its Copilot, each checked against a slow, obviously-correct recomputation."""
 
 import dataclasses
+import math
 import re
 
 import pytest
 import torch
 from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
-from hf_copilot import CopilotModel
+from hf_copilot import CopilotLogitsProcessor, CopilotModel
 from hf_copilot.recipes import scoring
 from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks, heldout_error_ratio, heldout_error_ratios,
                                             record_mistake_log)
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings, generate_answers
 from hf_copilot.recipes.finetune import finetune
 from hf_copilot.recipes.prompts import encode_example
+from hf_copilot.recipes.significance import sign_test_p_value
 from hf_copilot.recipes.tasks import DEFAULT_FORMAT
 
 FMT = dataclasses.replace(DEFAULT_FORMAT, max_new_tokens=12)
@@ -50,8 +52,8 @@ def word_ids(tokenizer, text):
 
 
 @torch.no_grad()
-def slow_greedy(pilot, tokenizer, example, max_new_tokens):
-    """Batch of one, no padding, no cache: a full forward per new token, argmax, stop at EOS."""
+def slow_greedy_ids(pilot, tokenizer, example, max_new_tokens):
+    """Batch of one, no padding, no cache: a full forward per new token, argmax, stop at EOS; the new token ids."""
     ids = word_ids(tokenizer, FMT.prompt(example))
     new = []
     while len(new) < max_new_tokens:
@@ -59,6 +61,11 @@ def slow_greedy(pilot, tokenizer, example, max_new_tokens):
         new.append(int(logits.argmax()))
         if new[-1] == tokenizer.eos_token_id:
             break
+    return new
+
+
+def slow_greedy(pilot, tokenizer, example, max_new_tokens):
+    new = slow_greedy_ids(pilot, tokenizer, example, max_new_tokens)
     return tokenizer.decode(new, skip_special_tokens=True), new[-1] == tokenizer.eos_token_id
 
 
@@ -109,6 +116,12 @@ def test_evaluate_decodings_counts_fixed_and_broken_against_the_pilot_alone(trai
         assert row["accuracy"] == sum(mine) / len(examples)
         assert row["fixed"] == sum(m and not b for m, b in zip(mine, base))
         assert row["broken"] == sum(b and not m for m, b in zip(mine, base))
+        if row["lam"]:  # the paired comparison with the Pilot alone, from the recounted items
+            assert row["difference"] == (sum(mine) - sum(base)) / len(examples)
+            assert row["p_value"] == sign_test_p_value(row["fixed"], row["broken"])
+            assert row["interval"][0] <= row["difference"] <= row["interval"][1]
+        else:
+            assert (row["p_value"], row["difference"], row["interval"]) == (None, 0.0, None)
     assert any(row["fixed"] for row in rows) and any(row["broken"] for row in rows)  # the counts have teeth
     assert 0 < rows[0]["correct"] < len(examples)
 
@@ -240,52 +253,156 @@ def test_recording_a_mistake_log_can_score_a_copilot_in_the_same_pass(trained, t
         ErrorRatios({"trained": copilot}).results()
 
 
-def test_accuracy_plot_draws_one_line_per_space_and_beams_from_the_pilot_alone(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_run(trained, tokenizer):
+    """evaluate_decodings on 12 items with a Copilot whose corrections both fix and break answers."""
+    pilot, copilot = trained
+    noisy = noisy_copilot(pilot, copilot, 0.1)
+    examples = qa_examples(8, start=12) + qa_examples(4)
+    decodings = [Decoding(), Decoding(0.5, "logits"), Decoding(1.0, "logits"), Decoding(1.0, "probs")]
+    rows = evaluate_decodings(pilot, tokenizer, examples, FMT, decodings, copilot=noisy, batch_size=4)
+    return pilot, noisy, examples, rows
+
+
+def error_bars(container):
+    """(x, low, high) of each vertical bar of an errorbar() container."""
+    (segments,) = container.lines[2]
+    return [(float(s[0][0]), float(min(s[:, 1])), float(max(s[:, 1]))) for s in segments.get_segments()]
+
+
+def test_accuracy_plot_draws_differences_with_intervals_around_the_pilot_alone(tiny_run, tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
     from hf_copilot.recipes import plots
 
-    figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)
-    rows = [dict(lam=lam, space=space, num_beams=beams, accuracy=accuracy) for lam, space, beams, accuracy in [
-        (0.0, "probs", 1, 0.5), (1.0, "logits", 1, 0.7), (0.5, "probs", 1, 0.6), (1.0, "probs", 1, 0.4),
-        (0.5, "logits", 1, 0.55), (0.0, "probs", 2, 0.45), (1.0, "logits", 2, 0.5)]]
-    path = plots.plot_accuracy_vs_lambda(rows, tmp_path / "accuracy.png")
-    assert path.stat().st_size > 1000
-    (figure,) = figures
-    lines = {line.get_label(): [(float(x), round(float(y), 9)) for x, y in zip(line.get_xdata(), line.get_ydata())]
-             for line in figure.axes[0].lines}
-    assert lines == {  # the Pilot-alone row (space "probs" by default) starts every line once, at λ=0
-        "logits, greedy": [(0.0, 50.0), (0.5, 55.0), (1.0, 70.0)],
-        "logits, beam 2": [(0.0, 45.0), (1.0, 50.0)],
-        "probs, greedy": [(0.0, 50.0), (0.5, 60.0), (1.0, 40.0)],
-    }
+    *_, rows = tiny_run
+    rendered = plots.plot_accuracy_vs_lambda(rows, tmp_path / "accuracy.png")
+    assert rendered.path.stat().st_size > 1000
+    axis = rendered.figure.axes[0]
+    pilot = rows[0]
+    (reference,) = [line for line in axis.lines if line.get_label().startswith("Pilot alone")]
+    assert set(reference.get_ydata()) == {0}
+    assert f"greedy {100 * pilot['accuracy']:.1f}% ({pilot['correct']}/{pilot['total']})" in reference.get_label()
+    containers = {c.get_label(): c for c in axis.containers if isinstance(c, ErrorbarContainer)}
+    assert sorted(containers) == ["logits, greedy", "probs, greedy"]
+    for name, lams in (("logits, greedy", [0.5, 1.0]), ("probs, greedy", [1.0])):
+        mine = [r for r in rows if r["lam"] > 0 and f"{r['space']}, greedy" == name]
+        line = containers[name].lines[0]
+        assert [round(float(y), 9) for y in line.get_ydata()] == [
+            round(100 * (r["accuracy"] - pilot["accuracy"]), 9) for r in mine]
+        assert len(line.get_xdata()) == len(lams)
+        assert all(abs(x - lam) < 0.05 for x, lam in zip(line.get_xdata(), lams))  # side by side, near their λ
+        for (_, low, high), row in zip(error_bars(containers[name]), mine):
+            assert (low, high) == pytest.approx((100 * row["interval"][0], 100 * row["interval"][1]), abs=1e-9)
+    bottom, top = axis.get_ylim()
+    assert bottom <= -5 and top >= 5  # at least ±5 points, whatever the data
+    assert all(bottom <= low and high <= top for c in containers.values() for _, low, high in error_bars(c))
+    assert "at least ±5 points" in rendered.figure.texts[0].get_text()
 
 
-def test_rectification_plot_shows_the_first_fixed_example_and_adds_up(trained, tokenizer, tmp_path, monkeypatch):
+def test_accuracy_plot_fills_only_significant_points_and_keeps_beams_apart(tmp_path):
+    from hf_copilot.recipes import plots
+
+    def row(lam, space, beams, correct, fixed, broken):
+        return dict(lam=lam, space=space, num_beams=beams, correct=correct, total=300, fixed=fixed, broken=broken,
+                    accuracy=correct / 300)
+
+    rows = [row(0.0, "probs", 1, 100, 0, 0), row(1.0, "logits", 1, 118, 20, 2), row(0.5, "logits", 1, 101, 1, 0),
+            row(0.0, "probs", 2, 90, 0, 0), row(1.0, "logits", 2, 89, 3, 4)]
+    rendered = plots.plot_accuracy_vs_lambda(rows, tmp_path / "accuracy.png")
+    axis = rendered.figure.axes[0]
+    in_containers = {id(line) for c in axis.containers for line in (c.lines[0], *c.lines[1])}
+    hollow = [c.lines[0] for c in axis.containers]
+    assert all(line.get_markerfacecolor() == "white" for line in hollow)
+    filled = [line for line in axis.lines if id(line) not in in_containers and line.get_marker() == "o"]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in filled] == [
+        ([pytest.approx(1.0, abs=0.05)], [pytest.approx(6.0)])]  # +20/−2 on 300 items: p < 0.001
+    assert rendered.facts["series"]["logits, beam 2"][0][:2] == (1.0, pytest.approx(-1 / 3))
+    assert rendered.facts["reference"] == {1: pytest.approx(100 / 3), 2: 30.0}
+    assert "greedy 33.3% (100/300), beam 2 30.0% (90/300)" in axis.get_legend().get_texts()[0].get_text()
+    assert axis.child_axes == []  # two Pilots: no single absolute-accuracy axis to add
+    one_pilot = plots.plot_accuracy_vs_lambda(rows[:3], tmp_path / "greedy.png").figure.axes[0]
+    (right,) = one_pilot.child_axes
+    assert right.get_ylabel() == "accuracy (%)"
+
+
+def first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def rectified_tokens(pilot, copilot, tokenizer, example, lam):
+    inputs = torch.tensor([word_ids(tokenizer, FMT.prompt(example))])
+    with CopilotLogitsProcessor(copilot, pilot, lam=lam, space="logits") as processor:
+        output = pilot.generate(input_ids=inputs, max_new_tokens=FMT.max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, logits_processor=[processor])
+    return output[0, inputs.shape[1]:].tolist()
+
+
+def test_rectification_plot_shows_the_step_where_the_decodings_part(tiny_run, tokenizer, tmp_path):
+    from hf_copilot.recipes import plots
+
+    pilot, noisy, examples, rows = tiny_run
+    best = rows[2]  # logits λ=1 greedy
+    with pytest.raises(ValueError, match="space='logits' and num_beams=1"):
+        plots.plot_rectification(pilot, noisy, tokenizer, examples, FMT, rows, rows[3], tmp_path / "probs.png")
+    rendered = plots.plot_rectification(pilot, noisy, tokenizer, examples, FMT, rows, best, tmp_path / "r.png", top=4)
+    assert rendered.path.stat().st_size > 1000
+
+    # Independently: the example the row fixed first (else changed first), both decodings token by token.
+    changed = [i for i, (a, b) in enumerate(zip(best["answers"], rows[0]["answers"])) if a != b]
+    assert changed
+    fixed = [i for i in changed if recount(best["answers"][i], examples[i])]
+    index = (fixed or changed)[0]
+    pilot_ids = slow_greedy_ids(pilot, tokenizer, examples[index], FMT.max_new_tokens)
+    rectified_ids = rectified_tokens(pilot, noisy, tokenizer, examples[index], best["lam"])
+    step = first_difference(pilot_ids, rectified_ids)
+    assert rendered.facts["example"] == index and rendered.facts["step"] == step
+    upper, lower = rendered.figure.axes
+    assert upper.get_title() == f"example {index}, step {step}: first step where the rectified and the Pilot's " \
+                                "decodings differ"
+    assert rendered.facts["pilot_choice"] == tokenizer.decode([pilot_ids[step]])
+    assert rendered.facts["rectified_choice"] == tokenizer.decode([rectified_ids[step]])
+
+    pilot_bars, fused_bars = ([bar.get_height() for bar in bars] for bars in upper.containers)
+    (correction_bars,) = ([bar.get_height() for bar in bars] for bars in lower.containers)
+    prefix = word_ids(tokenizer, FMT.prompt(examples[index])) + pilot_ids[:step]  # shared by both decodings
+    with torch.no_grad():
+        logits = pilot(input_ids=torch.tensor([prefix])).logits[0, -1].double()
+    shown = rendered.facts["token_ids"]
+    assert rendered.facts["tokens"] == [tokenizer.decode([t]) for t in shown]
+    assert pilot_bars == pytest.approx((100 * torch.softmax(logits, -1)[shown]).tolist(), rel=1e-4)
+    for i in range(len(shown)):  # rectified = softmax(Pilot logits + λ × correction): ratios of the shown bars
+        expected = (logits[shown[i]] + correction_bars[i]) - (logits[shown[0]] + correction_bars[0])
+        assert math.log(fused_bars[i] / fused_bars[0]) == pytest.approx(float(expected), abs=1e-4)
+    assert max(pilot_bars) == pilot_bars[rendered.facts["tokens"].index(rendered.facts["pilot_choice"])]
+    assert max(fused_bars) == fused_bars[rendered.facts["tokens"].index(rendered.facts["rectified_choice"])]
+    ticks = [label.get_text() for label in lower.get_xticklabels()]
+    assert sum("(Pilot)" in t for t in ticks) == sum("(rectified)" in t for t in ticks) == 1
+    assert [t for t in ticks if "(rectified)" in t] != [t for t in ticks if "(Pilot)" in t]
+    assert [text.get_text() for text in lower.texts] == [f"{c:+.3g}" for c in correction_bars]  # values printed
+    low, high = lower.get_ylim()  # its own scale: the corrections fill their panel
+    assert max(abs(c) for c in correction_bars) > 0.4 * max(-low, high)
+
+
+def test_rectification_plot_falls_back_to_the_first_answer_token(trained, tokenizer, tmp_path):
     from hf_copilot.recipes import plots
 
     pilot, copilot = trained
-    figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)
-    examples = qa_examples(4, start=12)  # choices: answer2, answer1, answer1 (3 choices), free-form "red"
-    right = [FMT.target(example) for example in examples]
-    baseline = dict(lam=0.0, space="probs", num_beams=1, answers=["no", right[1], "no", "no"])
-    best = dict(lam=1.5, space="logits", num_beams=1, answers=["no", "changed", right[2], "no"])
-    with pytest.raises(ValueError, match="space='logits'"):
-        plots.plot_rectification(pilot, copilot, tokenizer, examples, FMT, [baseline, best],
-                                 dict(best, space="probs"), tmp_path / "probs.png")
-    path = plots.plot_rectification(pilot, copilot, tokenizer, examples, FMT, [baseline, best], best,
-                                    tmp_path / "rectification.png", top=4)
-    assert path.stat().st_size > 1000
-    (figure,) = figures
-    axis = figure.axes[0]
-    assert axis.get_title().startswith("example 2, step ")  # index 1 only changed; index 2 was fixed
-    pilot_bars, copilot_bars, fused_bars = ([bar.get_height() for bar in bars] for bars in axis.containers)
-    assert len(pilot_bars) == len(copilot_bars) == len(fused_bars) == 4
-    for p, c, f in zip(pilot_bars, copilot_bars, fused_bars):
-        assert f == pytest.approx(p + c, abs=1e-5)  # logit space: fused = Pilot + λ × correction
-    assert fused_bars == sorted(fused_bars, reverse=True)  # the fused top tokens, best first
-    vocab = tokenizer.get_vocab()
-    assert all(label.get_text().strip("'\"") in vocab or label.get_text() == "''" for label in axis.get_xticklabels())
+    silent = noisy_copilot(pilot, copilot, 0)  # corrects nothing: the decodings never part
+    examples = qa_examples(4, start=12)
+    answers = generate_answers(pilot, tokenizer, examples, FMT)
+    assert answers[0].startswith("the correct answer is ")  # the lead is 4 words, the answer the 5th
+    rows = [dict(lam=0.0, space="probs", num_beams=1, answers=answers),
+            dict(lam=1.0, space="logits", num_beams=1, decoding="logits λ=1 greedy", answers=answers)]
+    rendered = plots.plot_rectification(pilot, silent, tokenizer, examples, FMT, rows, rows[1], tmp_path / "r.png")
+    assert rendered.facts["example"] == 0 and rendered.facts["step"] == 4
+    assert rendered.figure.axes[0].get_title().startswith("example 0, step 4: first answer token")
+    assert rendered.facts["pilot_choice"] == rendered.facts["rectified_choice"] == answers[0].split()[4]
+    assert set(rendered.facts["correction"]) == {0.0}
+
+    lead = [tokenizer.convert_tokens_to_ids(word) for word in "the correct answer".split()]
+    assert plots._deciding_step(tokenizer, "the correct answer is ", lead, lead) == (
+        2, "last step; the two decodings agree and no answer was written")  # it stopped inside the lead
 
 
 def test_first_error_ranks_match_a_per_example_recount(trained, tokenizer):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import qa_examples, qa_tokenizer, tiny_pilot
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_copilot import CopilotModel
 from hf_copilot.errors import IGNORE_INDEX
@@ -121,3 +121,30 @@ def test_lora_adapter_saves_and_merges_back(tmp_path, tokenizer):
     shutil.rmtree(base_dir)
     with pytest.raises(FileNotFoundError, match=rf"(?s)adapter.*{base_dir.name}.*no longer exists"):
         load_pilot(adapter_dir)
+
+
+class StopAfterFirstEpoch(TrainerCallback):
+    """Stands in for a killed run: training stops right after the first epoch's checkpoint is written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_epoch_run_resumes_to_the_uninterrupted_result(tmp_path, tokenizer):
+    def copilot():
+        return CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+
+    options = dict(max_steps=-1, epochs=2, save_each_epoch=True,
+                   copilot_options=dict(batch_size=4, save_mistake_log=True))  # the log too, for an exact resume
+    full_pilot, _ = run_finetune(tmp_path / "full", tokenizer, copilot=copilot(), **options)
+    assert sorted(path.name for path in (tmp_path / "full").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(tmp_path / "cut", tokenizer, copilot=copilot(), callbacks=[StopAfterFirstEpoch()], **options)
+    resumed_pilot, trainer = run_finetune(tmp_path / "cut", tokenizer, copilot=copilot(), **options)
+    assert trainer.state.global_step == 4
+    for name, value in full_pilot.state_dict().items():
+        torch.testing.assert_close(resumed_pilot.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    full, resumed = (CopilotModel.from_pretrained(tmp_path / run / "copilot") for run in ("full", "cut"))
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)

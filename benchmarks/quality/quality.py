@@ -36,6 +36,7 @@ from hf_copilot.recipes.assets import resolve_model
 from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks_of, record_mistake_log,
                                             teacher_forced_records)
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
+from hf_copilot.recipes.significance import describe, pooled_scores
 from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.recipes.tasks import TASKS
 
@@ -184,12 +185,14 @@ def summarise(results: list[dict], protocol: str, command: str, hours: float) ->
     accuracy = {(m, t): [r[arm][decoding]["accuracy"] for r in results if r["task"] == t]
                 for m, arm, decoding in methods for t in tasks}
     base = statistics.fmean(statistics.fmean(accuracy[(methods[0][0], t)]) for t in tasks)
-    lines = [f"| method | {' | '.join(tasks)} | average | relative to Pilot alone |",
-             "|---" * (len(tasks) + 3) + "|"]
-    for method, _, _ in methods:
+    lines = [f"| method | {' | '.join(tasks)} | average | relative to Pilot alone | paired with the Pilot alone |",
+             "|---" * (len(tasks) + 4) + "|"]
+    for method, arm, decoding in methods:
         average = statistics.fmean(statistics.fmean(accuracy[(method, t)]) for t in tasks)
+        # Rectified arms decode the very Pilot of the "Pilot alone" row, item by item; (b) is another Pilot.
+        paired = describe(pooled_scores(r[arm][decoding] for r in results)) if arm != "longer" else "another Pilot"
         lines.append(f"| {method} | " + " | ".join(_mean_std(accuracy[(method, t)]) for t in tasks)
-                     + f" | {100 * average:.1f} | {100 * (average - base) / base:+.1f}% |")
+                     + f" | {100 * average:.1f} | {100 * (average - base) / base:+.1f}% | {paired} |")
     ratios = [f"{t}: joint {statistics.fmean(r['joint_heldout']['ratio'] for r in results if r['task'] == t):.4f}, "
               f"latest {statistics.fmean(r['latest_heldout']['ratio'] for r in results if r['task'] == t):.4f}, "
               f"joint on training items {statistics.fmean(r['joint_train_ratio']['ratio'] for r in results if r['task'] == t):.4f}"

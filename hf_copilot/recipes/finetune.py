@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..callback import CopilotCallback
 from ..errors import IGNORE_INDEX
@@ -22,8 +23,9 @@ from .tasks import Example, TaskFormat
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def add_lora(model, rank: int):
-    """Wrap ``model`` with LoRA adapters on every attention and MLP projection (the paper: r=32, alpha=2r)."""
+def add_lora(model, rank: int, dropout: float = 0.0):
+    """Wrap ``model`` with LoRA adapters on every attention and MLP projection (the paper: r=32, alpha=2r,
+    dropout 0.05)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
@@ -32,18 +34,21 @@ def add_lora(model, rank: int):
     targets = [name for name in LORA_TARGETS if name in names]
     if not targets:
         raise ValueError(f"None of the LoRA target modules {LORA_TARGETS} exist in {type(model).__name__}.")
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
 def finetune(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, output_dir: str | Path, *,
              copilot=None, epochs: float = 1.0, max_steps: int = -1, learning_rate: float = 2e-4,
              batch_size: int = 8, max_length: int = 256, seed: int = 0, progress: bool = True,
-             copilot_options: dict | None = None) -> Trainer:
+             copilot_options: dict | None = None, callbacks=(), save_each_epoch: bool = False) -> Trainer:
     """Fine-tune ``pilot`` (a plain or peft model) on ``examples``; train ``copilot`` alongside when given.
 
-    Returns the finished Trainer (its ``state.log_history`` holds the Pilot and Copilot losses). The Pilot's
-    own training is identical with and without a Copilot.
+    ``callbacks`` join the Trainer's (e.g. more :class:`CopilotCallback` s with their own ``name``, to train
+    Copilots of several sizes beside one Pilot). ``save_each_epoch`` writes a checkpoint
+    (Pilot, tokenizer, Copilots) after every epoch and resumes from the newest one found in ``output_dir``, so an
+    interrupted run continues where it stopped. Returns the finished Trainer (its ``state.log_history`` holds the
+    Pilot and Copilot losses). The Pilot's own training is identical with and without Copilots.
     """
     if not examples:
         raise ValueError("No training examples.")
@@ -53,16 +58,24 @@ def finetune(pilot, tokenizer, examples: list[Example], task_format: TaskFormat,
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=batch_size, num_train_epochs=epochs,
         max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.03,
-        weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        weight_decay=0.0, logging_steps=10, save_strategy="epoch" if save_each_epoch else "no", report_to=[],
+        seed=seed, data_seed=seed,
         train_sampling_strategy="group_by_length", disable_tqdm=not progress, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=pilot, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = Trainer(model=pilot, args=args, train_dataset=dataset, data_collator=collator,
+                      processing_class=tokenizer)
+    for callback in callbacks:
+        if isinstance(callback, CopilotCallback):
+            callback.attach(trainer)  # ahead of the reporters, as the Copilot's metrics need
+        else:
+            trainer.add_callback(callback)
     if copilot is not None:
         CopilotCallback(copilot, save_dir=str(Path(output_dir) / "copilot"),
                         **{"seed": seed, **(copilot_options or {})}).attach(trainer)
-    trainer.train()
+    resume = get_last_checkpoint(str(output_dir)) if save_each_epoch and Path(output_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 

@@ -15,7 +15,12 @@ from transformers import LogitsProcessor
 
 from ..generation import CopilotLogitsProcessor, fuse_scores
 from .prompts import prepare_tokenizer, prompt_batches
+from .significance import PairedComparison
 from .tasks import Example, TaskFormat
+
+
+REFERENCE_FIELDS = {"p_value": None, "difference": 0.0, "interval": None}
+"""The comparison fields of a Pilot-alone row: it is what the others are compared with."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,10 @@ def evaluate_decodings(pilot, tokenizer, examples: list[Example], task_format: T
                        copilot=None, batch_size: int = 16, progress: bool = False) -> list[dict]:
     """Accuracy of each decoding, with ``fixed``/``broken`` counted against the Pilot alone at the same beams.
 
-    Returns one row per decoding: its fields, ``accuracy``, ``correct``, ``total``, ``fixed``, ``broken`` and the
-    generations themselves (``answers``).
+    Returns one row per decoding: its fields, ``accuracy``, ``correct``, ``total``, ``fixed``, ``broken``, the paired
+    comparison with the Pilot alone (``p_value`` of the exact McNemar test, accuracy ``difference`` and its 95%
+    ``interval``, as fractions; see :mod:`.significance`) and the generations themselves (``answers``). The Pilot's
+    own rows are the reference: difference 0, no p-value or interval.
     """
     decodings = list(decodings)
     if copilot is None and any(d.lam > 0 for d in decodings):
@@ -160,9 +167,10 @@ def evaluate_decodings(pilot, tokenizer, examples: list[Example], task_format: T
     rows = []
     for decoding in decodings:
         mine, base = correct[decoding], correct[Decoding(num_beams=decoding.num_beams)]
+        comparison = PairedComparison.from_outcomes(mine, base)
         rows.append({
             **asdict(decoding), "decoding": decoding.name, "accuracy": sum(mine) / len(mine), "correct": sum(mine),
-            "total": len(mine), "fixed": sum(m and not b for m, b in zip(mine, base)),
-            "broken": sum(b and not m for m, b in zip(mine, base)), "answers": answers[decoding],
+            "total": len(mine), "fixed": comparison.fixed, "broken": comparison.broken,
+            **(comparison.fields() if decoding.lam else REFERENCE_FIELDS), "answers": answers[decoding],
         })
     return rows

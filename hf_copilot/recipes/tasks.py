@@ -125,13 +125,15 @@ class TaskFormat:
             instruction = f"{example.context}\n\n{instruction}"
         return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
+    def lead(self, example: Example) -> str:
+        """The fixed words a target begins with before the answer itself (none for a free-form answer)."""
+        return "" if example.choices is None else "the correct answer is "
+
     def target(self, example: Example) -> str:
         """The response the model is trained to write."""
-        if example.choices is None:
-            return example.answer
-        if self.answer_style == "label":
-            return f"the correct answer is {self.choice_word}{example.choices.index(example.answer) + 1}"
-        return f"the correct answer is {example.answer}"
+        if example.choices is not None and self.answer_style == "label":
+            return f"{self.lead(example)}{self.choice_word}{example.choices.index(example.answer) + 1}"
+        return f"{self.lead(example)}{example.answer}"
 
     def parse(self, generation: str, example: Example) -> str | None:
         """The answer a generation gives (a choice's text, a normalised number or line), or None if it gives none."""
