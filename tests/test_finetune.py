@@ -130,6 +130,7 @@ class StopAfterFirstEpoch(TrainerCallback):
         raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_an_interrupted_epoch_run_resumes_to_the_uninterrupted_result(tmp_path, tokenizer):
     def copilot():
         return CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)

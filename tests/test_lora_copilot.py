@@ -107,6 +107,7 @@ def _log_of(pilot, rounds=3):
     return log.until(rounds)
 
 
+@pytest.mark.slow
 def test_save_and_load_round_trip_in_a_fresh_process(tmp_path):
     copilot = randomise(full_depth(tiny_pilot("llama"), lora=PAPER_LORA))
     copilot.save_pretrained(tmp_path)
@@ -158,6 +159,7 @@ def test_lora_copilot_beam_search_corrections_match_full_recompute():
         torch.testing.assert_close(correction, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_joint_training_resumes_to_the_same_lora_copilot(tmp_path):
     def callback():
         pilot = tiny_pilot("llama")

@@ -1,4 +1,5 @@
-"""The Python blocks of the README and of docs/model.md run as written, on a tiny Pilot built from a config.
+"""The Python blocks of the README, docs/model.md and docs/evaluation.md run as written, on a tiny Pilot built
+from a config.
 
 A block may use the names a reader already has in hand (``pilot``, ``copilot``, ``args``, ``ds``, ``inputs``, and in
 the model's reference ``batch``, ``ids``, ``h_mean``, ``x_tilde``, ``mask``, ``pilot_logits``,
@@ -20,7 +21,7 @@ from conftest import VOCAB, WIDTH, tiny_pilot
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DOCUMENTS = [README, ROOT / "docs" / "model.md"]
+DOCUMENTS = [README, ROOT / "docs" / "model.md", ROOT / "docs" / "evaluation.md"]
 
 
 def python_blocks(path: Path) -> list[tuple[Path, str]]:
