@@ -117,7 +117,8 @@ def _spans(lengths: torch.Tensor) -> list[tuple[int, int]]:
 class MistakeLog:
     """Ring buffer of the Pilot's most recent training rounds, in compact form.
 
-    Per added :class:`~hf_copilot.pilot.PilotRecord` (one entry) it keeps, for each sequence, the real positions
+    Per added :class:`~hf_copilot.pilot.PilotRecord` (one entry) it keeps, for each sequence (each document of a
+    packed row: :meth:`~hf_copilot.pilot.PilotRecord.document_starts`), the real positions
     (attention mask 1) up to the sequence's last labelled position: positions after it carry no error and, the
     decoder being causal, do not influence earlier ones. Sequences without any label are not stored.
 
@@ -184,9 +185,15 @@ class MistakeLog:
                 f"{self.hidden_size}; the new record has (kind, logits, width) = {shape}. Use one log per Pilot."
             )
         labels = record.next_token_labels()
-        up_to_last_label = (labels != IGNORE_INDEX).flip(-1).cumsum(-1).flip(-1) > 0
-        keep = record.token_mask() & up_to_last_label
-        lengths = keep.sum(-1)
+        # One logged sequence per document: a row, or each document of a packed row (encoder-decoder: a row).
+        segments = record.document_starts().flatten().cumsum(0) - 1
+        count = int(segments[-1]) + 1
+        position = torch.arange(len(segments), device=segments.device)
+        labelled = labels.flatten() != IGNORE_INDEX
+        last_label = torch.full((count,), -1, device=segments.device).scatter_reduce(
+            0, segments[labelled], position[labelled], "amax")
+        keep = (record.token_mask().flatten() & (position <= last_label[segments])).view_as(labels)
+        lengths = torch.bincount(segments[keep.flatten()], minlength=count)
         kept_sequences = lengths > 0
         if not kept_sequences.any():
             return

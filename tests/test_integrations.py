@@ -1,0 +1,149 @@
+"""The trainers and batch layouts users run, each checked against an independent recompute: every document the
+Pilot trained on, run alone through a plain forward (no TRL, no packing), recorded into a reference Mistake Log."""
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_pilot, word_tokenizer
+from datasets import Dataset
+from transformers import DataCollatorWithFlattening, Trainer
+
+from hf_copilot import CopilotCallback, CopilotModel, MistakeLog
+from hf_copilot.errors import IGNORE_INDEX
+from hf_copilot.pilot import PilotTap
+
+TOP_K = 16
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }} </s>"
+    "{% endgeneration %}{% else %}{{ m['content'] }} {% endif %}{% endfor %}"
+)
+
+
+def conversations(n=16):
+    """Prompts and completions of different lengths, no two alike (each logged sequence is matched by content)."""
+    rows = []
+    for i in range(n):
+        prompt = " ".join(f"w{4 + (3 * i + j) % 50}" for j in range(3 + i % 4))
+        completion = " ".join(f"w{54 + (i + 5 * j) % 40}" for j in range(2 + i % 3))
+        rows.append((prompt, completion))
+    return rows
+
+
+def sft_dataset(style):
+    if style == "assistant_only":
+        return Dataset.from_list([{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]}
+                                  for p, c in conversations()])
+    if style == "text":
+        return Dataset.from_list([{"text": f"{p} {c}"} for p, c in conversations()])
+    return Dataset.from_list([{"prompt": p, "completion": c} for p, c in conversations()])
+
+
+def fresh_copilot(pilot):
+    """A Copilot whose head is not zero, so that its corrections depend on everything it reads."""
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2).eval()
+    with torch.no_grad():
+        copilot.correction_head.weight.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
+    return copilot
+
+
+def reference_log(pilot, documents):
+    """The unpacked recompute: each (input_ids, labels) document alone through a plain forward of the Pilot."""
+    log = MistakeLog(top_k=TOP_K)
+    with PilotTap(pilot, mode="generate") as tap:
+        for step, (ids, labels) in enumerate(documents):
+            with torch.no_grad():
+                pilot(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            (record,) = tap.pop_records()
+            log.add(record, step=step)
+    return log
+
+
+def by_labels(log, copilot):
+    """Every sequence of ``log`` keyed by its next-token labels: its states and the Copilot's corrections."""
+    batch = log.sample(10_000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        corrections = copilot(**batch.copilot_inputs()).corrections
+    sequences = {}
+    for row, length in enumerate(batch.attention_mask.sum(-1).tolist()):
+        key = tuple(batch.errors.labels[row, :length].tolist())
+        assert key not in sequences, "two logged sequences with the same labels: the test data must be unique"
+        sequences[key] = (batch.pilot_input_states[row, :length], batch.pilot_hidden_states[row, :length],
+                          batch.errors.probs[row, :length], corrections[row, :length])
+    return sequences
+
+
+def assert_same_sequences(log, reference, copilot):
+    logged, expected = by_labels(log, copilot), by_labels(reference, copilot)
+    assert sorted(logged) == sorted(expected)  # the same documents, the same labels, the same boundaries
+    for key, tensors in expected.items():
+        for name, got, want in zip(("input states", "hidden states", "probs", "corrections"), logged[key], tensors):
+            # States are stored in bf16: a batched and a lone forward may round a value to neighbouring bf16 numbers.
+            torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0, msg=lambda message, name=name, key=key: f"{name} of {key}: {message}")
+
+
+def sft_trainer(tmp_path, style, pilot, callback, **config):
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=0.0,
+                     report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+                     completion_only_loss=style == "completion_only", assistant_only_loss=style == "assistant_only",
+                     **config)
+    return SFTTrainer(model=pilot, args=args, train_dataset=sft_dataset(style), processing_class=tokenizer,
+                      callbacks=[callback])
+
+
+def sft_documents(tmp_path, style):
+    """The tokenized examples and the labels TRL trains on (prompt or user turns masked), read from an unpacked
+    SFTTrainer's dataset."""
+    dataset = sft_trainer(tmp_path / "reference", style, tiny_pilot("llama"), CopilotCallback(
+        fresh_copilot(tiny_pilot("llama")))).train_dataset
+    return [(row["input_ids"], row.get("labels") or row["input_ids"]) for row in dataset]
+
+
+@pytest.mark.parametrize("style, packing", [("text", False), ("completion_only", False), ("assistant_only", False),
+                                            ("completion_only", True)])
+def test_sft_trainer_logs_each_document_as_an_unpacked_recompute(tmp_path, style, packing):
+    """TRL's SFTTrainer runs the Pilot with its fused LM head (no logits in the output) and, with packing, puts
+    several documents in one row; the log still holds each document as the Pilot alone would have shown it."""
+    pilot = tiny_pilot("llama")
+    callback = CopilotCallback(fresh_copilot(pilot), top_k=TOP_K, log_rounds=100, batch_size=4)
+    trainer = sft_trainer(tmp_path / "run", style, pilot, callback, packing=packing, max_length=64)
+    trainer.train()  # learning rate 0: the Pilot that made the log is the one the reference runs
+    if packing:
+        assert len(callback.mistake_log) == 1 and callback.mistake_log.stats()["sequences"] == 16
+    reference = reference_log(tiny_pilot("llama").train(), sft_documents(tmp_path, style))
+    assert_same_sequences(callback.mistake_log, reference, fresh_copilot(pilot))
+
+
+def test_padding_free_batches_of_data_collator_with_flattening(tmp_path):
+    documents = [([1] + [4 + (5 * i + j) % 90 for j in range(3 + i % 5)], None) for i in range(12)]
+    documents = [(ids, [IGNORE_INDEX] + ids[1:]) for ids, _ in documents]
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in documents]
+    pilot = tiny_pilot("llama")
+    callback = CopilotCallback(fresh_copilot(pilot), top_k=TOP_K, log_rounds=100, batch_size=4)
+    from test_callback import trainer_args
+
+    trainer = Trainer(model=pilot, args=trainer_args(tmp_path, max_steps=3, learning_rate=0.0), train_dataset=rows,
+                      data_collator=DataCollatorWithFlattening())
+    callback.attach(trainer)
+    trainer.train()
+    assert [entry.num_sequences for entry in callback.mistake_log._entries] == [4, 4, 4]
+    assert_same_sequences(callback.mistake_log, reference_log(tiny_pilot("llama").train(), documents),
+                          fresh_copilot(pilot))
+
+
+def test_a_packed_row_is_split_where_positions_restart():
+    pilot = tiny_pilot("llama").train()
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    with PilotTap(pilot) as tap:
+        pilot(input_ids=ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]]))
+        (packed,) = tap.pop_records()
+        pilot(input_ids=ids, labels=ids)
+        (plain,) = tap.pop_records()
+    assert packed.document_starts().nonzero()[:, 1].tolist() == [0, 4, 6]
+    # The last token of each document has no target: the next one starts another document.
+    expected = ids[0, 1:].tolist() + [IGNORE_INDEX]
+    expected[3] = expected[5] = IGNORE_INDEX
+    assert packed.next_token_labels()[0].tolist() == expected
+    assert plain.document_starts().nonzero()[:, 1].tolist() == [0]
