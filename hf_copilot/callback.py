@@ -14,7 +14,9 @@ import os
 import time
 
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .errors import DEFAULT_TOP_K
 from .mistake_log import MistakeLog
@@ -24,6 +26,8 @@ from .training import CopilotTrainingConfig, CopilotUpdater
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_NAME = "copilot_training_state_rank{rank}.pt"
+MISTAKE_LOG_NAME = "mistake_log_rank{rank}"
+"""Each rank records its own micro-batches, so a checkpoint holds one Mistake Log per rank, like the state."""
 
 
 class CopilotCallback(TrainerCallback):
@@ -36,7 +40,8 @@ class CopilotCallback(TrainerCallback):
         top_k: Pilot probabilities kept per token in the compact errors.
         log_device: where the log lives (``"cpu"``, pinned when CUDA exists; or the Pilot's device).
         save_dir: where the final Copilot is saved after training (default ``<output_dir>/copilot``).
-        save_mistake_log: also write the Mistake Log into each checkpoint and next to the final Copilot.
+        save_mistake_log: also write the Mistake Log into each checkpoint (one per rank, ``mistake_log_rank<r>``: an
+            exact resume needs it) and rank 0's next to the final Copilot (``mistake_log``).
         resume_from: checkpoint folder to restore the Copilot from when it is not ``<output_dir>/checkpoint-<step>``.
         **training: fields of :class:`CopilotTrainingConfig` (learning rate, batch size, updates per step, ...).
     """
@@ -146,33 +151,46 @@ class CopilotCallback(TrainerCallback):
             return
         started = time.perf_counter()
         for record in self.tap.pop_records():
+            if record.vocab_size != self.copilot.config.vocab_size:
+                raise ValueError(
+                    f"The Pilot emitted {record.vocab_size} logits per token, but the Copilot's vocabulary is "
+                    f"{self.copilot.config.vocab_size} (its config's vocab_size differs from its LM head's rows). "
+                    f"Build the Copilot with CopilotModel.from_pilot(pilot, vocab_size={record.vocab_size})."
+                )
             self.mistake_log.add(record, step=state.global_step + 1)
         self._seconds += time.perf_counter() - started
 
     def _save(self, folder, args, state, with_training_state: bool):
         if state.is_world_process_zero:
             self.copilot.save_pretrained(folder)
-            if self.save_mistake_log:
+            if self.save_mistake_log and not with_training_state:
                 self.mistake_log.save(os.path.join(folder, "mistake_log"))
         if with_training_state:
             os.makedirs(folder, exist_ok=True)
             rank = args.process_index
             torch.save(self.updater.state_dict(), os.path.join(folder, TRAINING_STATE_NAME.format(rank=rank)))
+            if self.save_mistake_log:
+                self.mistake_log.save(os.path.join(folder, MISTAKE_LOG_NAME.format(rank=rank)))
 
     def _resume(self, args, state):
         folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         folder = os.path.join(folder, "copilot")
-        training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=args.process_index))
+        rank = args.process_index
+        training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=rank))
         if not os.path.isfile(training_state):
             raise FileNotFoundError(
                 f"Training resumes at step {state.global_step}, but {training_state} does not exist, so the Copilot "
                 "cannot resume with it. If the checkpoint lives elsewhere, pass CopilotCallback(resume_from=<that "
-                "checkpoint folder>); to start the Copilot afresh, train without resume_from_checkpoint."
+                "checkpoint folder>); to start the Copilot afresh, train without resume_from_checkpoint. A "
+                "checkpoint written by a run with fewer processes cannot resume this one."
             )
-        loaded = type(self.copilot).from_pretrained(folder)
-        self.copilot.load_state_dict(loaded.state_dict())
-        self.updater.load_state_dict(torch.load(training_state, map_location=args.device, weights_only=False))
-        log_folder = os.path.join(folder, "mistake_log")
+        # Straight into the existing module: from_pretrained would build a second Copilot, which under DeepSpeed
+        # ZeRO-3 is partitioned on load and no longer fits this one's full-size parameters.
+        self.copilot.load_state_dict(load_file(os.path.join(folder, SAFE_WEIGHTS_NAME)))
+        # On the CPU: under torchrun args.device reads "cpu:0", which torch.load refuses; the optimizer moves its
+        # state to the parameters' device itself, and the sampling generator's state must stay on the CPU.
+        self.updater.load_state_dict(torch.load(training_state, map_location="cpu", weights_only=False))
+        log_folder = os.path.join(folder, MISTAKE_LOG_NAME.format(rank=rank))
         if os.path.isdir(log_folder):
-            self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot)
+            self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot, device=self.mistake_log.device)
         logger.info("Copilot resumed from %s (%d updates so far)", folder, self.updater.updates)

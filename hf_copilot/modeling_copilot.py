@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
-from .pilot_shape import decoder_layers, logits_width, pilot_kind, unwrap_pilot
+from .pilot_shape import decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot
 
 logger = logging.getLogger(__name__)
 
@@ -617,17 +617,20 @@ class CopilotModel(CopilotPreTrainedModel):
         copied = []
         pilot_layers = decoder_layers(model)
         for copilot_layer, pilot_layer in zip(self.layers, pilot_layers):
-            source = dict(pilot_layer.named_parameters())
-            for name, param in copilot_layer.named_parameters():
-                pilot_name = name.replace("cross_attn.", "self_attn.").replace(
-                    "cross_attention_layernorm", "input_layernorm")
-                if pilot_name in source and source[pilot_name].shape == param.shape:
-                    param.copy_(source[pilot_name])
-                    copied.append(f"layers.{copilot_layer.layer_idx}.{name}")
+            # A PEFT adapter moves a wrapped weight to `<module>.base_layer.<name>`: the Pilot's own weight is there.
+            source = {name.replace(".base_layer", ""): param for name, param in pilot_layer.named_parameters()}
+            with gathered_parameters(source.values()):  # DeepSpeed ZeRO-3 partitions them; elsewhere a no-op
+                for name, param in copilot_layer.named_parameters():
+                    pilot_name = name.replace("cross_attn.", "self_attn.").replace(
+                        "cross_attention_layernorm", "input_layernorm")
+                    if pilot_name in source and source[pilot_name].shape == param.shape:
+                        param.copy_(source[pilot_name])
+                        copied.append(f"layers.{copilot_layer.layer_idx}.{name}")
         embeddings = model.get_input_embeddings()
-        if embeddings is not None and embeddings.weight.shape == self.error_projection.weight.shape:
-            self.error_projection.weight.copy_(embeddings.weight)
-            copied.append("error_projection.weight")
+        with gathered_parameters(embeddings.parameters() if embeddings is not None else ()):
+            if embeddings is not None and embeddings.weight.shape == self.error_projection.weight.shape:
+                self.error_projection.weight.copy_(embeddings.weight)
+                copied.append("error_projection.weight")
         return copied
 
 

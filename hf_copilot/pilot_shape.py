@@ -4,6 +4,8 @@ logits width. Shared by the Pilot reader (:mod:`hf_copilot.pilot`) and by ``Copi
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -54,7 +56,9 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     block_names.update(getattr(model, "_no_split_modules", None) or [])
     decoder = model.get_decoder()
     for module in decoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in block_names:
+        # Along the class hierarchy: FSDP2's fully_shard swaps a block's class for a subclass (FSDPLlamaDecoderLayer).
+        if isinstance(module, nn.ModuleList) and len(module) and any(
+                cls.__name__ in block_names for cls in type(module[0]).__mro__):
             return module
     raise ValueError(
         f"Could not find the decoder layers of {type(model).__name__}: expected a ModuleList of "
@@ -64,8 +68,21 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 
 
 def logits_width(model: PreTrainedModel) -> int:
-    """Number of logits the Pilot emits per token (its output embedding rows, else ``config.vocab_size``)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight.shape[0]
+    """Number of logits the Pilot emits per token: its text config's ``vocab_size``.
+
+    Not the output embedding's row count: under DeepSpeed ZeRO-3 a partitioned weight's shape reads ``[0]``. Where
+    the two differ, the first recorded forward's own logits width decides (see ``PilotRecord.vocab_size``).
+    """
     return model.config.get_text_config().vocab_size
+
+
+def gathered_parameters(parameters):
+    """A context in which ``parameters`` hold their full values: DeepSpeed ZeRO-3 partitions a model's parameters
+    across ranks (each reads an empty tensor) and ``deepspeed.zero.GatheredParameters`` gathers them for reading.
+    Any other parameter is already whole, and the context does nothing."""
+    parameters = list(parameters)
+    if not any(hasattr(parameter, "ds_id") for parameter in parameters):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)

@@ -1,6 +1,12 @@
 """The trainers and batch layouts users run, each checked against an independent recompute: every document the
 Pilot trained on, run alone through a plain forward (no TRL, no packing), recorded into a reference Mistake Log."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_pilot, word_tokenizer
@@ -147,3 +153,31 @@ def test_a_packed_row_is_split_where_positions_restart():
     expected[3] = expected[5] = IGNORE_INDEX
     assert packed.next_token_labels()[0].tolist() == expected
     assert plain.document_starts().nonzero()[:, 1].tolist() == [0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux CI")
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, engine):
+    """Under torchrun (DDP, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU), both ranks end with the same Copilot, and a run
+    resumed from the step-2 checkpoint (each rank reloading its own Mistake Log and state) ends with it too. Under
+    ZeRO-3 the Pilot is partitioned as it is built, and from_pilot still copies its full weights."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    # The first DeepSpeed run on a machine compiles a CPU communication op (about 75 s), then it is cached.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).with_name("distributed_train.py")), str(tmp_path), engine]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    copilots = {name: torch.load(tmp_path / f"{name}.pt") for name in
+                ("full_rank0", "full_rank1", "resumed_rank0", "resumed_rank1")}
+    for name, copilot in copilots.items():
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == {"vocab_size": VOCAB, "copied_layer_0": True}
+        for key, tensor in copilot.items():
+            torch.testing.assert_close(tensor, copilots["full_rank0"][key], atol=1e-6, rtol=1e-5,
+                                       msg=lambda message, name=name, key=key: f"{name} {key}: {message}")
+    initial = torch.load(tmp_path / "full_start.pt")
+    assert any(not torch.equal(copilots["full_rank0"][key], initial[key]) for key in initial)  # it did train
+    assert (tmp_path / "full" / "checkpoint-2" / "copilot" / "mistake_log_rank1").is_dir()
