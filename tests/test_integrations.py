@@ -155,9 +155,22 @@ def test_a_packed_row_is_split_where_positions_restart():
     assert plain.document_starts().nonzero()[:, 1].tolist() == [0]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux CI")
+def torchrun(script, *arguments):
+    """Runs ``tests/<script>`` in 2 processes (gloo on the CPU) and fails with their output if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).with_name(script)), *map(str, arguments)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux CI")
+
+
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.slow
+@linux_only
 def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, engine):
     """Under torchrun (DDP, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU), both ranks end with the same Copilot, and a run
     resumed from the step-2 checkpoint (each rank reloading its own Mistake Log and state) ends with it too. Under
@@ -165,12 +178,7 @@ def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, e
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
     # The first DeepSpeed run on a machine compiles a CPU communication op (about 75 s), then it is cached.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).with_name("distributed_train.py")), str(tmp_path), engine]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    torchrun("distributed_train.py", tmp_path, engine)
     copilots = {name: torch.load(tmp_path / f"{name}.pt") for name in
                 ("full_rank0", "full_rank1", "resumed_rank0", "resumed_rank1")}
     for name, copilot in copilots.items():
@@ -181,3 +189,32 @@ def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, e
     initial = torch.load(tmp_path / "full_start.pt")
     assert any(not torch.equal(copilots["full_rank0"][key], initial[key]) for key in initial)  # it did train
     assert (tmp_path / "full" / "checkpoint-2" / "copilot" / "mistake_log_rank1").is_dir()
+
+
+@pytest.mark.slow
+@linux_only
+def test_fsdp2_capture_equals_an_unsharded_recompute(tmp_path):
+    """fully_shard swaps each decoder layer's class for a subclass (FSDPLlamaDecoderLayer); the tap still finds the
+    layers, and what it records from the sharded Pilot is what the unsharded Pilot shows."""
+    torchrun("fsdp2_capture.py", tmp_path)
+    for rank in (0, 1):
+        records = torch.load(tmp_path / f"records_rank{rank}.pt")
+        assert records["sharded"].pop("class") == "FSDPLlamaDecoderLayer"
+        assert records["plain"].pop("class") == "LlamaDecoderLayer"
+        for name, tensor in records["plain"].items():
+            torch.testing.assert_close(records["sharded"][name], tensor, msg=lambda message, name=name: f"{name}: "
+                                       f"{message}")
+
+
+def test_from_pilot_copies_a_peft_wrapped_pilot_completely():
+    """A LoRA adapter moves each wrapped weight under `base_layer`; from_pilot copies the same tensors as from the
+    bare Pilot (the fresh ones are drawn from the same seed, so every tensor must match)."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(tiny_pilot("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    copilots = []
+    for pilot in (tiny_pilot("llama"), wrapped):
+        torch.manual_seed(1)
+        copilots.append(CopilotModel.from_pilot(pilot, num_hidden_layers=2).state_dict())
+    for key, tensor in copilots[0].items():
+        assert torch.equal(copilots[1][key], tensor), key
