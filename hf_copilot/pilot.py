@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -147,7 +148,7 @@ class PilotTap:
     (hooks are added once per run and never mid-run, which DeepSpeed ZeRO-3 relies on).
 
     Records hold references to the forward's tensors (its logits included) until :meth:`pop_records` hands them
-    over: pop them every step. With ``errors_top_k=k`` a recorded forward that has labels keeps its compact
+    over: pop them every step, or bound them with ``max_records`` (the newest ones are kept). With ``errors_top_k=k`` a recorded forward that has labels keeps its compact
     top-k errors instead of its logits, computed in the hook right after the forward: the |V|-wide logits
     (B·T·|V|·4 bytes, 400 MB for SmolLM2 at 8×256) are then free before the backward runs, instead of being held
     through it. Joint training (:class:`~hf_copilot.CopilotCallback`) uses this.
@@ -163,7 +164,8 @@ class PilotTap:
             (record,) = tap.pop_records()
     """
 
-    def __init__(self, pilot: nn.Module, mode: str = "train", errors_top_k: int | None = None):
+    def __init__(self, pilot: nn.Module, mode: str = "train", errors_top_k: int | None = None,
+                 max_records: int | None = None):
         if errors_top_k is not None and errors_top_k < 1:
             raise ValueError(f"errors_top_k must be a positive number of probabilities to keep, or None; got "
                              f"{errors_top_k}.")
@@ -172,7 +174,9 @@ class PilotTap:
         self.layers = decoder_layers(self.model)
         self.mode = mode
         self.errors_top_k = errors_top_k
-        self.records: list[PilotRecord] = []
+        if max_records is not None and max_records < 1:
+            raise ValueError(f"max_records must be a positive number of records to keep, or None; got {max_records}.")
+        self.records: deque[PilotRecord] = deque(maxlen=max_records)
         self._handles = []
         self._open: _OpenForward | None = None
         parameters = inspect.signature(self.model.forward).parameters.values()
@@ -224,7 +228,7 @@ class PilotTap:
 
     def pop_records(self) -> list[PilotRecord]:
         """The records captured since the last call, oldest first."""
-        records, self.records = self.records, []
+        records, self.records = list(self.records), deque(maxlen=self.records.maxlen)
         return records
 
     def _before_pilot(self, module, args, kwargs):
