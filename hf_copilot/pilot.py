@@ -148,7 +148,9 @@ class PilotTap:
     (hooks are added once per run and never mid-run, which DeepSpeed ZeRO-3 relies on).
 
     Records hold references to the forward's tensors (its logits included) until :meth:`pop_records` hands them
-    over: pop them every step, or bound them with ``max_records`` (the newest ones are kept). With ``errors_top_k=k`` a recorded forward that has labels keeps its compact
+    over: pop them every step, or bound them with ``max_records`` (the newest ones are kept). Under
+    ``torch.compile`` the hooks are compiled with the forward, without graph breaks; popping after every forward
+    also keeps them from recompiling (the list's length is part of what the compiled hook checks). With ``errors_top_k=k`` a recorded forward that has labels keeps its compact
     top-k errors instead of its logits, computed in the hook right after the forward: the |V|-wide logits
     (B·T·|V|·4 bytes, 400 MB for SmolLM2 at 8×256) are then free before the backward runs, instead of being held
     through it. Joint training (:class:`~hf_copilot.CopilotCallback`) uses this.
@@ -306,14 +308,14 @@ class PilotTap:
             position_ids=forward.position_ids,
             cu_seq_lens=forward.cu_seq_lens,
         )
-        with torch.no_grad():
-            if logits is None:
-                self._logits_from_head(module, forward.final_states.detach(), record)
-            elif self.errors_top_k is not None and record.labels is not None:
-                record.compact_errors = record.errors(self.errors_top_k)
-                record.logits = None
+        if logits is None:
+            self._logits_from_head(module, forward.final_states.detach(), record)
+        elif self.errors_top_k is not None and record.labels is not None:
+            record.compact_errors = record.errors(self.errors_top_k)  # from detached logits: no graph is built
+            record.logits = None
         self.records.append(record)
 
+    @torch.no_grad()
     def _logits_from_head(self, module, states, record: PilotRecord) -> None:
         """Fills ``record`` from the LM head's input when the forward returned no logits.
 

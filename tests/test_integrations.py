@@ -218,3 +218,30 @@ def test_from_pilot_copies_a_peft_wrapped_pilot_completely():
         copilots.append(CopilotModel.from_pilot(pilot, num_hidden_layers=2).state_dict())
     for key, tensor in copilots[0].items():
         assert torch.equal(copilots[1][key], tensor), key
+
+
+def test_compiled_pilot_records_without_graph_breaks_or_recompiles():
+    """The hooks run inside a torch.compile'd forward: they must neither break its graph nor make it recompile
+    from one step to the next, and they record what an eager forward records. Records are taken after every
+    forward, as CopilotCallback does (a growing list of records would change the hook's guards at each step)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pilot = tiny_pilot("llama").train()
+    compiled = torch.compile(pilot, backend="eager")
+    batches = [torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    graphs, records = [], []
+    with PilotTap(compiled, errors_top_k=TOP_K) as tap:
+        for ids in batches:
+            compiled(input_ids=ids, labels=ids).loss.backward()
+            records += tap.pop_records()
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert not counters["graph_break"]
+    assert graphs[0] > 0 and graphs[0] == graphs[-1]  # compiled once, reused for the next steps
+    with PilotTap(pilot, errors_top_k=TOP_K) as tap:
+        for ids in batches:
+            pilot(input_ids=ids, labels=ids)
+        for compiled_record, eager in zip(records, tap.pop_records()):
+            torch.testing.assert_close(compiled_record.hidden_states, eager.hidden_states)
+            torch.testing.assert_close(compiled_record.compact_errors.probs, eager.compact_errors.probs)
