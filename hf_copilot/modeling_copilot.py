@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
+from .model_card import write_model_card
 from .pilot_shape import decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot
 
 logger = logging.getLogger(__name__)
@@ -535,6 +536,12 @@ class CopilotModel(CopilotPreTrainedModel):
         cross = torch.cat([visible_source, causal], dim=-1)
         return _Memory(aligned(hidden_states), None, encoder, self_mask, _additive(cross, dtype), query_rotary, None)
 
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """Saves the Copilot like any model, with a model card (``README.md``) naming its Pilot and how to load it."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_model_card(save_directory, self.config)
+
     def check_pilot(self, pilot) -> None:
         """Raises a ValueError naming the mismatch when this Copilot was not built for ``pilot``."""
         model = unwrap_pilot(pilot)
@@ -586,6 +593,7 @@ class CopilotModel(CopilotPreTrainedModel):
             pilot_hidden_size=width,
             pilot_kind=pilot_kind(model),
             pilot_model_type=model.config.model_type,
+            pilot_name_or_path=model.config.name_or_path or None,
             num_hidden_layers=num_hidden_layers or 2,
             num_attention_heads=heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,

@@ -150,10 +150,14 @@ class PilotTap:
     Records hold references to the forward's tensors (its logits included) until :meth:`pop_records` hands them
     over: pop them every step, or bound them with ``max_records`` (the newest ones are kept). Under
     ``torch.compile`` the hooks are compiled with the forward, without graph breaks; popping after every forward
-    also keeps them from recompiling (the list's length is part of what the compiled hook checks). With ``errors_top_k=k`` a recorded forward that has labels keeps its compact
-    top-k errors instead of its logits, computed in the hook right after the forward: the |V|-wide logits
-    (B·T·|V|·4 bytes, 400 MB for SmolLM2 at 8×256) are then free before the backward runs, instead of being held
-    through it. Joint training (:class:`~hf_copilot.CopilotCallback`) uses this.
+    also keeps them from recompiling (the list's length is part of what the compiled hook checks).
+
+    With ``errors_top_k=k`` a recorded forward that has labels keeps its compact top-k errors instead of its
+    logits, computed in the hook right after the forward: the |V|-wide logits (B·T·|V|·4 bytes, 400 MB for SmolLM2
+    at 8×256) are then free before the backward runs, instead of being held through it. Joint training
+    (:class:`~hf_copilot.CopilotCallback`) uses this. A forward that returns no logits (TRL's fused LM head) is
+    read through its LM head's input instead (see :meth:`_logits_from_head`); a packed row keeps its
+    ``position_ids`` so that the Mistake Log can split it into its documents.
 
     Only forwards of the top-level model are recorded: a decoder layer running outside one (an
     activation-checkpoint recompute during backward, a direct call) is ignored, and a layer that runs twice

@@ -83,7 +83,8 @@ def assert_same_sequences(log, reference, copilot):
     for key, tensors in expected.items():
         for name, got, want in zip(("input states", "hidden states", "probs", "corrections"), logged[key], tensors):
             # States are stored in bf16: a batched and a lone forward may round a value to neighbouring bf16 numbers.
-            torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0, msg=lambda message, name=name, key=key: f"{name} of {key}: {message}")
+            torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0,
+                                       msg=lambda message, name=name, key=key: f"{name} of {key}: {message}")
 
 
 def sft_trainer(tmp_path, style, pilot, callback, **config):
@@ -245,3 +246,22 @@ def test_compiled_pilot_records_without_graph_breaks_or_recompiles():
         for compiled_record, eager in zip(records, tap.pop_records()):
             torch.testing.assert_close(compiled_record.hidden_states, eager.hidden_states)
             torch.testing.assert_close(compiled_record.compact_errors.probs, eager.compact_errors.probs)
+
+
+def test_a_saved_copilot_names_its_pilot_and_explains_itself(tmp_path):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    tiny_pilot("llama").save_pretrained(tmp_path / "pilot")
+    pilot = AutoModelForCausalLM.from_pretrained(tmp_path / "pilot")
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2, pilot_revision="0123abc")
+    copilot.save_pretrained(tmp_path / "copilot")
+    loaded = AutoModel.from_pretrained(tmp_path / "copilot")
+    assert type(loaded) is CopilotModel
+    assert (loaded.config.pilot_name_or_path, loaded.config.pilot_revision) == (str(tmp_path / "pilot"), "0123abc")
+    card = (tmp_path / "copilot" / "README.md").read_text()
+    for needed in (str(tmp_path / "pilot"), "0123abc", "pip install hf_copilot", "import hf_copilot",
+                   "AutoModel.from_pretrained", "library_name: hf_copilot"):
+        assert needed in card, needed
+    (tmp_path / "copilot" / "README.md").write_text("my own card")
+    copilot.save_pretrained(tmp_path / "copilot")  # a card the user wrote stays
+    assert (tmp_path / "copilot" / "README.md").read_text() == "my own card"

@@ -343,7 +343,8 @@ def test_compute_metrics_for_an_untrained_pilot_under_seq2seq_trainer(tmp_path):
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=1, report_to=[],
                                     use_cpu=True, predict_with_generate=True, include_for_metrics=["inputs"],
                                     generation_max_length=None, disable_tqdm=True)
-    trainer = Seq2SeqTrainer(model=pilot, args=args, eval_dataset=[{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in rows],
+    evaluation = [{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in rows]
+    trainer = Seq2SeqTrainer(model=pilot, args=args, eval_dataset=evaluation,
                              compute_metrics=compute_metrics_for(tokenizer, examples, fmt))
     scored = trainer.evaluate(max_new_tokens=3)["eval_answer_accuracy"]
     by_hand = []
