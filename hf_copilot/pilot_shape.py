@@ -12,7 +12,12 @@ from transformers import PreTrainedModel
 
 def unwrap_pilot(model: nn.Module) -> PreTrainedModel:
     """The underlying ``PreTrainedModel`` inside DDP / DeepSpeed (``.module``), ``torch.compile``
-    (``._orig_mod``) and PEFT (``.get_base_model()``) wrappers."""
+    (``._orig_mod``) and PEFT (``.get_base_model()``) wrappers.
+
+    Not ``accelerate.utils.extract_model_from_parallel``: it leaves PEFT's wrapper in place, and wherever DeepSpeed
+    is installed it imports it to check for its engine (0.8 s and an accelerator warning on this CPU machine, in
+    every process that reads a Pilot, DeepSpeed in use or not). Looking for the wrappers' attributes needs neither.
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
