@@ -265,3 +265,36 @@ def test_a_saved_copilot_names_its_pilot_and_explains_itself(tmp_path):
     (tmp_path / "copilot" / "README.md").write_text("my own card")
     copilot.save_pretrained(tmp_path / "copilot")  # a card the user wrote stays
     assert (tmp_path / "copilot" / "README.md").read_text() == "my own card"
+
+
+def test_rectified_decoding_in_the_evaluations_during_training(tmp_path):
+    """The documented route (docs/integrations.md): a Seq2SeqTrainer whose evaluate() passes the processor to
+    generate(), so the evaluations Trainer runs during training decode with the Copilot being trained (Trainer
+    generates in evaluation only when it has a compute_metrics)."""
+    from test_callback import pattern_dataset, trainer_args
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from hf_copilot import CopilotLogitsProcessor
+
+    pilot = tiny_pilot("t5")
+    rows = [{"input_ids": row["input_ids"][:8], "attention_mask": row["attention_mask"][:8],
+             "labels": row["input_ids"][8:].clone()} for row in pattern_dataset(16)]
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2)
+    processor = CopilotLogitsProcessor(copilot, pilot, lam=1.0, top_analysis=1)
+    calls = []
+
+    class RectifiedSeq2SeqTrainer(Seq2SeqTrainer):
+        def evaluate(self, *args, **gen_kwargs):
+            calls.append(len(processor.analysis))
+            return super().evaluate(*args, logits_processor=[processor], **gen_kwargs)
+
+    fields = trainer_args(tmp_path, max_steps=4).to_dict() | dict(
+        output_dir=str(tmp_path), eval_strategy="steps", eval_steps=2, predict_with_generate=True,
+        generation_max_length=4, per_device_eval_batch_size=4)
+    trainer = RectifiedSeq2SeqTrainer(model=pilot, args=Seq2SeqTrainingArguments(**fields), train_dataset=rows,
+                                      eval_dataset=rows[:4], callbacks=[CopilotCallback(copilot, batch_size=4)],
+                                      compute_metrics=lambda prediction: {"rows": len(prediction.predictions)})
+    with processor:
+        trainer.train()
+    assert calls[0] == 0 and calls[1] > 0 and processor.analysis  # both evaluations generated through it
+    assert len(processor.tap.records) <= 2  # and it kept none of the training forwards in between
