@@ -15,6 +15,8 @@ from torch import nn
 from .errors import IGNORE_INDEX, CompactErrors
 from .pilot_shape import decoder_layers, logits_width, pilot_kind, unwrap_pilot
 
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+"""Config fields by which some models (Cohere, Granite, Falcon-H1, ...) scale the LM head's output."""
 HEAD_BLOCK_BYTES = 64 * 2**20
 """fp32 logits the tap builds at once when it has to run the Pilot's LM head itself (TRL's fused head)."""
 
@@ -331,8 +333,16 @@ class PilotTap:
         whole, which is what the fused head is for. The cost is one forward through the head (2·d·|V| FLOPs per
         token, no backward): for SmolLM2-135M (d = 576, |V| = 49,152, 30 layers) about 8% of a training step.
         """
+        text_config = module.config.get_text_config()
+        scaled = [name for name in LOGIT_SCALES if getattr(text_config, name, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise RuntimeError(
+                f"{type(module).__name__} returned no logits (TRL's fused LM head), and it scales its logits after "
+                f"the LM head ({', '.join(scaled)}) in a way PilotTap does not reproduce, so it cannot compute the "
+                "Pilot's errors from the head's input. Train this Pilot with transformers' Trainer."
+            )
         head = module.get_output_embeddings()
-        softcap = getattr(module.config.get_text_config(), "final_logit_softcapping", None)
+        softcap = getattr(text_config, "final_logit_softcapping", None)
 
         def logits_of(block):
             logits = head(block).float()

@@ -123,6 +123,26 @@ def test_sft_trainer_logs_each_document_as_an_unpacked_recompute(tmp_path, style
     assert_same_sequences(callback.mistake_log, reference, fresh_copilot(pilot))
 
 
+def test_fused_lm_head_forward_records_what_a_plain_forward_records():
+    from trl.trainer.utils import add_fused_lm_head
+
+    fused, plain = tiny_pilot("llama").train(), tiny_pilot("llama").train()
+    add_fused_lm_head(fused)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    records = []
+    for model, options in ((fused, {"fused_lm_head": True}), (plain, {})):
+        with PilotTap(model, errors_top_k=TOP_K) as tap:
+            model(input_ids=ids, labels=ids, **options).loss.backward()
+            records += tap.pop_records()
+    assert records[0].vocab_size == VOCAB
+    for name in ("labels", "ids", "probs"):
+        torch.testing.assert_close(getattr(records[0].compact_errors, name), getattr(records[1].compact_errors, name))
+    scaled = tiny_pilot("llama", logit_scale=0.5).train()
+    add_fused_lm_head(scaled)
+    with PilotTap(scaled, errors_top_k=TOP_K), pytest.raises(RuntimeError, match="logit_scale"):
+        scaled(input_ids=ids, labels=ids, fused_lm_head=True)
+
+
 def test_padding_free_batches_of_data_collator_with_flattening(tmp_path):
     documents = [([1] + [4 + (5 * i + j) % 90 for j in range(3 + i % 5)], None) for i in range(12)]
     documents = [(ids, [IGNORE_INDEX] + ids[1:]) for ids, _ in documents]
