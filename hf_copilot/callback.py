@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 TRAINING_STATE_NAME = "copilot_training_state_rank{rank}.pt"
 MISTAKE_LOG_NAME = "mistake_log_rank{rank}"
-"""Each rank records its own micro-batches, so a checkpoint holds one Mistake Log per rank, like the state."""
+"""Each rank records its own micro-batches, so a checkpoint holds one Mistake Log per rank, like the state.
+Written by the callback in ``on_save``: Trainer writes its checkpoints itself, not through accelerate's
+``save_state``, so state registered with ``accelerator.register_for_checkpointing`` would never reach them."""
 
 
 class CopilotCallback(TrainerCallback):
@@ -151,12 +153,6 @@ class CopilotCallback(TrainerCallback):
             return
         started = time.perf_counter()
         for record in self.tap.pop_records():
-            if record.vocab_size != self.copilot.config.vocab_size:
-                raise ValueError(
-                    f"The Pilot emitted {record.vocab_size} logits per token, but the Copilot's vocabulary is "
-                    f"{self.copilot.config.vocab_size} (its config's vocab_size differs from its LM head's rows). "
-                    f"Build the Copilot with CopilotModel.from_pilot(pilot, vocab_size={record.vocab_size})."
-                )
             self.mistake_log.add(record, step=state.global_step + 1)
         self._seconds += time.perf_counter() - started
 

@@ -75,8 +75,8 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 def logits_width(model: PreTrainedModel) -> int:
     """Number of logits the Pilot emits per token: its text config's ``vocab_size``.
 
-    Not the output embedding's row count: under DeepSpeed ZeRO-3 a partitioned weight's shape reads ``[0]``. Where
-    the two differ, the first recorded forward's own logits width decides (see ``PilotRecord.vocab_size``).
+    Not the output embedding's row count: under DeepSpeed ZeRO-3 a partitioned weight's shape reads ``[0]``. The
+    models' own losses read the logits with this width too (a head of another width cannot train).
     """
     return model.config.get_text_config().vocab_size
 
