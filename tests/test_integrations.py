@@ -1,6 +1,7 @@
 """The trainers and batch layouts users run, each checked against an independent recompute: every document the
 Pilot trained on, run alone through a plain forward (no TRL, no packing), recorded into a reference Mistake Log."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -174,6 +175,9 @@ def test_a_packed_row_is_split_where_positions_restart():
     expected[3] = expected[5] = IGNORE_INDEX
     assert packed.next_token_labels()[0].tolist() == expected
     assert plain.document_starts().nonzero()[:, 1].tolist() == [0]
+    # Flash-attention kwargs (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) give the boundaries directly.
+    from_offsets = dataclasses.replace(plain, cu_seq_lens=torch.tensor([0, 4, 6, 9], dtype=torch.int32))
+    assert torch.equal(from_offsets.document_starts(), packed.document_starts())
 
 
 def torchrun(script, *arguments):
