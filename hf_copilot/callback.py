@@ -63,7 +63,7 @@ class CopilotCallback(TrainerCallback):
         self.tap: PilotTap | None = None
         self.updater: CopilotUpdater | None = None
         self._losses: list[float] = []
-        self._seconds = 0.0  # spent filling the log and updating the Copilot
+        self._seconds = 0.0  # spent filling the log and updating the Copilot (the tap counts its own hooks' time)
 
     def attach(self, trainer) -> CopilotCallback:
         """Adds this callback to ``trainer`` ahead of its other callbacks and returns it.
@@ -81,10 +81,10 @@ class CopilotCallback(TrainerCallback):
 
     @property
     def seconds(self) -> float:
-        """Wall-clock time this process has spent on the Copilot so far: filling the Mistake Log and updating the
-        Copilot (``copilot_seconds`` in the Trainer's logs). The errors are made compact inside the Pilot's forward
-        and counted as part of it: a clock read inside a hook would break a ``torch.compile`` graph."""
-        return self._seconds
+        """Wall-clock time this process has spent on the Copilot so far: computing errors in the tap's hooks
+        (eager forwards; under ``torch.compile`` that time is part of the Pilot's forward), filling the Mistake Log
+        and updating the Copilot (``copilot_seconds`` in the Trainer's logs)."""
+        return self._seconds + (self.tap.seconds if self.tap is not None else 0.0)
 
     # --- training loop events -------------------------------------------------------------------------------
 
@@ -141,6 +141,7 @@ class CopilotCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.tap is not None:
             self.tap.detach()
+            self._seconds += self.tap.seconds
             self.tap = None
         self._save(self.save_dir or os.path.join(args.output_dir, "copilot"), args, state,
                    with_training_state=False)

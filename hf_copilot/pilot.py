@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -182,6 +183,7 @@ class PilotTap:
         self.layers = decoder_layers(self.model)
         self.mode = mode
         self.errors_top_k = errors_top_k
+        self.seconds = 0.0  # wall-clock time the hooks spent computing errors, so far (eager forwards only)
         if max_records is not None and max_records < 1:
             raise ValueError(f"max_records must be a positive number of records to keep, or None; got {max_records}.")
         self.records: deque[PilotRecord] = deque(maxlen=max_records)
@@ -314,11 +316,18 @@ class PilotTap:
             position_ids=forward.position_ids,
             cu_seq_lens=forward.cu_seq_lens,
         )
-        if logits is None:
-            self._logits_from_head(module, forward.final_states.detach(), record)
-        elif self.errors_top_k is not None and record.labels is not None:
-            record.compact_errors = record.errors(self.errors_top_k)  # from detached logits: no graph is built
-            record.logits = None
+        if logits is None or (self.errors_top_k is not None and record.labels is not None):
+            # Timed in eager mode only: a clock read would break a torch.compile graph (there the time counts as
+            # the Pilot's forward).
+            timed = not torch.compiler.is_compiling()
+            started = time.perf_counter() if timed else 0.0
+            if logits is None:
+                self._logits_from_head(module, forward.final_states.detach(), record)
+            else:
+                record.compact_errors = record.errors(self.errors_top_k)  # from detached logits: no graph is built
+                record.logits = None
+            if timed:
+                self.seconds += time.perf_counter() - started
         self.records.append(record)
 
     @torch.no_grad()

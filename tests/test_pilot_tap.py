@@ -141,6 +141,7 @@ def test_errors_top_k_keeps_compact_errors_and_frees_the_logits(name):
 
     assert logits_storage[0] not in storages(record), "errors_top_k must not keep the logits through the backward"
     assert logits_storage[1] in storages(plain_record)  # an ordinary tap does keep them
+    assert tap.seconds > 0 and plain.seconds == 0  # the compaction's time is counted (CopilotCallback reports it)
     assert record.logits is None and record.vocab_size == VOCAB
     expected = CompactErrors.from_logits(kept.logits, kept.next_token_labels(), TOP_K)
     for name_, tensor in vars(record.errors(TOP_K)).items():
