@@ -4,6 +4,7 @@ Pilot trained on, run alone through a plain forward (no TRL, no packing), record
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -180,12 +181,23 @@ def test_a_packed_row_is_split_where_positions_restart():
     assert torch.equal(from_offsets.document_starts(), packed.document_starts())
 
 
-def torchrun(script, *arguments):
-    """Runs ``tests/<script>`` in 2 processes (gloo on the CPU) and fails with their output if it fails."""
+def launch(script, *arguments, launcher="torchrun"):
+    """Runs ``tests/<script>`` in 2 processes (gloo on the CPU) and fails with their output if it fails.
+
+    ``launcher="accelerate"`` starts them with ``accelerate launch --multi_gpu``, which on a machine without GPUs
+    runs 2 CPU processes (``--cpu --num_processes 2`` would start one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).with_name(script)), *map(str, arguments)]
+    if launcher == "accelerate":
+        with socket.socket() as probe:  # a free port, as torchrun --standalone finds one
+            probe.bind(("localhost", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(Path(__file__).with_name(script)), *map(str, arguments)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
@@ -193,17 +205,19 @@ def torchrun(script, *arguments):
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux CI")
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine, launcher", [("ddp", "torchrun"), ("ddp", "accelerate"), ("zero2", "torchrun"),
+                                              ("zero3", "torchrun")])
 @pytest.mark.slow
 @linux_only
-def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, engine):
-    """Under torchrun (DDP, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU), both ranks end with the same Copilot, and a run
-    resumed from the step-2 checkpoint (each rank reloading its own Mistake Log and state) ends with it too. Under
-    ZeRO-3 the Pilot is partitioned as it is built, and from_pilot still copies its full weights."""
+def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, engine, launcher):
+    """Under torchrun (DDP, DeepSpeed ZeRO-2 and ZeRO-3 on the CPU) and accelerate launch (DDP), both ranks end
+    with the same Copilot, and a run resumed from the step-2 checkpoint (each rank reloading its own Mistake Log and
+    state) ends with it too. Under ZeRO-3 the Pilot is partitioned as it is built, and from_pilot still copies its
+    full weights."""
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
     # The first DeepSpeed run on a machine compiles a CPU communication op (about 75 s), then it is cached.
-    torchrun("distributed_train.py", tmp_path, engine)
+    launch("distributed_train.py", tmp_path, engine, launcher=launcher)
     copilots = {name: torch.load(tmp_path / f"{name}.pt") for name in
                 ("full_rank0", "full_rank1", "resumed_rank0", "resumed_rank1")}
     for name, copilot in copilots.items():
@@ -221,7 +235,7 @@ def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, e
 def test_fsdp2_capture_equals_an_unsharded_recompute(tmp_path):
     """fully_shard swaps each decoder layer's class for a subclass (FSDPLlamaDecoderLayer); the tap still finds the
     layers, and what it records from the sharded Pilot is what the unsharded Pilot shows."""
-    torchrun("fsdp2_capture.py", tmp_path)
+    launch("fsdp2_capture.py", tmp_path)
     for rank in (0, 1):
         records = torch.load(tmp_path / f"records_rank{rank}.pt")
         assert records["sharded"].pop("class") == "FSDPLlamaDecoderLayer"
