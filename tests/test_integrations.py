@@ -1,5 +1,6 @@
-"""The trainers and batch layouts users run, each checked against an independent recompute: every document the
-Pilot trained on, run alone through a plain forward (no TRL, no packing), recorded into a reference Mistake Log."""
+"""The trainers, engines and launchers users run (docs/integrations.md). What they capture is checked against an
+independent recompute: every document the Pilot trained on, run alone through a plain forward (no TRL, no packing,
+no sharding); multi-process runs against each other and against an uninterrupted run."""
 
 import dataclasses
 import json
