@@ -17,7 +17,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .errors import DEFAULT_TOP_K
 from .mistake_log import METADATA_FILE, TENSORS_FILE, MistakeLog
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 TRAINING_STATE_NAME = "copilot_training_state_rank{rank}.pt"
 STATE_MANIFEST_NAME = "checksums_rank{rank}.json"  # the training state (and, rank 0, the log) a rank wrote
 MAX_PENDING_RECORDS = 8  # uncollected records that tell the tap train() was interrupted
+MISTAKE_LOG_NAME = "mistake_log_rank{rank}"
+"""Each rank records its own micro-batches, so a checkpoint holds one Mistake Log per rank, like the state.
+Written by the callback in ``on_save``: Trainer writes its checkpoints itself, not through accelerate's
+``save_state``, so state registered with ``accelerator.register_for_checkpointing`` would never reach them."""
 
 
 class CopilotCallback(TrainerCallback):
@@ -44,7 +50,8 @@ class CopilotCallback(TrainerCallback):
         top_k: Pilot probabilities kept per token in the compact errors.
         log_device: where the log lives (``"cpu"``, pinned when CUDA exists; or the Pilot's device).
         save_dir: where the final Copilot is saved after training (default ``<output_dir>/<name>``).
-        save_mistake_log: also write the Mistake Log into each checkpoint and next to the final Copilot.
+        save_mistake_log: also write the Mistake Log into each checkpoint (one per rank, ``mistake_log_rank<r>``: an
+            exact resume needs it) and rank 0's next to the final Copilot (``mistake_log``).
         resume_from: checkpoint folder to restore the Copilot from when it is not ``<output_dir>/checkpoint-<step>``;
             ``False`` starts a new Copilot beside a resumed Pilot (when no checkpoint holds a usable Copilot state).
         name: the Copilot's folder name (in each checkpoint and under ``output_dir``) and metric prefix. Give each
@@ -88,8 +95,9 @@ class CopilotCallback(TrainerCallback):
 
     @property
     def seconds(self) -> float:
-        """Wall-clock time this process has spent on the Copilot so far: compacting errors in the tap's hooks,
-        filling the Mistake Log and updating the Copilot (``copilot_seconds`` in the Trainer's logs)."""
+        """Wall-clock time this process has spent on the Copilot so far: computing errors in the tap's hooks
+        (eager forwards; under ``torch.compile`` that time is part of the Pilot's forward), filling the Mistake Log
+        and updating the Copilot (``copilot_seconds`` in the Trainer's logs)."""
         return self._seconds + (self.tap.seconds if self.tap is not None else 0.0)
 
     # --- training loop events -------------------------------------------------------------------------------
@@ -206,25 +214,32 @@ class CopilotCallback(TrainerCallback):
         written = []
         if state.is_world_process_zero:
             self.copilot.save_pretrained(folder)
-            if self.save_mistake_log:
+            if self.save_mistake_log and not with_training_state:  # the final Copilot: rank 0's log beside it
                 self.mistake_log.save(os.path.join(folder, "mistake_log"))
-                written += [f"mistake_log/{name}" for name in (TENSORS_FILE, METADATA_FILE)]
         if with_training_state:
             name = TRAINING_STATE_NAME.format(rank=rank)
             atomic_write(os.path.join(folder, name), lambda path: torch.save(self.updater.state_dict(), path))
             written.append(name)
+            if self.save_mistake_log:
+                log_name = MISTAKE_LOG_NAME.format(rank=rank)
+                self.mistake_log.save(os.path.join(folder, log_name))
+                written += [f"{log_name}/{file}" for file in (TENSORS_FILE, METADATA_FILE)]
             # Written last: a checkpoint whose manifest is missing or disagrees with its files was cut short.
             write_manifest(folder, written, STATE_MANIFEST_NAME.format(rank=rank))
 
     def _resume(self, args, state):
-        folder = self._usable_copilot_state(args, state)
-        training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=args.process_index))
-        loaded = type(self.copilot).from_pretrained(folder)
-        self.copilot.load_state_dict(loaded.state_dict())
-        self.updater.load_state_dict(torch_load_checked(training_state, map_location=args.device, weights_only=False))
-        log_folder = os.path.join(folder, "mistake_log")
+        folder = self._usable_copilot_state(args, state)  # every rank's files checked against their checksums
+        rank = args.process_index
+        training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=rank))
+        # Straight into the existing module: from_pretrained would build a second Copilot, which under DeepSpeed
+        # ZeRO-3 is partitioned on load and no longer fits this one's full-size parameters.
+        self.copilot.load_state_dict(load_file(os.path.join(folder, SAFE_WEIGHTS_NAME)))
+        # On the CPU: under torchrun args.device reads "cpu:0", which torch.load refuses; the optimizer moves its
+        # state to the parameters' device itself, and the sampling generator's state must stay on the CPU.
+        self.updater.load_state_dict(torch_load_checked(training_state, map_location="cpu", weights_only=False))
+        log_folder = os.path.join(folder, MISTAKE_LOG_NAME.format(rank=rank))
         if os.path.isdir(log_folder):
-            self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot)
+            self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot, device=self.mistake_log.device)
         logger.info("Copilot resumed from %s (%d updates so far)", folder, self.updater.updates)
 
     def _usable_copilot_state(self, args, state) -> str:

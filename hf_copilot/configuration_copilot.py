@@ -36,6 +36,9 @@ class CopilotConfig(PreTrainedConfig):
         attention_bias: bias on the query/key/value projections; ``attention_output_bias`` on the output
             projection; ``mlp_bias`` on the feed-forward projections.
         pilot_model_type: the Pilot's ``model_type`` (informational, checked by the callback and processor).
+        pilot_name_or_path / pilot_revision: which Pilot the Copilot was trained with: its Hub id or folder (taken
+            from the Pilot by ``from_pilot``) and the revision it was loaded at (transformers does not keep it on
+            the model: pass ``from_pilot(pilot, pilot_revision=...)``). Informational; the model card shows them.
         correction: how the correction f is produced. ``"vocabulary"`` (the paper): a linear head d_C → |V|.
             ``"rerank"`` (experimental): a residual re-ranking of the Pilot's own top ``rerank_top_k``
             candidates, ``f = softmax(log p̂_top + δ) · Σp̂_top − p̂_top`` on those tokens and 0 elsewhere, with
@@ -68,6 +71,8 @@ class CopilotConfig(PreTrainedConfig):
         pilot_hidden_size: int | None = None,
         pilot_kind: str = "decoder_only",
         pilot_model_type: str | None = None,
+        pilot_name_or_path: str | None = None,
+        pilot_revision: str | None = None,
         num_hidden_layers: int = 4,
         num_attention_heads: int = 8,
         num_key_value_heads: int | None = None,
@@ -123,6 +128,8 @@ class CopilotConfig(PreTrainedConfig):
         self.pilot_hidden_size = pilot_hidden_size or hidden_size
         self.pilot_kind = pilot_kind
         self.pilot_model_type = pilot_model_type
+        self.pilot_name_or_path = pilot_name_or_path
+        self.pilot_revision = pilot_revision
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads

@@ -69,7 +69,10 @@ class CompactErrors:
         chunk_has_labels = torch.nn.functional.pad(valid.reshape(-1), (0, -len(flat) % rows)).view(-1, rows).any(-1)
         ids = torch.zeros(len(flat), k, dtype=torch.long, device=flat.device)
         log_probs = torch.full((len(flat), k), -torch.inf, dtype=torch.float32, device=flat.device)
-        for start, needed in zip(range(0, len(flat), rows), chunk_has_labels.tolist()):
+        # Reading which chunks hold labels would break a torch.compile graph (compaction runs inside the Pilot's
+        # forward hook): a compiled forward computes every chunk instead.
+        needs = [True] * len(chunk_has_labels) if torch.compiler.is_compiling() else chunk_has_labels.tolist()
+        for start, needed in zip(range(0, len(flat), rows), needs):
             if needed:
                 chunk = slice(start, start + rows)
                 log_probs[chunk], ids[chunk] = flat[chunk].float().log_softmax(-1).topk(k, dim=-1)

@@ -95,7 +95,9 @@ class CopilotLogitsProcessor(LogitsProcessor):
         self.space = space
         self.top_analysis = top_analysis
         self.analysis: list[dict[str, torch.Tensor]] = []
-        self.tap = PilotTap(pilot, mode="generate").attach()
+        # Two records tell one Pilot forward per step from several; keeping no more bounds what an open processor
+        # holds while the Pilot runs other forwards (training steps, evaluation) between generate() calls.
+        self.tap = PilotTap(pilot, mode="generate", max_records=2).attach()
         self._state: _DecodingState | None = None
 
     @property

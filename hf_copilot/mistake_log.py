@@ -110,16 +110,13 @@ class _Entry:
         return self.spans if self.input_lengths is None else _spans(self.input_lengths)
 
 
-def _finite_sequences(record: PilotRecord, errors: CompactErrors, keep: torch.Tensor) -> torch.Tensor:
-    """Boolean (B,): whether every value the log would store of each sequence is finite (positions not kept, such
-    as padding, do not count). Non-finite logits show up as NaN probabilities (softmax of inf is NaN)."""
+def _finite_positions(record: PilotRecord, errors: CompactErrors) -> torch.Tensor:
+    """Boolean (B, T): whether everything the log would store of each decoder position is finite. Non-finite logits
+    show up as NaN probabilities (softmax of inf is NaN); a non-finite encoder output spoils its whole row."""
     finite = torch.isfinite(errors.probs).all(-1) & torch.isfinite(record.hidden_states).all(-1)
     if record.kind == "decoder_only":
-        finite &= torch.isfinite(record.input_states).all(-1)
-    rows = (finite | ~keep).all(-1)
-    if record.kind == "encoder_decoder":
-        rows &= torch.isfinite(record.input_states).flatten(1).all(-1)
-    return rows
+        return finite & torch.isfinite(record.input_states).all(-1)
+    return finite & torch.isfinite(record.input_states).flatten(1).all(-1)[:, None]
 
 
 def _spans(lengths: torch.Tensor) -> list[tuple[int, int]]:
@@ -130,7 +127,8 @@ def _spans(lengths: torch.Tensor) -> list[tuple[int, int]]:
 class MistakeLog:
     """Ring buffer of the Pilot's most recent training rounds, in compact form.
 
-    Per added :class:`~hf_copilot.pilot.PilotRecord` (one entry) it keeps, for each sequence, the real positions
+    Per added :class:`~hf_copilot.pilot.PilotRecord` (one entry) it keeps, for each sequence (each document of a
+    packed row: :meth:`~hf_copilot.pilot.PilotRecord.document_starts`), the real positions
     (attention mask 1) up to the sequence's last labelled position: positions after it carry no error and, the
     decoder being causal, do not influence earlier ones. Sequences without any label are not stored, nor sequences
     holding a non-finite value, and a record larger than ``max_bytes`` is left out whole: both are counted in
@@ -202,15 +200,22 @@ class MistakeLog:
                 f"{self.hidden_size}; the new record has (kind, logits, width) = {shape}. Use one log per Pilot."
             )
         labels = record.next_token_labels()
-        up_to_last_label = (labels != IGNORE_INDEX).flip(-1).cumsum(-1).flip(-1) > 0
-        keep = record.token_mask() & up_to_last_label
+        # One logged sequence per document: a row, or each document of a packed row (encoder-decoder: a row).
+        segments = record.document_starts().flatten().cumsum(0) - 1
+        count = int(segments[-1]) + 1
+        position = torch.arange(len(segments), device=segments.device)
+        labelled = labels.flatten() != IGNORE_INDEX
+        last_label = torch.full((count,), -1, device=segments.device).scatter_reduce(
+            0, segments[labelled], position[labelled], "amax")
+        keep = record.token_mask().flatten() & (position <= last_label[segments])
         # On the full (batch, positions) grid, then select: indexing the |V|-wide logits first would copy them.
         errors = record.errors(self.top_k)
-        finite = _finite_sequences(record, errors, keep)
-        labelled = keep.any(-1)
-        keep = keep & finite[:, None]
-        # One copy to the host for the lengths and the count of non-finite sequences (no extra synchronisation).
-        lengths, poisoned = torch.stack([keep.sum(-1), (labelled & ~finite).long()]).cpu()
+        # A document holding any non-finite value the log would store is left out whole.
+        poisoned = torch.bincount(segments[keep & ~_finite_positions(record, errors).flatten()], minlength=count) > 0
+        keep = (keep & ~poisoned[segments]).view_as(labels)
+        # One copy to the host for the lengths and the count of non-finite documents (no extra synchronisation).
+        lengths, poisoned = torch.stack([torch.bincount(segments[keep.flatten()], minlength=count),
+                                         poisoned.long()]).cpu()
         if poisoned.any():
             self._skip("non_finite_sequences", int(poisoned.sum()), (
                 "A Pilot forward gave non-finite logits or states (NaN/inf) for {count} sequence(s) so far; they are "

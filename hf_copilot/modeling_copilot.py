@@ -32,7 +32,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
-from .pilot_shape import decoder_layers, logits_width, pilot_kind, unwrap_pilot
+from .model_card import write_model_card
+from .pilot_shape import decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot
 from .safe_io import VerifiedCheckpointMixin
 
 logger = logging.getLogger(__name__)
@@ -581,6 +582,12 @@ class CopilotModel(CopilotPreTrainedModel):
         cross = torch.cat([visible_source, causal], dim=-1)
         return _Memory(aligned(hidden_states), None, encoder, self_mask, _additive(cross, dtype), query_rotary, None)
 
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """Saves the Copilot like any model, with a model card (``README.md``) naming its Pilot and how to load it."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_model_card(save_directory, self.config)
+
     def check_pilot(self, pilot) -> None:
         """Raises a ValueError naming the mismatch when this Copilot was not built for ``pilot``."""
         model = unwrap_pilot(pilot)
@@ -640,6 +647,7 @@ class CopilotModel(CopilotPreTrainedModel):
             pilot_hidden_size=width,
             pilot_kind=pilot_kind(model),
             pilot_model_type=model.config.model_type,
+            pilot_name_or_path=model.config.name_or_path or None,
             num_hidden_layers=num_hidden_layers or 2,
             num_attention_heads=heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
@@ -671,17 +679,20 @@ class CopilotModel(CopilotPreTrainedModel):
         copied = []
         pilot_layers = decoder_layers(model)
         for copilot_layer, pilot_layer in zip(self.layers, pilot_layers):
-            source = dict(pilot_layer.named_parameters())
-            for name, param in copilot_layer.named_parameters():
-                pilot_name = name.replace("cross_attn.", "self_attn.").replace(
-                    "cross_attention_layernorm", "input_layernorm")
-                if pilot_name in source and source[pilot_name].shape == param.shape:
-                    param.copy_(source[pilot_name])
-                    copied.append(f"layers.{copilot_layer.layer_idx}.{name}")
+            # A PEFT adapter moves a wrapped weight to `<module>.base_layer.<name>`: the Pilot's own weight is there.
+            source = {name.replace(".base_layer", ""): param for name, param in pilot_layer.named_parameters()}
+            with gathered_parameters(source.values()):  # DeepSpeed ZeRO-3 partitions them; elsewhere a no-op
+                for name, param in copilot_layer.named_parameters():
+                    pilot_name = name.replace("cross_attn.", "self_attn.").replace(
+                        "cross_attention_layernorm", "input_layernorm")
+                    if pilot_name in source and source[pilot_name].shape == param.shape:
+                        param.copy_(source[pilot_name])
+                        copied.append(f"layers.{copilot_layer.layer_idx}.{name}")
         embeddings = model.get_input_embeddings()
-        if embeddings is not None and embeddings.weight.shape == self.error_projection.weight.shape:
-            self.error_projection.weight.copy_(embeddings.weight)
-            copied.append("error_projection.weight")
+        with gathered_parameters(embeddings.parameters() if embeddings is not None else ()):
+            if embeddings is not None and embeddings.weight.shape == self.error_projection.weight.shape:
+                self.error_projection.weight.copy_(embeddings.weight)
+                copied.append("error_projection.weight")
         return copied
 
 

@@ -8,13 +8,19 @@ import inspect
 import itertools
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import IGNORE_INDEX, CompactErrors
-from .pilot_shape import decoder_layers, pilot_kind, unwrap_pilot
+from .pilot_shape import decoder_layers, logits_width, pilot_kind, unwrap_pilot
+
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+"""Config fields by which some models (Cohere, Granite, Falcon-H1, ...) scale the LM head's output."""
+HEAD_BLOCK_BYTES = 64 * 2**20
+"""fp32 logits the tap builds at once when it has to run the Pilot's LM head itself (TRL's fused head)."""
 
 
 @dataclass
@@ -40,8 +46,10 @@ class PilotRecord:
             decoder-only Pilot, ``decoder_attention_mask`` of an encoder-decoder one); may cover cached past
             positions too in ``generate()``.
         input_mask: the encoder padding mask (encoder-decoder only).
-        vocab_size: the number of logits per position (taken from ``logits``; kept when they are dropped).
+        vocab_size: the number of logits per position: the logits' own width, else the config's text ``vocab_size``.
         compact_errors: the errors in compact form, when the tap computed them during the forward.
+        position_ids / cu_seq_lens: the ``position_ids`` and ``cu_seq_lens_q`` the Pilot was given, if any: in a
+            packed (padding-free) batch they tell where each document starts (see :meth:`document_starts`).
         use_cache: the ``use_cache`` the Pilot was called with (``None`` when not given).
     """
 
@@ -55,6 +63,8 @@ class PilotRecord:
     input_mask: torch.Tensor | None = None
     vocab_size: int | None = None
     compact_errors: CompactErrors | None = None
+    position_ids: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None
     use_cache: bool | None = None
 
     def __post_init__(self):
@@ -66,9 +76,29 @@ class PilotRecord:
         there is none (the last position of a causal LM)."""
         if self.labels is None:
             raise ValueError("This PilotRecord has no labels (it was captured in generate mode), so it has no errors.")
-        if self.labels_aligned:
-            return self.labels
-        return torch.nn.functional.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        labels = self.labels if self.labels_aligned else torch.nn.functional.pad(
+            self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        # The last position of a packed document has no target: the next token belongs to another document.
+        document_ends = torch.nn.functional.pad(self.document_starts()[:, 1:], (0, 1), value=False)
+        return labels.masked_fill(document_ends, IGNORE_INDEX)
+
+    def document_starts(self) -> torch.Tensor:
+        """Boolean (B, T): where each sequence the Mistake Log keeps starts. Every row starts one; a packed row
+        (padding-free batches: TRL ``packing=True``, transformers' ``DataCollatorWithFlattening``) starts another
+        at each document boundary, read from ``cu_seq_lens_q`` or else from where ``position_ids`` do not continue
+        the previous position (the rule transformers itself uses to build the block-diagonal attention mask)."""
+        batch, new = self.hidden_states.shape[:2]
+        starts = torch.zeros(batch, new, dtype=torch.bool, device=self.hidden_states.device)
+        starts[:, 0] = True
+        if self.kind != "decoder_only":
+            return starts
+        if self.cu_seq_lens is not None:  # flash-attention kwargs describe the whole batch flattened
+            offsets = self.cu_seq_lens[:-1].to(starts.device).long()
+            starts.view(-1)[offsets[offsets < starts.numel()]] = True
+        elif self.position_ids is not None and self.position_ids.dim() == 2:
+            positions = self.position_ids[:, -new:].to(starts.device).expand(batch, new)
+            starts[:, 1:] |= positions[:, 1:] != positions[:, :-1] + 1
+        return starts
 
     def token_mask(self) -> torch.Tensor:
         """Boolean (B, T): which decoder positions of this forward are real tokens (not padding)."""
@@ -102,8 +132,11 @@ class _OpenForward:
     labels_aligned: bool
     attention_mask: torch.Tensor | None
     input_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None
     use_cache: bool | None = None
     input_states: torch.Tensor | None = None
+    final_states: torch.Tensor | None = None  # the backbone's output, the LM head's input
     hidden_sum: torch.Tensor | None = None
     layers_seen: int = 0
     last_layer: int = -1
@@ -122,10 +155,16 @@ class PilotTap:
     (hooks are added once per run and never mid-run, which DeepSpeed ZeRO-3 relies on).
 
     Records hold references to the forward's tensors (its logits included) until :meth:`pop_records` hands them
-    over: pop them every step. With ``errors_top_k=k`` a recorded forward that has labels keeps its compact
-    top-k errors instead of its logits, computed in the hook right after the forward: the |V|-wide logits
-    (B·T·|V|·4 bytes, 400 MB for SmolLM2 at 8×256) are then free before the backward runs, instead of being held
-    through it. Joint training (:class:`~hf_copilot.CopilotCallback`) uses this.
+    over: pop them every step, or bound them with ``max_records`` (the newest ones are kept). Under
+    ``torch.compile`` the hooks are compiled with the forward, without graph breaks; popping after every forward
+    also keeps them from recompiling (the list's length is part of what the compiled hook checks).
+
+    With ``errors_top_k=k`` a recorded forward that has labels keeps its compact top-k errors instead of its
+    logits, computed in the hook right after the forward: the |V|-wide logits (B·T·|V|·4 bytes, 400 MB for SmolLM2
+    at 8×256) are then free before the backward runs, instead of being held through it. Joint training
+    (:class:`~hf_copilot.CopilotCallback`) uses this. A forward that returns no logits (TRL's fused LM head) is
+    read through its LM head's input instead (see :meth:`_logits_from_head`); a packed row keeps its
+    ``position_ids`` so that the Mistake Log can split it into its documents.
 
     With ``max_pending=n`` a forward that finds ``n`` records not yet popped drops them all and detaches the tap
     (with a warning): whoever popped them has stopped, and the records would otherwise pile up for good.
@@ -142,7 +181,7 @@ class PilotTap:
     """
 
     def __init__(self, pilot: nn.Module, mode: str = "train", errors_top_k: int | None = None,
-                 max_pending: int | None = None):
+                 max_pending: int | None = None, max_records: int | None = None):
         if errors_top_k is not None and errors_top_k < 1:
             raise ValueError(f"errors_top_k must be a positive number of probabilities to keep, or None; got "
                              f"{errors_top_k}.")
@@ -152,8 +191,10 @@ class PilotTap:
         self.mode = mode
         self.errors_top_k = errors_top_k
         self.max_pending = max_pending
-        self.seconds = 0.0  # wall-clock time the hooks spent compacting errors (``errors_top_k``), so far
-        self.records: list[PilotRecord] = []
+        self.seconds = 0.0  # wall-clock time the hooks spent computing errors, so far (eager forwards only)
+        if max_records is not None and max_records < 1:
+            raise ValueError(f"max_records must be a positive number of records to keep, or None; got {max_records}.")
+        self.records: deque[PilotRecord] = deque(maxlen=max_records)
         self._handles = []
         self._open: _OpenForward | None = None
         parameters = inspect.signature(self.model.forward).parameters.values()
@@ -184,6 +225,8 @@ class PilotTap:
         self._handles.append(self.model.register_forward_hook(self._after_pilot, with_kwargs=True))
         if self.kind == "decoder_only":
             self._handles.append(self.layers[0].register_forward_pre_hook(self._before_first_layer, with_kwargs=True))
+            if self.model.base_model is not self.model:
+                self._handles.append(self.model.base_model.register_forward_hook(self._after_backbone))
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(functools.partial(self._after_layer, index)))
         return self
@@ -203,7 +246,7 @@ class PilotTap:
 
     def pop_records(self) -> list[PilotRecord]:
         """The records captured since the last call, oldest first."""
-        records, self.records = self.records, []
+        records, self.records = list(self.records), deque(maxlen=self.records.maxlen)
         return records
 
     def _before_pilot(self, module, args, kwargs):
@@ -226,12 +269,17 @@ class PilotTap:
             attention_mask, input_mask = inputs.get("decoder_attention_mask"), inputs.get("attention_mask")
         else:
             attention_mask, input_mask = inputs.get("attention_mask"), None
-        self._open = _OpenForward(labels, aligned, attention_mask, input_mask, inputs.get("use_cache"))
+        self._open = _OpenForward(labels, aligned, attention_mask, input_mask, inputs.get("position_ids"),
+                                  inputs.get("cu_seq_lens_q"), use_cache=inputs.get("use_cache"))
 
     def _before_first_layer(self, module, args, kwargs):
         forward = self._open
         if forward is not None and forward.input_states is None:
             forward.input_states = args[0] if args else kwargs["hidden_states"]
+
+    def _after_backbone(self, module, args, output):
+        if self._open is not None:
+            self._open.final_states = getattr(output, "last_hidden_state", None)
 
     def _after_layer(self, index, module, args, output):
         forward = self._open
@@ -248,10 +296,11 @@ class PilotTap:
         if forward is None:
             return
         logits = getattr(output, "logits", None)
-        if logits is None:
+        if logits is None and forward.final_states is None:
             raise RuntimeError(
-                f"PilotTap needs the Pilot to return a ModelOutput with `logits`; {type(module).__name__} returned "
-                f"{type(output).__name__}. Do not pass return_dict=False to the Pilot."
+                f"PilotTap needs the Pilot's logits or the final hidden states its LM head reads; "
+                f"{type(module).__name__} returned {type(output).__name__} without logits and its backbone did not "
+                "return `last_hidden_state`. Do not pass return_dict=False to the Pilot."
             )
         if self.kind == "encoder_decoder":
             # The output carries the encoder states this forward used, also when generate() passed
@@ -266,19 +315,28 @@ class PilotTap:
             kind=self.kind,
             input_states=forward.input_states.detach(),
             hidden_states=forward.hidden_sum / forward.layers_seen,
-            logits=logits.detach(),
+            logits=None if logits is None else logits.detach(),
             labels=forward.labels,
             labels_aligned=forward.labels_aligned,
             attention_mask=forward.attention_mask,
             input_mask=forward.input_mask,
+            vocab_size=logits_width(module),
+            position_ids=forward.position_ids,
             use_cache=forward.use_cache,
+            cu_seq_lens=forward.cu_seq_lens,
         )
-        if self.errors_top_k is not None and record.labels is not None:
-            started = time.perf_counter()
-            with torch.no_grad():
-                record.compact_errors = record.errors(self.errors_top_k)
-            record.logits = None
-            self.seconds += time.perf_counter() - started
+        if logits is None or (self.errors_top_k is not None and record.labels is not None):
+            # Timed in eager mode only: a clock read would break a torch.compile graph (there the time counts as
+            # the Pilot's forward).
+            timed = not torch.compiler.is_compiling()
+            started = time.perf_counter() if timed else 0.0
+            if logits is None:
+                self._logits_from_head(module, forward.final_states.detach(), record)
+            else:
+                record.compact_errors = record.errors(self.errors_top_k)  # from detached logits: no graph is built
+                record.logits = None
+            if timed:
+                self.seconds += time.perf_counter() - started
         if self.max_pending is not None and len(self.records) >= self.max_pending:
             self._abandon()
             return
@@ -293,3 +351,43 @@ class PilotTap:
             "the Pilot; a new train() attaches a fresh one.", RuntimeWarning, stacklevel=2)
         self.records.clear()
         self.detach()
+
+    @torch.no_grad()
+    def _logits_from_head(self, module, states, record: PilotRecord) -> None:
+        """Fills ``record`` from the LM head's input when the forward returned no logits.
+
+        TRL's trainers (SFTTrainer, DPO, GRPO, ...) patch the Pilot's forward with a fused LM head
+        (``trl.trainer.utils.add_fused_lm_head``) that returns per-token log-probabilities of the labels only, and
+        TRL offers no switch to turn it off; forcing the plain head would change how the Pilot is trained. So the
+        tap reads the backbone's output and runs the LM head once more, without gradient, over blocks of
+        positions, turning each block's logits into compact errors at once: the |V|-wide logits never exist
+        whole, which is what the fused head is for. The cost is one forward through the head, 2·d·|V| FLOPs per
+        token and no backward: for SmolLM2-135M (d = 576, |V| = 49,152) 57 MFLOPs against about 6 × 135M = 810
+        MFLOPs for the training step itself, about 7%.
+        """
+        text_config = module.config.get_text_config()
+        scaled = [name for name in LOGIT_SCALES if getattr(text_config, name, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise RuntimeError(
+                f"{type(module).__name__} returned no logits (TRL's fused LM head), and it scales its logits after "
+                f"the LM head ({', '.join(scaled)}) in a way PilotTap does not reproduce, so it cannot compute the "
+                "Pilot's errors from the head's input. Train this Pilot with transformers' Trainer."
+            )
+        head = module.get_output_embeddings()
+        softcap = getattr(text_config, "final_logit_softcapping", None)
+
+        def logits_of(block):
+            logits = head(block).float()
+            return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+        if self.errors_top_k is None or record.labels is None:
+            record.logits = logits_of(states)
+            return
+        labels = record.next_token_labels()
+        flat_states, flat_labels = states.reshape(-1, states.shape[-1]), labels.reshape(-1)
+        block = max(1, HEAD_BLOCK_BYTES // (4 * record.vocab_size))
+        pieces = [CompactErrors.from_logits(logits_of(flat_states[i:i + block]), flat_labels[i:i + block],
+                                            self.errors_top_k) for i in range(0, len(flat_labels), block)]
+        record.compact_errors = CompactErrors(
+            labels, *(torch.cat([getattr(piece, name) for piece in pieces]).view(*labels.shape, -1)
+                      for name in ("ids", "probs")))

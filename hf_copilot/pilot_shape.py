@@ -4,13 +4,20 @@ logits width. Shared by the Pilot reader (:mod:`hf_copilot.pilot`) and by ``Copi
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 from transformers import PreTrainedModel
 
 
 def unwrap_pilot(model: nn.Module) -> PreTrainedModel:
     """The underlying ``PreTrainedModel`` inside DDP / DeepSpeed (``.module``), ``torch.compile``
-    (``._orig_mod``) and PEFT (``.get_base_model()``) wrappers."""
+    (``._orig_mod``) and PEFT (``.get_base_model()``) wrappers.
+
+    Not ``accelerate.utils.extract_model_from_parallel``: it leaves PEFT's wrapper in place, and wherever DeepSpeed
+    is installed it imports it to check for its engine (0.8 s and an accelerator warning on this CPU machine, in
+    every process that reads a Pilot, DeepSpeed in use or not). Looking for the wrappers' attributes needs neither.
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -54,7 +61,9 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     block_names.update(getattr(model, "_no_split_modules", None) or [])
     decoder = model.get_decoder()
     for module in decoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in block_names:
+        # Along the class hierarchy: FSDP2's fully_shard swaps a block's class for a subclass (FSDPLlamaDecoderLayer).
+        if isinstance(module, nn.ModuleList) and len(module) and any(
+                cls.__name__ in block_names for cls in type(module[0]).__mro__):
             return module
     raise ValueError(
         f"Could not find the decoder layers of {type(model).__name__}: expected a ModuleList of "
@@ -64,8 +73,21 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 
 
 def logits_width(model: PreTrainedModel) -> int:
-    """Number of logits the Pilot emits per token (its output embedding rows, else ``config.vocab_size``)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight.shape[0]
+    """Number of logits the Pilot emits per token: its text config's ``vocab_size``.
+
+    Not the output embedding's row count: under DeepSpeed ZeRO-3 a partitioned weight's shape reads ``[0]``. The
+    models' own losses read the logits with this width too (a head of another width cannot train).
+    """
     return model.config.get_text_config().vocab_size
+
+
+def gathered_parameters(parameters):
+    """A context in which ``parameters`` hold their full values: DeepSpeed ZeRO-3 partitions a model's parameters
+    across ranks (each reads an empty tensor) and ``deepspeed.zero.GatheredParameters`` gathers them for reading.
+    Any other parameter is already whole, and the context does nothing."""
+    parameters = list(parameters)
+    if not any(hasattr(parameter, "ds_id") for parameter in parameters):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)

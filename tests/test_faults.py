@@ -26,7 +26,7 @@ from test_generation import generate, noisy_copilot
 from transformers import Trainer, TrainerCallback
 
 from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotModel, CopilotUpdater, MistakeLog, PilotTap
-from hf_copilot.callback import STATE_MANIFEST_NAME, TRAINING_STATE_NAME
+from hf_copilot.callback import MISTAKE_LOG_NAME, STATE_MANIFEST_NAME, TRAINING_STATE_NAME
 from hf_copilot.recipes.cli import main
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.tasks import DEFAULT_FORMAT, load_examples_file
@@ -297,7 +297,7 @@ LOG_EDITS = {
 
 @pytest.mark.parametrize("edit", list(LOG_EDITS))
 def test_an_edited_log_is_refused_naming_the_file(checkpoint, tmp_path, edit):
-    copy = damaged_copy(checkpoint, tmp_path) / "mistake_log"
+    copy = damaged_copy(checkpoint, tmp_path) / MISTAKE_LOG_NAME.format(rank=0)
     metadata = copy / "mistake_log.json"
     text = metadata.read_text()
     metadata.write_text(LOG_EDITS[edit](json.loads(text), text))
@@ -306,7 +306,7 @@ def test_an_edited_log_is_refused_naming_the_file(checkpoint, tmp_path, edit):
 
 
 def test_damaged_log_tensors_are_refused(checkpoint, tmp_path):
-    copy = damaged_copy(checkpoint, tmp_path) / "mistake_log"
+    copy = damaged_copy(checkpoint, tmp_path) / MISTAKE_LOG_NAME.format(rank=0)
     overwrite(copy / "mistake_log.safetensors", 500, b"\x00" * 100)
     with pytest.raises(DamagedFileError, match="mistake_log.safetensors is damaged"):
         MistakeLog.load(copy)
@@ -343,7 +343,7 @@ def test_an_interrupted_train_does_not_leak_its_tap(tmp_path):
     with pytest.warns(RuntimeWarning, match="never collected"):
         for _ in range(10):
             pilot(**batch).loss.backward()
-    assert hook_count(pilot) == clean and callback.tap.records == []
+    assert hook_count(pilot) == clean and not callback.tap.records
     # A second train() runs one tap and a log of its own rounds only.
     trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks if not isinstance(c, Interrupt)]
     seen = []

@@ -347,6 +347,22 @@ def test_one_processor_serves_many_calls(llama):
         assert len(reused.analysis) == 3  # reset at each call
 
 
+def test_an_open_processor_keeps_no_training_forwards(llama):
+    """Training steps run while a processor is open leave at most two records (one Pilot forward per step is all it
+    needs to tell), and the next generate() is unaffected."""
+    pilot, copilot = llama
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with CopilotLogitsProcessor(copilot, pilot, lam=1.0) as fresh:
+        expected = generate(pilot, fresh, input_ids=ids)
+    training = copy.deepcopy(pilot).train()
+    with CopilotLogitsProcessor(copilot, training, lam=1.0) as processor:
+        for _ in range(5):
+            training(input_ids=ids, labels=ids).loss.backward()
+        assert len(processor.tap.records) == 2
+        training.eval()
+        assert torch.equal(generate(training, processor, input_ids=ids), expected)
+
+
 # ---- 5. encoder-decoder -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("space", ["probs", "logits"])

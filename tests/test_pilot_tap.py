@@ -193,11 +193,11 @@ def test_records_only_training_forwards(name):
         model.train()
         model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
                        do_sample=False)
-        assert tap.records == []
+        assert not tap.records
         model(**batch)
         assert len(tap.pop_records()) == 1
     model(**batch)
-    assert tap.records == []  # detached
+    assert not tap.records  # detached
 
 
 def test_attach_twice_registers_hooks_once():
@@ -286,7 +286,7 @@ def test_training_forward_without_labels_raises():
     with PilotTap(model) as tap:
         with pytest.raises(RuntimeError, match="label_smoothing_factor"):
             model(**batch)
-        assert tap.records == []
+        assert not tap.records
         with torch.no_grad():
             model(**batch)  # not a training forward: nothing to record, nothing to complain about
 
@@ -343,7 +343,7 @@ def test_mode_is_validated_and_switchable():
         PilotTap(model, mode="eval")
     with PilotTap(model) as tap, torch.no_grad():
         model(**batch)
-        assert tap.records == []
+        assert not tap.records
         tap.mode = "generate"
         model(**batch)
         assert len(tap.records) == 1

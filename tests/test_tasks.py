@@ -9,7 +9,8 @@ import json
 import datasets
 import numpy as np
 import pytest
-from conftest import word_tokenizer
+import torch
+from conftest import tiny_pilot, word_tokenizer
 from transformers import EvalPrediction
 
 from hf_copilot.recipes import tasks
@@ -308,14 +309,47 @@ def test_compute_metrics_for_generated_ids():
     def ids(text):
         return tokenizer(text)["input_ids"]
 
-    # Decoder-only style: the prompt is echoed before the answer (the first prompt's own "1" would be parsed as
-    # the answer if it were not stripped); rows are padded with -100 as the Trainer does.
-    first = ids(fmt.prompt(examples[0])) + ids("3") + [tokenizer.eos_token_id]
-    second = ids(fmt.prompt(examples[1])) + ids("5")
-    width = max(len(first), len(second))
-    predictions = np.array([row + [-100] * (width - len(row)) for row in (first, second)])
+    def padded(rows, value=-100):
+        width = max(map(len, rows))
+        return np.array([row + [value] * (width - len(row)) for row in rows])
+
+    # Decoder-only style: the input is echoed before the generation. These inputs hold the answers (as an
+    # evaluation set built like the training set does): only what follows them may be scored.
+    inputs = [ids(fmt.prompt(example) + " " + example.answer) for example in examples]
+    echoes = padded([inputs[0] + ids("3") + [tokenizer.eos_token_id], inputs[1] + ids("5")])
     metrics = compute_metrics_for(tokenizer, examples, fmt)
-    assert metrics(EvalPrediction(predictions=predictions, label_ids=None)) == {"answer_accuracy": 0.5}
+    scored = metrics(EvalPrediction(predictions=echoes, label_ids=None, inputs=padded(inputs)))
+    assert scored == {"answer_accuracy": 0.5}
     # Seq2seq style: only the answer, padded with the pad token.
     answers = np.array([[tokenizer.pad_token_id] + ids("3"), ids("4") + [tokenizer.pad_token_id]])
-    assert metrics(EvalPrediction(predictions=(answers,), label_ids=None)) == {"answer_accuracy": 1.0}
+    prompts = padded([ids(fmt.prompt(example)) for example in examples])
+    assert metrics(EvalPrediction(predictions=(answers,), label_ids=None, inputs=prompts)) == {"answer_accuracy": 1.0}
+    with pytest.raises(ValueError, match="include_for_metrics"):
+        metrics(EvalPrediction(predictions=answers, label_ids=None))
+    with pytest.raises(ValueError, match="logits"):  # a plain Trainer hands over logits, not generated ids
+        metrics(EvalPrediction(predictions=np.zeros((2, 4, 12), dtype=np.float32), label_ids=None, inputs=prompts))
+
+
+def test_compute_metrics_for_an_untrained_pilot_under_seq2seq_trainer(tmp_path):
+    """Evaluated on inputs that contain the answers, an untrained Pilot is scored on what it generates after them:
+    the same accuracy as generating by hand and reading only the new tokens."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    tokenizer = word_tokenizer("### Instruction: Response: Calculate 1 + 2 = 3 4 5 6 7".split())
+    examples = [Example(f"Calculate {a} + {b} =", str(a + b)) for a, b in ((1, 2), (2, 2), (1, 4))]
+    fmt = TASKS["basic_arithmetic"].format
+    rows = [tokenizer(fmt.prompt(example) + " " + example.answer) for example in examples]
+    pilot = tiny_pilot("llama")
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=1, report_to=[],
+                                    use_cpu=True, predict_with_generate=True, include_for_metrics=["inputs"],
+                                    generation_max_length=None, disable_tqdm=True)
+    evaluation = [{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in rows]
+    trainer = Seq2SeqTrainer(model=pilot, args=args, eval_dataset=evaluation,
+                             compute_metrics=compute_metrics_for(tokenizer, examples, fmt))
+    scored = trainer.evaluate(max_new_tokens=3)["eval_answer_accuracy"]
+    by_hand = []
+    for row in rows:
+        prompt = torch.tensor([row["input_ids"]])
+        new = pilot.generate(prompt, max_new_tokens=3, do_sample=False)[0, prompt.shape[1]:]
+        by_hand.append(tokenizer.decode(new, skip_special_tokens=True))
+    assert scored == answer_accuracy(by_hand, examples, fmt) < 1.0

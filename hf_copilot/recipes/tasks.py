@@ -441,21 +441,37 @@ class AnswerAccuracy(evaluate.Metric):
 
 
 def compute_metrics_for(tokenizer, examples: Sequence[Example], task_format: TaskFormat = DEFAULT_FORMAT):
-    """A ``Trainer(compute_metrics=...)`` function for generated token ids (``predict_with_generate``).
+    """A ``Seq2SeqTrainer(compute_metrics=...)`` function for generated token ids (``predict_with_generate=True``)
+    that needs the model's inputs too: ``TrainingArguments(include_for_metrics=["inputs"])``.
 
-    Predictions must come in the order of ``examples``. Negative ids (the Trainer's -100 padding) are dropped,
-    special tokens are skipped, and a leading echo of the prompt (decoder-only models return it) is removed.
+    Predictions must come in the order of ``examples``. A decoder-only model returns its input before what it
+    generated; that input is removed token by token (the whole input, not the prompt text: an evaluation set with
+    the answers in its inputs would otherwise score a model that only echoes them). Negative ids (the Trainer's
+    -100 padding) are dropped and special tokens skipped. Logits (a plain ``Trainer``) are refused: they are not
+    answers, and reading their argmax as one would score teacher forcing, not generation.
     """
-    # Compare against the prompt as the tokenizer reproduces it, which need not be the prompt string itself.
-    prompts = [
-        tokenizer.decode(tokenizer(task_format.prompt(ex))["input_ids"], skip_special_tokens=True) for ex in examples
-    ]
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
         ids = eval_prediction.predictions
-        ids = ids[0] if isinstance(ids, tuple) else ids
-        texts = tokenizer.batch_decode([row[row >= 0] for row in np.asarray(ids)], skip_special_tokens=True)
-        generations = [text.removeprefix(prompt) for text, prompt in zip(texts, prompts)]
-        return {"answer_accuracy": answer_accuracy(generations, examples, task_format)}
+        ids = np.asarray(ids[0] if isinstance(ids, tuple) else ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"compute_metrics_for scores generated token ids (batch, length); got an array of shape {ids.shape} "
+                f"and dtype {ids.dtype}, i.e. logits. Evaluate with Seq2SeqTrainer and "
+                "Seq2SeqTrainingArguments(predict_with_generate=True, include_for_metrics=['inputs'])."
+            )
+        if eval_prediction.inputs is None:
+            raise ValueError(
+                "compute_metrics_for needs the model inputs, to remove the input a decoder-only model repeats before "
+                "its generation: pass include_for_metrics=['inputs'] to the training arguments."
+            )
+        generated = []
+        for row, given in zip(ids, np.asarray(eval_prediction.inputs)):
+            given = given[given >= 0]
+            if len(row) >= len(given) and (row[: len(given)] == given).all():
+                row = row[len(given):]
+            generated.append(row[row >= 0])
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return {"answer_accuracy": answer_accuracy(texts, examples, task_format)}
 
     return compute_metrics
