@@ -20,11 +20,11 @@ stopped run resumes where it stopped (the joint run from its last epoch checkpoi
             the training items. ``--stages joint,screen`` stops here.
   epochs    the Pilot alone after every epoch (greedy), to show where more epochs stop paying.
   copilots  both Copilots on the final Pilot: the greedy lambda grid in both fusion spaces, and beam 4.
-  latest    (c) a fresh paper Copilot trained offline, for as many updates, on the final Pilot's errors only;
-            decoded as the joint one, with its held-out ratio.
   longer    (b) the Pilot alone trained longer by the paper Copilot's share of the joint run's time.
   capacity  (d) the Pilot alone given the paper Copilot's trainable capacity instead: LoRA rank raised until its
             trainable parameter count matches the Copilot's, trained as long as the joint run.
+  latest    (c) a fresh paper Copilot trained offline, for as many updates, on the final Pilot's errors only;
+            decoded as the joint one, with its held-out ratio.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from hf_copilot.recipes.significance import PairedComparison, describe, pooled
 from hf_copilot.recipes.tasks import TASKS, load_task
 
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
-STAGES = ("joint", "screen", "epochs", "copilots", "latest", "longer", "capacity")
+STAGES = ("joint", "screen", "epochs", "copilots", "longer", "capacity", "latest")
 ARITHMETIC = {"basic_arithmetic"}
 """Tasks the paper trains with its arithmetic learning rates (Pilot 2e-4, Copilot 3e-4); the rest are commonsense
 (Pilot 3e-4, Copilot 5e-4)."""
@@ -122,6 +122,8 @@ class Cell:
         self.result.update(run())
         self.result["stage_seconds"][name] = time.perf_counter() - started
         write_json(self.partial, self.result)
+        if self.p.get("keep", True):  # what a stopped run has found so far survives the machine
+            write_json(CELLS / f"paper_{self.protocol}" / self.task / f"seed{self.seed}.partial.json", self.result)
 
     def decode(self, pilot, tokenizer, copilot, settings, beams: int) -> dict:
         """Per decoding (the Pilot alone under these beams first): accuracy, and which test items were right, so
@@ -247,13 +249,13 @@ class Cell:
     def run(self, stages=STAGES) -> dict:
         for name in stages:
             self.stage(name, getattr(self, name))
-        if self.p.get("keep", True):  # what a stopped run has found so far survives the machine
-            write_json(CELLS / f"paper_{self.protocol}" / self.task / f"seed{self.seed}.partial.json", self.result)
-        if tuple(stages) != STAGES:
+        if not set(STAGES) <= set(self.result["stage_seconds"]):  # stopped early on purpose (--stages)
             return self.result
         write_json(self.folder / "result.json", self.result)
         if self.p.get("keep", True):
-            write_json(CELLS / f"paper_{self.protocol}" / self.task / f"seed{self.seed}.json", self.result)
+            kept = CELLS / f"paper_{self.protocol}" / self.task
+            write_json(kept / f"seed{self.seed}.json", self.result)
+            (kept / f"seed{self.seed}.partial.json").unlink(missing_ok=True)
         for folder in ("joint", "longer", "capacity"):  # checkpoints were for resuming; the final models stay
             for checkpoint in (self.folder / folder).glob("checkpoint-*"):
                 shutil.rmtree(checkpoint)
@@ -270,19 +272,18 @@ def lora_parameters_per_rank(model_dir: Path) -> int:
 
 
 def rows_of(result: dict) -> dict[str, dict]:
-    """Every scored (arm, decoding) of one cell, named as the table names them."""
+    """Every scored (arm, decoding) of one cell, named as the table names them (arms not run yet are absent)."""
     rows = {f"Pilot alone, epoch {epoch}, greedy": score for epoch, score in result["pilot_by_epoch"].items()}
     rows["Pilot alone, final, beam 4"] = result["arms"]["pilot_beam"]
-    for arm, label in (("paper", "paper Copilot"), ("small", "2-layer Copilot")):
-        for decoding, score in result["arms"][arm].items():
+    copilots = [(label, result["arms"][arm]) for arm, label in (("paper", "paper Copilot"), ("small", "2-layer Copilot"))]
+    for label, scores in copilots + [("(c) Latest paper Copilot", result.get("latest", {}))]:
+        for decoding, score in scores.items():
             if not decoding.startswith("pilot"):
-                rows[f"+ {label}, {decoding}"] = score
-    for decoding, score in result["latest"].items():
-        if not decoding.startswith("pilot"):
-            rows[f"(c) Latest paper Copilot, {decoding}"] = score
+                rows[f"{'+ ' if label[0] != '(' else ''}{label}, {decoding}"] = score
     for arm, label in (("longer", "(b) Pilot trained longer"), ("capacity", "(d) Pilot with the Copilot's capacity")):
-        rows[f"{label}, greedy"] = result[arm]["greedy"][Decoding().name]
-        rows[f"{label}, beam 4"] = result[arm]["beam"][Decoding(num_beams=4).name]
+        if arm in result:
+            rows[f"{label}, greedy"] = result[arm]["greedy"][Decoding().name]
+            rows[f"{label}, beam 4"] = result[arm]["beam"][Decoding(num_beams=4).name]
     return rows
 
 
@@ -294,9 +295,9 @@ def summarise(results: list[dict], protocol: str, command: str) -> str:
     hours = sum(sum(r["stage_seconds"].values()) for r in results) / 3600
     text = (f"# The paper's Copilot at the paper's proportions, protocol `{protocol}`\n\n`{command}`: "
             f"{len(results)} cells, seeds {seeds}, {hours:.2f} h of compute (sum of stage times).\n\n")
-    finished = [r for r in results if set(STAGES) <= set(r["stage_seconds"])]
-    if finished:
-        text += accuracy_table(finished) + "\n\n"
+    scored = [r for r in results if {"epochs", "copilots"} <= set(r["stage_seconds"])]
+    if scored:
+        text += accuracy_table(scored) + "\n\n"
     screened = [r for r in results if "heldout" in r]
     if screened:
         text += "Copilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = better than predicting no error):\n\n"
@@ -357,15 +358,17 @@ def accuracy_table(results: list[dict]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{100 * m:.1f}" for m in means)
                      + f" | {100 * average:.1f} | {relative} | {against_pilot(name)} |")
     shares = ", ".join(f"{t}: {statistics.fmean(r['longer']['share'] for r in results if r['task'] == t):.2f}"
-                       for t in tasks)
-    ranks = ", ".join(f"{t}: r={next(r['capacity']['rank'] for r in results if r['task'] == t)}" for t in tasks)
+                       for t in tasks if any("longer" in r and r["task"] == t for r in results))
+    ranks = ", ".join(f"{t}: r={next(r['capacity']['rank'] for r in results if r['task'] == t and 'capacity' in r)}"
+                      for t in tasks if any("capacity" in r and r["task"] == t for r in results))
+    controls = (f"\n\nThe paper Copilot's share of the joint run's time ({shares or 'not run yet'}) sets control "
+                f"(b)'s extra steps; control (d)'s LoRA rank ({ranks or 'not run yet'}) matches the paper Copilot's "
+                "trainable parameters.")
     return ("Accuracy (%) of generated, parsed answers on each task's test items, mean over seeds; the relative "
             "change of the average against the final Pilot alone (greedy); and, item by item against the final "
             "Pilot alone under the same beams pooled over every cell, the difference with its 95% interval, the "
             "items fixed/broken and the exact McNemar p-value (hf_copilot.recipes.significance).\n\n"
-            + "\n".join(lines)
-            + f"\n\nThe paper Copilot's share of the joint run's time ({shares}) set control (b)'s extra steps; "
-            f"control (d)'s LoRA rank ({ranks}) matches the paper Copilot's trainable parameters.")
+            + "\n".join(lines) + controls)
 
 
 def main() -> None:
@@ -376,14 +379,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="Pilot base model folder, or smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/paper"), help="where cells and checkpoints go")
     parser.add_argument("--stages", type=lambda t: tuple(t.split(",")), default=STAGES,
-                        help=f"stages to run, in order (default all: {','.join(STAGES)})")
+                        help=f"stages to run (always in this order, after the joint run; default all: "
+                             f"{','.join(STAGES)})")
     parser.add_argument("--report-only", action="store_true", help="tabulate the cells found, run nothing")
     args = parser.parse_args()
     args.tasks = args.tasks or list(PROTOCOLS[args.protocol]["tasks"])
     if unknown := sorted(set(args.tasks) - set(ALL_TASKS)):
         parser.error(f"unknown task(s) {unknown}; the tasks are {list(ALL_TASKS)}")
-    if unknown := sorted(set(args.stages) - set(STAGES)) or (args.stages != STAGES[:len(args.stages)]):
-        parser.error(f"--stages must be a prefix of {','.join(STAGES)} (got {','.join(args.stages)})")
+    if unknown := sorted(set(args.stages) - set(STAGES)):
+        parser.error(f"unknown stage(s) {unknown}; the stages are {','.join(STAGES)}")
+    args.stages = ("joint",) + tuple(s for s in STAGES[1:] if s in args.stages)  # every stage needs the joint run
     results = []
     model_dir = None if args.report_only else resolve_model(args.model)
     for seed in args.seeds:
