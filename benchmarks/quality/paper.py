@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from benchmarks.quality.protocols import CELLS, RESULTS, on_accelerator, write_json
+from benchmarks.quality.protocols import ALL_TASKS, CELLS, RESULTS, on_accelerator, write_json
 from hf_copilot import PAPER_LORA, CopilotCallback, CopilotModel, train_copilot
 from hf_copilot.recipes.assets import resolve_model
 from hf_copilot.recipes.diagnostics import ErrorRatios, record_mistake_log, teacher_forced_records
@@ -49,7 +49,6 @@ from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.significance import PairedComparison, describe, pooled
 from hf_copilot.recipes.tasks import TASKS, load_task
 
-ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
 STAGES = ("joint", "screen", "epochs", "copilots", "longer", "capacity", "latest")
 ARITHMETIC = {"basic_arithmetic"}
 """Tasks the paper trains with its arithmetic learning rates (Pilot 2e-4, Copilot 3e-4); the rest are commonsense
