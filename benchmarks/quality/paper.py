@@ -37,10 +37,9 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 
-from benchmarks.quality.protocols import ALL_TASKS, CELLS, RESULTS, on_accelerator, write_json
+from benchmarks.quality.protocols import ALL_TASKS, CELLS, RESULTS, on_accelerator, pretrained, write_json
 from hf_copilot import PAPER_LORA, CopilotCallback, CopilotModel, train_copilot
 from hf_copilot.recipes.assets import resolve_model
 from hf_copilot.recipes.diagnostics import ErrorRatios, record_mistake_log, teacher_forced_records
@@ -90,10 +89,6 @@ def data(task: str, p: dict) -> tuple[list, list]:
     return train, test
 
 
-def base(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
-
-
 def paper_copilot(pilot) -> CopilotModel:
     depth = pilot.config.get_text_config().num_hidden_layers
     return CopilotModel.from_pilot(pilot, num_hidden_layers=depth, lora=PAPER_LORA)
@@ -139,7 +134,7 @@ class Cell:
         if (folder / "run.json").is_file():
             return json.loads((folder / "run.json").read_text())
         set_seed(self.seed)
-        pilot, tokenizer = base(self.model_dir)
+        pilot, tokenizer = pretrained(self.model_dir)
         made = [make(pilot) for make in callbacks]  # Copilots copy the pretrained Pilot, before its adapters
         pilot = add_lora(pilot, rank, dropout=self.p["pilot_lora_dropout"])
         started = time.perf_counter()
@@ -215,7 +210,7 @@ class Cell:
     def latest(self) -> dict:
         pilot, tokenizer, _ = self.final_pilot_and_copilots()
         set_seed(self.seed)
-        latest = paper_copilot(base(self.model_dir)[0]).to(next(pilot.parameters()).device)
+        latest = paper_copilot(pretrained(self.model_dir)[0]).to(next(pilot.parameters()).device)
         log = record_mistake_log(pilot, tokenizer, self.train, self.format)
         train_copilot(latest, log, num_updates=self.result["joint"]["steps"], progress=False,
                       learning_rate=self.copilot_lr, batch_size=self.p["copilot_batch_size"], seed=self.seed)
@@ -263,7 +258,7 @@ class Cell:
 
 def lora_parameters_per_rank(model_dir: Path) -> int:
     """Trainable parameters one unit of LoRA rank adds to the Pilot (the count is linear in the rank)."""
-    pilot, _ = base(model_dir)
+    pilot, _ = pretrained(model_dir)
     return sum(p.numel() for p in add_lora(pilot, 1).parameters() if p.requires_grad)
 
 

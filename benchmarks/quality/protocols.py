@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_copilot.recipes.tasks import load_task
 
@@ -43,6 +44,11 @@ PROTOCOLS = {
                 decodings=[("probs", lam) for lam in (0.1, 0.3, 0.5, 0.8, 1.0)]
                 + [("logits", lam) for lam in (0.5, 1.0, 3.0)], beams=(1, 4), eval_batch_size=64),
 }
+
+
+def pretrained(model_dir: Path):
+    """The untouched base Pilot (float32, as every protocol trains it) and its tokenizer."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
 
 
 def on_accelerator(model):

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 
 from hf_copilot import CopilotModel, train_copilot
 from hf_copilot.recipes.assets import resolve_model
@@ -40,12 +40,8 @@ from hf_copilot.recipes.significance import describe, pooled_scores
 from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.recipes.tasks import TASKS
 
-from benchmarks.quality.protocols import (ALL_TASKS, CELLS, PROTOCOLS, RESULTS, on_accelerator, protocol_data,
-                                         write_json)
-
-
-def _base(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+from benchmarks.quality.protocols import (ALL_TASKS, CELLS, PROTOCOLS, RESULTS, on_accelerator, pretrained,
+                                         protocol_data, write_json)
 
 
 def _scores(rows: list[dict]) -> dict:
@@ -55,7 +51,7 @@ def _scores(rows: list[dict]) -> dict:
 def _train_pilot(model_dir, folder, examples, task_format, p, seed, *, with_copilot: bool, max_steps: int = -1):
     """Fine-tune a fresh LoRA Pilot (and Copilot) into ``folder``; returns the run summary."""
     set_seed(seed)
-    pilot, tokenizer = _base(model_dir)
+    pilot, tokenizer = pretrained(model_dir)
     copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=p["copilot_layers"]) if with_copilot else None
     pilot = add_lora(pilot, p["lora_rank"])
     started = time.perf_counter()
