@@ -65,6 +65,14 @@ class CopilotCallback(TrainerCallback):
                  **training):
         self.copilot = copilot
         self.config = CopilotTrainingConfig(**training)
+        for option, value in (("log_rounds", log_rounds), ("log_max_bytes", log_max_bytes), ("top_k", top_k)):
+            if value is not None and value < 1:
+                raise ValueError(f"CopilotCallback({option}={value!r}): it must be a positive integer.")
+        try:
+            torch.device(log_device)
+        except RuntimeError as error:
+            raise ValueError(f"CopilotCallback(log_device={log_device!r}) is not a torch device (e.g. 'cpu' or "
+                             f"'cuda:0'): {error}") from None
         log_options = dict(max_rounds=log_rounds, top_k=top_k, device=log_device)
         if log_max_bytes is not None:
             log_options["max_bytes"] = log_max_bytes
@@ -76,7 +84,8 @@ class CopilotCallback(TrainerCallback):
         self.name = name
         self.tap: PilotTap | None = None
         self.updater: CopilotUpdater | None = None
-        self._losses: list[float] = []
+        self._losses: list[float] = []  # since the last log entry
+        self._run_losses = [0.0, 0]  # sum and count over this train()
         self._seconds = 0.0  # spent filling the log and updating the Copilot (the tap counts its own hooks' time)
 
     def attach(self, trainer) -> CopilotCallback:
@@ -113,6 +122,7 @@ class CopilotCallback(TrainerCallback):
         self.updater = CopilotUpdater(self.copilot, self.config, total_updates, autocast_dtype=autocast)
         self.mistake_log = MistakeLog(**self._log_options)  # a new run never mixes in an earlier run's rounds
         self._losses.clear()
+        self._run_losses = [0.0, 0]
         if state.global_step > 0 and self.resume_from is not False:
             self._resume(args, state)
         # Errors are made compact inside the forward hook, so the logits are not held through the Pilot's backward.
@@ -134,10 +144,16 @@ class CopilotCallback(TrainerCallback):
             loss = self.updater.step(self.mistake_log)
             if math.isfinite(loss):  # a skipped update is counted in copilot_skipped_updates, not averaged in
                 self._losses.append(loss)
+                self._run_losses[0] += loss
+                self._run_losses[1] += 1
         self._seconds += time.perf_counter() - started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self.updater is None or "loss" not in logs:
+        # Beside the Pilot's `loss` entries, and in the run's final summary as Trainer does (`train_loss`, the mean
+        # over the run, and the Copilot's total time next to `train_runtime`): a run shorter than logging_steps
+        # has no other entry.
+        final = logs is not None and "train_loss" in logs
+        if logs is None or self.updater is None or not ("loss" in logs or final):
             return
         stats = self.mistake_log.stats()
         metrics = {
@@ -151,7 +167,9 @@ class CopilotCallback(TrainerCallback):
             "skipped_records": stats["skipped_oversized_records"],
             "skipped_updates": self.updater.skipped_updates,
         }
-        if self._losses:
+        if final and self._run_losses[1]:
+            metrics["train_loss"] = self._run_losses[0] / self._run_losses[1]
+        elif not final and self._losses:
             metrics["loss"] = sum(self._losses) / len(self._losses)
             self._losses.clear()
         metrics = {f"{self.name}_{key}": value for key, value in metrics.items()}
@@ -240,6 +258,10 @@ class CopilotCallback(TrainerCallback):
         log_folder = os.path.join(folder, MISTAKE_LOG_NAME.format(rank=rank))
         if os.path.isdir(log_folder):
             self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot, device=self.mistake_log.device)
+        else:
+            logger.warning("Copilot resumed from %s without its Mistake Log (the checkpoint was saved with "
+                           "save_mistake_log=False): it goes on from an empty log, so it will differ a little from an "
+                           "uninterrupted run. Pass save_mistake_log=True for an exact resume.", folder)
         logger.info("Copilot resumed from %s (%d updates so far)", folder, self.updater.updates)
 
     def _usable_copilot_state(self, args, state) -> str:

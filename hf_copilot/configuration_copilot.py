@@ -35,7 +35,7 @@ class CopilotConfig(PreTrainedConfig):
             positions are applied inside attention only; nothing is added to the input.
         attention_bias: bias on the query/key/value projections; ``attention_output_bias`` on the output
             projection; ``mlp_bias`` on the feed-forward projections.
-        pilot_model_type: the Pilot's ``model_type`` (informational, checked by the callback and processor).
+        pilot_model_type: the Pilot's ``model_type`` (``check_pilot`` refuses a Pilot of another type).
         pilot_name_or_path / pilot_revision: which Pilot the Copilot was trained with: its Hub id or folder (taken
             from the Pilot by ``from_pilot``) and the revision it was loaded at (transformers does not keep it on
             the model: pass ``from_pilot(pilot, pilot_revision=...)``). Informational; the model card shows them.

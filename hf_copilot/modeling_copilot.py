@@ -595,6 +595,10 @@ class CopilotModel(CopilotPreTrainedModel):
         width = model.config.get_text_config().hidden_size
         vocab = logits_width(model)
         problems = []
+        built_for = self.config.pilot_model_type
+        if built_for is not None and model.config.model_type != built_for:
+            problems.append(f"the Pilot is a {model.config.model_type!r} model but the Copilot was built for a "
+                            f"{built_for!r} one")
         if kind != self.config.pilot_kind:
             problems.append(f"the Pilot is {kind} but the Copilot was built for a {self.config.pilot_kind} Pilot")
         if width != self.config.pilot_hidden_size:
@@ -648,7 +652,7 @@ class CopilotModel(CopilotPreTrainedModel):
             pilot_kind=pilot_kind(model),
             pilot_model_type=model.config.model_type,
             pilot_name_or_path=model.config.name_or_path or None,
-            num_hidden_layers=num_hidden_layers or 2,
+            num_hidden_layers=2 if num_hidden_layers is None else num_hidden_layers,
             num_attention_heads=heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or width // heads,

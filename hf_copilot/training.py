@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.trainer_utils import SchedulerType
 
 
 @dataclass
@@ -54,6 +55,10 @@ class CopilotTrainingConfig:
         for name in ("learning_rate", "adam_epsilon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CopilotTrainingConfig.{name} must be positive, got {getattr(self, name)}.")
+        known = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler_type not in known:
+            raise ValueError(f"CopilotTrainingConfig.lr_scheduler_type={self.lr_scheduler_type!r} is not a "
+                             f"transformers schedule; pick one of {known}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

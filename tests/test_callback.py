@@ -96,6 +96,32 @@ def test_metrics_reach_the_log_history(tmp_path):
     assert (tmp_path / "copilot" / "model.safetensors").exists()
 
 
+def test_a_run_shorter_than_logging_steps_still_reports_the_copilot(tmp_path, monkeypatch):
+    """The final summary entry carries the Copilot's metrics as it carries Trainer's own: the Copilot's total time
+    next to train_runtime, and copilot_train_loss (the mean over the run) next to train_loss."""
+    losses = []
+    update = CopilotUpdater.step
+    monkeypatch.setattr(CopilotUpdater, "step", lambda self, log: losses.append(update(self, log)) or losses[-1])
+    callback = CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4)
+    trainer = run(tmp_path, callback, args=trainer_args(tmp_path, max_steps=4, logging_steps=10))
+    summary = trainer.state.log_history[-1]
+    assert "train_runtime" in summary and "copilot_loss" not in summary  # per-step keys stay in per-step entries
+    assert len(losses) == 4 and summary["copilot_train_loss"] == pytest.approx(sum(losses) / 4)
+    assert summary["copilot_seconds"] == pytest.approx(callback.seconds)
+    assert 0 < summary["copilot_seconds"] < summary["train_runtime"]
+
+
+def test_bad_callback_options_fail_at_construction():
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    cases = [(dict(lr_scheduler_type="cosin"), "lr_scheduler_type='cosin' is not a transformers schedule"),
+             (dict(log_device="tpu"), r"log_device='tpu'\) is not a torch device"),
+             (dict(log_rounds=0), "log_rounds=0"), (dict(log_max_bytes=0), "log_max_bytes=0"),
+             (dict(top_k=0), "top_k=0")]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            CopilotCallback(copilot, **options)
+
+
 class RecordingReporter(TrainerCallback):
     """Stands in for TensorBoard / W&B: keeps a copy of every log it is shown."""
 
@@ -152,6 +178,18 @@ def test_resume_gives_the_same_copilot_as_an_uninterrupted_run(tmp_path):
     trainer.train(resume_from_checkpoint=str(interrupted / "checkpoint-3"))
     for (name, a), b in zip(full.copilot.state_dict().items(), resumed.copilot.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_resume_without_the_mistake_log_says_it_is_not_exact(tmp_path, caplog):
+    def callback():
+        return CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4)
+
+    run(tmp_path, callback(), args=trainer_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2))
+    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(tmp_path, max_steps=4),
+                      train_dataset=pattern_dataset(), callbacks=[callback()])
+    with caplog.at_level("WARNING", logger="hf_copilot.callback"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "without its Mistake Log" in caplog.text and "save_mistake_log=True" in caplog.text
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from importlib.metadata import entry_points
 
 import pytest
 import torch
@@ -113,6 +114,12 @@ def test_help_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "hf_copilot", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "train" in done.stdout and "eval" in done.stdout and "demo" in done.stdout
+
+
+def test_the_installed_command_runs_this_main():
+    """`hf-copilot` is the console script pip wrote from setup.cfg: it must still point at the CLI's main."""
+    (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "hf-copilot"]
+    assert script.load() is main
 
 
 def test_missing_model_folders_are_named(user_files, tmp_path, capsys):

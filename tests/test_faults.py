@@ -449,7 +449,8 @@ BAD_OPTIONS = {
     "--beams 0": (["--beams", "0"], "argument --beams: '0' is not a positive integer"),
     "--batch-size 0": (["--batch-size", "0"], "argument --batch-size: '0' is not a positive integer"),
     "--spaces prob": (["--spaces", "prob"], "'prob' is not a fusion space"),
-    "--test-size with --data": (["--test-size", "3"], "--test-size pick rows of a --task"),
+    "--test-size with --data": (["--test-size", "3"], "hf-copilot eval: error: --test-size chooses the rows of a --task"),
+    "--data-seed with --data": (["--data-seed", "3"], "--data-seed chooses the rows of a --task; --data uses its whole"),
 }
 
 
@@ -468,6 +469,54 @@ def test_train_refuses_epochs_that_train_nothing(user_files, capsys, epochs):
         main(["train", "--model", str(user_files / "pilot"), "--data", str(user_files / "data.jsonl"), "--output",
               str(user_files / "train"), f"--epochs={epochs}"])
     assert f"argument --epochs: '{epochs}' is not a positive finite number" in capsys.readouterr().err
+
+
+def train_argv(root, *extra, output=None):
+    return ["train", "--model", str(root / "pilot"), "--data", str(root / "data.jsonl"), "--output",
+            str(output or root / "train"), *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--copilot-layers", "1"], "argument --copilot-layers: '1' is not 'all' or a layer count of 2 or more"),
+    (["--copilot-loss", "cross_entropy"], "--copilot-loss cross_entropy needs --copilot-correction rerank"),
+], ids=["one layer", "cross_entropy without rerank"])
+def test_bad_train_option_combinations_are_refused_while_parsing(user_files, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(train_argv(user_files, *extra))
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in stderr and stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--copilot-layers", "5"], "--copilot-layers 5 is deeper than the Pilot (4 layers), whose layers the Copilot "
+                                "copies: pass 4 or fewer, or 'all'."),
+    (["--max-length", "2"], "--max-length 2 leaves no room for a prompt: the longest answer is"),
+], ids=["deeper than the pilot", "max-length below the answers"])
+def test_train_refuses_what_needs_the_model_before_loading_it(user_files, capsys, tmp_path, monkeypatch, extra,
+                                                              message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the Pilot's weights were loaded before the options were checked")
+
+    monkeypatch.setattr("hf_copilot.recipes.cli.AutoModelForCausalLM.from_pretrained", no_loading)
+    output = tmp_path / "run"
+    assert main(train_argv(user_files, *extra, output=output)) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hf-copilot train: error: {message}")
+    assert not output.exists()  # a failed command leaves no empty folder behind
+
+
+def test_eval_names_an_empty_pilot_folder_and_a_copilot_of_another_pilot(user_files, capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = eval_argv(user_files, output=tmp_path / "eval")
+    argv[argv.index("--model") + 1] = str(empty)
+    assert main(argv) == 1
+    assert f"{empty} holds no saved model (neither config.json nor adapter_config.json)" in capsys.readouterr().err
+    CopilotModel.from_pilot(tiny_pilot("qwen2"), num_hidden_layers=2).save_pretrained(tmp_path / "qwen2-copilot")
+    assert main(eval_argv(user_files, output=tmp_path / "eval", copilot=tmp_path / "qwen2-copilot")) == 1
+    error = capsys.readouterr().err
+    assert "was not trained with --model" in error and "built for a 'qwen2' one" in error
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.slow

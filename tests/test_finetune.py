@@ -118,6 +118,23 @@ def test_lora_adapter_saves_and_merges_back(tmp_path, tokenizer):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
     assert (expected - untouched).abs().max() > 1e-3  # the adapter learned something, so the check has teeth
 
+    # A full Pilot saved over the adapter is what loads back, and the reverse (a re-run into the same --output).
+    full = tiny_pilot("llama", seed=1)
+    save_pilot(full, tokenizer, adapter_dir)
+    assert not (adapter_dir / "adapter_config.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pilot(adapter_dir)[0](input_ids=ids).logits, full(input_ids=ids).logits)
+    save_pilot(peft_model, tokenizer, adapter_dir)
+    assert not (adapter_dir / "model.safetensors").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pilot(adapter_dir)[0](input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    mixed = tmp_path / "mixed"  # both kinds of files: refused, never a guess
+    shutil.copytree(adapter_dir, mixed)
+    full.save_pretrained(tmp_path / "full")
+    shutil.copy(tmp_path / "full" / "model.safetensors", mixed)
+    with pytest.raises(ValueError, match="both a LoRA adapter .* and a full model"):
+        load_pilot(mixed)
+
     shutil.rmtree(base_dir)
     with pytest.raises(FileNotFoundError, match=rf"(?s)adapter.*{base_dir.name}.*no longer exists"):
         load_pilot(adapter_dir)

@@ -447,6 +447,9 @@ def test_check_pilot_names_every_mismatch():
     wider = CopilotModel(small_config(pilot_hidden_size=2 * WIDTH))
     with pytest.raises(ValueError, match=f"width is {WIDTH} but the Copilot expects {2 * WIDTH}"):
         wider.check_pilot(tiny_pilot("llama"))
+    # Same widths, same vocabulary, another architecture: its states mean something else.
+    with pytest.raises(ValueError, match="'qwen2' model but the Copilot was built for a 'llama' one"):
+        copilot.check_pilot(tiny_pilot("qwen2"))
 
 
 def test_wrong_input_shapes_fail_clearly():
@@ -467,3 +470,6 @@ def test_wrong_input_shapes_fail_clearly():
         enc_dec(pilot_hidden_states=pilot["pilot_hidden_states"])
     with pytest.raises(ValueError, match="num_hidden_layers >= 2"):
         small_config(num_hidden_layers=1)
+    for layers in (0, 1):  # 0 is a depth too, not "the default"
+        with pytest.raises(ValueError, match="num_hidden_layers >= 2"):
+            CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=layers)

@@ -263,7 +263,7 @@ def test_user_files_load(tmp_path):
         (".jsonl", '{"question": "a", "answer": "c", "choices": ["a", "b"]}\n', 1, "not one of the choices"),
         (".jsonl", '["a", "b"]\n', 1, "expected a JSON object"),
         (".jsonl", '{"question": "a", "answer": "a", "choices": "a|b"}\n', 1, "list of strings"),
-        (".csv", "question,answer\nq,a\n,b\n", 3, "missing 'question'"),
+        (".csv", "question,answer\nq,a\n,b\n", 3, "'question' is empty"),
         (".csv", "question,answer,choices\nq,c,a|b\n", 2, "not one of the choices"),
         (".csv", "question,answer,choices\nq,a,a|b\nq,a,[a\n", 3, "not valid JSON"),
     ],

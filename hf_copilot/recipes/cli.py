@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from ..configuration_copilot import PAPER_LORA, CopilotConfig
 from ..generation import FUSION_SPACES, MAX_LAM
@@ -32,7 +33,7 @@ from ..safe_io import atomic_write_text, check_model_type
 from .assets import resolve_model
 from .diagnostics import heldout_error_ratio
 from .finetune import add_lora, finetune, load_pilot, save_pilot
-from .prompts import prompt_ids
+from .prompts import prepare_tokenizer, prompt_ids, target_ids
 from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
 from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, load_examples_file, load_task
@@ -47,7 +48,8 @@ def _examples(args, split: str):
         examples, task_format = load_examples_file(args.data), DEFAULT_FORMAT
     else:
         size = dict(train_size=args.train_size) if split == "train" else dict(test_size=args.test_size)
-        examples = load_task(args.task, split, seed=args.data_seed, **{k: v for k, v in size.items() if v})
+        seed = 0 if args.data_seed is None else args.data_seed
+        examples = load_task(args.task, split, seed=seed, **{k: v for k, v in size.items() if v})
         task_format = TASKS[args.task].format
     if args.answer_style:
         task_format = dataclasses.replace(task_format, answer_style=args.answer_style)
@@ -89,16 +91,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+COPILOT_DEPTH = _checked(int, lambda value: value >= 2, "'all' or a layer count of 2 or more (a decoder-only "
+                         "Copilot alternates self- and cross-attention layers)")
+
+
 def _layers(text: str) -> int | None:
-    """``all`` (None: as deep as the Pilot) or a positive layer count."""
-    return None if text == "all" else POSITIVE_INT(text)
+    """``all`` (None: as deep as the Pilot) or a layer count of at least 2."""
+    return None if text == "all" else COPILOT_DEPTH(text)
 
 
 def _source(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--task", choices=sorted(TASKS), help="a registered benchmark task")
     group.add_argument("--data", type=Path, help="JSONL or CSV file of {question, choices?, answer} rows")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the task's train/test split")
+    parser.add_argument("--data-seed", type=int, default=None, help="seed of a --task's train/test split (default 0)")
     parser.add_argument("--test-size", type=POSITIVE_INT, default=None,
                         help="test items of a --task (default: the task's own)")
     parser.add_argument("--answer-style", choices=ANSWER_STYLES, default=None,
@@ -177,16 +183,30 @@ def _fit_prompts(examples, tokenizer, task_format, max_length: int, pilot_positi
     return dataclasses.replace(task_format, max_prompt_tokens=room), cut
 
 
+def _check_fits(examples, tokenizer, task_format, max_length: int) -> None:
+    """Every answer (and its end token) must leave room for at least one prompt token: train cuts prompts, never
+    answers."""
+    longest = max(len(target_ids(example, tokenizer, task_format)) for example in examples)
+    if longest >= max_length:
+        raise ValueError(f"--max-length {max_length} leaves no room for a prompt: the longest answer is {longest} "
+                         f"tokens with its end token. Raise --max-length above {longest}.")
+
+
 def run_train(args) -> Path:
     set_seed(args.seed)
     _check_output_folder(args.output)
     examples, task_format = _examples(args, "train")
     model_dir = resolve_model(args.model)
+    depth = AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
+    if args.copilot_layers is not None and args.copilot_layers > max(depth, 2):
+        raise ValueError(f"--copilot-layers {args.copilot_layers} is deeper than the Pilot ({depth} layers), whose "
+                         f"layers the Copilot copies: pass {max(depth, 2)} or fewer, or 'all'.")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+    _check_fits(examples, tokenizer, task_format, args.max_length)
     pilot = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rank = args.copilot_lora_rank
     lora = dict(PAPER_LORA, r=rank, lora_alpha=2 * rank) if rank else None
-    layers = args.copilot_layers or pilot.config.get_text_config().num_hidden_layers
+    layers = args.copilot_layers or depth
     copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=layers, correction=args.copilot_correction,
                                       loss=args.copilot_loss, lora=lora)
     if args.lora_rank:
@@ -200,7 +220,7 @@ def run_train(args) -> Path:
         copilot_options=dict(learning_rate=args.copilot_learning_rate, batch_size=args.copilot_batch_size),
     )
     save_pilot(pilot, tokenizer, args.output / "pilot")
-    summary = {"model": str(model_dir), "task": args.task, "data": str(args.data) if args.data else None,
+    summary = {"model": str(model_dir), "task": args.task, "data": str(args.data.resolve()) if args.data else None,
                "train_examples": len(examples), "seconds": time.perf_counter() - started,
                "log_history": trainer.state.log_history,
                "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
@@ -214,13 +234,20 @@ def run_eval(args) -> dict:
     _check_output_folder(args.output)
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"No Pilot folder at {str(args.model)!r} (train writes <output>/pilot).")
+    if not any((Path(args.model) / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise FileNotFoundError(f"{args.model} holds no saved model (neither config.json nor adapter_config.json): "
+                                "pass train's <output>/pilot or a save_pretrained folder.")
     if not Path(args.copilot).is_dir():  # never fall through to a Hub download of a mistyped name
         raise FileNotFoundError(f"No Copilot folder at {str(args.copilot)!r} (train writes <output>/copilot).")
     check_model_type(Path(args.copilot), CopilotConfig.model_type)
     examples, task_format = _examples(args, "test")
     pilot, tokenizer = load_pilot(args.model)
     copilot = CopilotModel.from_pretrained(args.copilot).eval()
-    copilot.check_pilot(pilot)
+    try:
+        copilot.check_pilot(pilot)
+    except ValueError as error:
+        raise ValueError(f"--copilot {args.copilot} was not trained with --model {args.model}: {error} Pass the "
+                         "copilot/ folder that train wrote beside this pilot/.") from None
     task_format, cut = _fit_prompts(examples, tokenizer, task_format, args.max_length,
                                     getattr(pilot.config, "max_position_embeddings", None))
     if cut:
@@ -311,12 +338,18 @@ HF_COPILOT_TRACEBACK=1 to see where one came from."""
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Options that only make sense together; each alone was checked as it was parsed."""
+    def refuse(message):
+        parser.exit(2, f"{parser.prog} {args.command}: error: {message} (see --help)\n")
+
     if getattr(args, "data", None) is not None:
-        ignored = [flag for flag, name in (("--train-size", "train_size"), ("--test-size", "test_size"))
-                   if getattr(args, name, None) is not None]
+        flags = (("--train-size", "train_size"), ("--test-size", "test_size"), ("--data-seed", "data_seed"))
+        ignored = [flag for flag, name in flags if getattr(args, name, None) is not None]
         if ignored:
-            parser.error(f"{' and '.join(ignored)} pick rows of a --task; with --data the whole file is used: drop "
-                         f"{' and '.join(ignored)} or cut the file")
+            refuse(f"{' and '.join(ignored)} {'choose' if len(ignored) > 1 else 'chooses'} the rows of a --task; "
+                   f"--data uses its whole file (give train a training file and eval a test file): drop "
+                   f"{' and '.join(ignored)} or cut the file")
+    if getattr(args, "copilot_loss", None) == "cross_entropy" and args.copilot_correction != "rerank":
+        refuse("--copilot-loss cross_entropy needs --copilot-correction rerank")
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):
@@ -327,11 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    output_existed = args.output.exists()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
+            # transformers' own deprecation, raised from inside peft: nothing a user of this command could act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             {"train": run_train, "eval": run_eval, "demo": run_demo}[args.command](args)
     except USER_ERRORS as error:
+        if not output_existed:  # the folder this command made, if it is still empty: a failed run leaves nothing
+            with contextlib.suppress(OSError):
+                args.output.rmdir()
         if os.environ.get("HF_COPILOT_TRACEBACK"):
             raise
         print(f"hf-copilot {args.command}: error: {error}", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ benchmark both go through :func:`finetune`, so what they measure is what users r
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -22,6 +23,10 @@ from .prompts import encode_example, prepare_tokenizer
 from .tasks import Example, TaskFormat
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.*")
+FULL_MODEL_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                    "pytorch_model.bin.index.json")
+"""The files that decide what :func:`load_pilot` loads: :func:`save_pilot` removes those it did not write itself."""
 
 
 def add_lora(model, rank: int, dropout: float = 0.0):
@@ -81,14 +86,25 @@ def finetune(pilot, tokenizer, examples: list[Example], task_format: TaskFormat,
 
 
 def save_pilot(pilot, tokenizer, folder: str | Path) -> Path:
-    """Save the fine-tuned Pilot: the full model, or only the LoRA adapter (which names its base folder). The files
-    are written aside and each moved into place by an atomic rename."""
+    """Save the fine-tuned Pilot: the full model, or only the LoRA adapter (which names its base folder).
+
+    The files are written aside and each moved into place by an atomic rename; then the model files of an earlier
+    save into ``folder`` that this one did not write are removed, so that a full model saved over an adapter (or the
+    reverse) is what loads. Other files in ``folder`` are left alone.
+    """
     folder = Path(folder)
     with staging_folder(folder) as staging:
         pilot.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        replace_folder_files(staging, folder)
+        written = set(replace_folder_files(staging, folder))
+    for stale in _files(folder, ADAPTER_FILES + FULL_MODEL_FILES) - written:
+        (folder / stale).unlink()
     return folder
+
+
+def _files(folder: Path, patterns: tuple[str, ...]) -> set[str]:
+    return {path.name for path in folder.iterdir()
+            if path.is_file() and any(fnmatch(path.name, pattern) for pattern in patterns)}
 
 
 def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -98,6 +114,11 @@ def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
         raise FileNotFoundError(f"No Pilot folder at {str(folder)!r}: pass a folder written by save_pilot / "
                                 "save_pretrained (hf-copilot train writes <output>/pilot).")
     adapter = folder / "adapter_config.json"
+    full_weights = sorted(_files(folder, FULL_MODEL_FILES))
+    if adapter.is_file() and full_weights:
+        raise ValueError(f"{folder} holds both a LoRA adapter (adapter_config.json) and a full model "
+                         f"({full_weights[0]}), so which Pilot it is cannot be told: save each Pilot to its own "
+                         "folder, or delete the files of the one you do not want.")
     if adapter.is_file():
         from peft import PeftModel
 

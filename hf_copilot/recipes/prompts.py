@@ -16,13 +16,18 @@ def encode_example(example: Example, tokenizer, task_format: TaskFormat, max_len
     target: a truncated target would teach the Pilot to stop early.
     """
     prompt = tokenizer(task_format.prompt(example), add_special_tokens=False)["input_ids"]
-    target = tokenizer(task_format.target(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target = target_ids(example, tokenizer, task_format)
     if len(target) >= max_length:
         raise ValueError(f"The target alone is {len(target)} tokens, which leaves no room for the prompt within "
                          f"max_length={max_length}: raise max_length.")
     prompt = prompt[-(max_length - len(target)):]
     ids = prompt + target
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target}
+
+
+def target_ids(example: Example, tokenizer, task_format: TaskFormat) -> list[int]:
+    """The answer's tokens and EOS: what the Pilot is trained to write after the prompt."""
+    return tokenizer(task_format.target(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def prepare_tokenizer(tokenizer):
@@ -32,7 +37,6 @@ def prepare_tokenizer(tokenizer):
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token: the Pilot could never learn where an answer ends.")
     return tokenizer
-
 
 
 def prompt_ids(examples: list[Example], tokenizer, task_format: TaskFormat) -> list[list[int]]:

@@ -280,8 +280,10 @@ def load_task(
 def _example_from_record(record: dict, where: str) -> Example:
     """An Example from one parsed record of a user file; ``where`` ("file, line n") prefixes every error."""
     for key in ("question", "answer"):
-        if record.get(key) in (None, ""):
+        if record.get(key) is None:
             raise ValueError(f"{where}: missing {key!r}.")
+        if record[key] == "":
+            raise ValueError(f"{where}: {key!r} is empty.")
     answer = record["answer"]
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
