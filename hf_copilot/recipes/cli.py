@@ -32,7 +32,7 @@ from ..modeling_copilot import CopilotModel
 from ..safe_io import atomic_write_text, check_model_type
 from .assets import resolve_model
 from .diagnostics import heldout_error_ratio
-from .finetune import add_lora, finetune, load_pilot, save_pilot
+from .finetune import add_lora, check_pilot_folder, finetune, load_pilot, save_pilot
 from .prompts import prepare_tokenizer, prompt_ids, target_ids
 from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
@@ -197,13 +197,14 @@ def run_train(args) -> Path:
     _check_output_folder(args.output)
     examples, task_format = _examples(args, "train")
     model_dir = resolve_model(args.model)
-    depth = AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
+    config = AutoConfig.from_pretrained(model_dir)  # read once: the checks below need it before the weights
+    depth = config.get_text_config().num_hidden_layers
     if args.copilot_layers is not None and args.copilot_layers > max(depth, 2):
         raise ValueError(f"--copilot-layers {args.copilot_layers} is deeper than the Pilot ({depth} layers), whose "
                          f"layers the Copilot copies: pass {max(depth, 2)} or fewer, or 'all'.")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
     _check_fits(examples, tokenizer, task_format, args.max_length)
-    pilot = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pilot = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
     rank = args.copilot_lora_rank
     lora = dict(PAPER_LORA, r=rank, lora_alpha=2 * rank) if rank else None
     layers = args.copilot_layers or depth
@@ -232,11 +233,7 @@ def run_train(args) -> Path:
 
 def run_eval(args) -> dict:
     _check_output_folder(args.output)
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"No Pilot folder at {str(args.model)!r} (train writes <output>/pilot).")
-    if not any((Path(args.model) / name).is_file() for name in ("config.json", "adapter_config.json")):
-        raise FileNotFoundError(f"{args.model} holds no saved model (neither config.json nor adapter_config.json): "
-                                "pass train's <output>/pilot or a save_pretrained folder.")
+    check_pilot_folder(args.model)
     if not Path(args.copilot).is_dir():  # never fall through to a Hub download of a mistyped name
         raise FileNotFoundError(f"No Copilot folder at {str(args.copilot)!r} (train writes <output>/copilot).")
     check_model_type(Path(args.copilot), CopilotConfig.model_type)

@@ -107,12 +107,22 @@ def _files(folder: Path, patterns: tuple[str, ...]) -> set[str]:
             if path.is_file() and any(fnmatch(path.name, pattern) for pattern in patterns)}
 
 
-def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a Pilot saved by :func:`save_pilot` (or any causal-LM folder); LoRA adapters are merged in."""
+def check_pilot_folder(folder: str | Path) -> Path:
+    """Raises unless ``folder`` holds a saved Pilot (a model or a LoRA adapter); cheap, so callers check first."""
     folder = Path(folder)
     if not folder.is_dir():  # never fall through to a Hub download of a mistyped name
         raise FileNotFoundError(f"No Pilot folder at {str(folder)!r}: pass a folder written by save_pilot / "
                                 "save_pretrained (hf-copilot train writes <output>/pilot).")
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise FileNotFoundError(f"{folder} holds no saved model (neither config.json nor adapter_config.json): "
+                                "pass a folder written by save_pilot / save_pretrained (hf-copilot train writes "
+                                "<output>/pilot).")
+    return folder
+
+
+def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a Pilot saved by :func:`save_pilot` (or any causal-LM folder); LoRA adapters are merged in."""
+    folder = check_pilot_folder(folder)
     adapter = folder / "adapter_config.json"
     full_weights = sorted(_files(folder, FULL_MODEL_FILES))
     if adapter.is_file() and full_weights:
