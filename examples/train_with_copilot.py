@@ -60,7 +60,7 @@ def main():
     for entry in trainer.state.log_history:
         if "copilot_loss" in entry:
             print(f"step {entry['step']:>4}: pilot loss {entry['loss']:.3f}  copilot loss {entry['copilot_loss']:.3f}"
-                  f"  (mean error norm in the log {entry['copilot_log_error_norm']:.3f})")
+                  f"  (the all-zero predictor's {entry['copilot_log_error_norm']:.3f})")
     print(f"Pilot saved to {args.output_dir}, Copilot to {args.output_dir}/copilot; log: {callback.mistake_log.stats()}")
 
 

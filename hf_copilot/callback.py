@@ -78,6 +78,7 @@ class CopilotCallback(TrainerCallback):
             log_options["max_bytes"] = log_max_bytes
         self._log_options = log_options
         self.mistake_log = MistakeLog(**log_options)
+        self.mistake_log.check_compatible(copilot)  # the options the log was given, before any training
         self.save_dir = save_dir
         self.save_mistake_log = save_mistake_log
         self.resume_from = resume_from
@@ -160,7 +161,7 @@ class CopilotCallback(TrainerCallback):
             "learning_rate": self.updater.learning_rate,
             "log_tokens": stats["tokens"],
             "log_bytes": stats["bytes"],
-            "log_error_norm": stats["mean_error_norm"],
+            "log_error_norm": stats["error_rms"],
             "log_dropped_mass": stats["mean_dropped_mass"],
             "seconds": self.seconds,
             "skipped_sequences": stats["skipped_non_finite_sequences"],
@@ -186,14 +187,17 @@ class CopilotCallback(TrainerCallback):
         self.copilot.eval()
         if self.updater is not None and self.updater.updates == self.updater.skipped_updates:
             stats = self.mistake_log.stats()
+            every = self.config.update_every
+            advice = (f"update_every={every} is more than the {state.global_step} Pilot steps of this run: lower it "
+                      "or train longer." if every > state.global_step else
+                      "A Copilot learns from tokens that have a next-token label: check that the labels are not all "
+                      "-100, that sequences are longer than one token, and that training runs at least one step.")
             warnings.warn(
                 f"The Copilot took no update in this train() ({state.global_step} Pilot steps; its Mistake Log holds "
                 f"{stats['labelled_tokens']} labelled tokens, {stats['skipped_non_finite_sequences']} non-finite "
                 f"sequences and {stats['skipped_oversized_records']} oversized records were left out, "
                 f"{self.updater.skipped_updates} updates skipped). It is saved untrained and leaves the Pilot "
-                "unchanged. A Copilot learns from tokens that have a next-token label: check that the labels are not "
-                "all -100, that sequences are longer than one token, and that training runs at least one step.",
-                RuntimeWarning, stacklevel=2)
+                f"unchanged. {advice}", RuntimeWarning, stacklevel=2)
         self._save(self.save_dir or os.path.join(args.output_dir, self.name), args, state,
                    with_training_state=False)
 

@@ -9,6 +9,7 @@ from .errors import DEFAULT_TOP_K
 PILOT_KINDS = ("decoder_only", "encoder_decoder")
 CORRECTIONS = ("vocabulary", "rerank")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The projections of a Llama-style block that LoRA adapts: the Copilot's blocks (and the Pilot's, in the recipes)."""
 PAPER_LORA = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.08}
 """The paper's Copilot adapter (App. E): rank 32, alpha 64, dropout 0.08, on every block projection."""
 LOSSES = ("rmse", "cross_entropy")
@@ -101,6 +102,9 @@ class CopilotConfig(PreTrainedConfig):
                 "A decoder-only Copilot needs num_hidden_layers >= 2: layer 1 is self-attention and layer 2 is "
                 "the first one that reads the Pilot. Pass num_hidden_layers=2 or more."
             )
+        if num_hidden_layers < 1:
+            raise ValueError(f"A Copilot needs num_hidden_layers >= 1 (each layer reads the Pilot), got "
+                             f"{num_hidden_layers}.")
         if hidden_size % num_attention_heads != 0 and head_dim is None:
             raise ValueError(
                 f"hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}); "

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+"""Label value of a position without a target (prompt, padding); its error is the zero vector."""
 DEFAULT_TOP_K = 32
 """Pilot probabilities kept per token in compact errors (and candidates a re-ranking Copilot reorders)."""
-"""Label value of a position without a target (prompt, padding); its error is the zero vector."""
 
 CPU_CHUNK_BYTES = 4 * 2**20
 """fp32 bytes of logits :meth:`CompactErrors.from_logits` handles at once on CPU: small enough to stay in cache."""

@@ -77,7 +77,8 @@ class CopilotLogitsProcessor(LogitsProcessor):
             out = pilot.generate(**inputs, logits_processor=[processor])
 
     One instance can serve many ``generate()`` calls in turn (it resets itself at each new call), not several at
-    once. Pilot forwards outside ``generate()`` are captured too while it is open: close it when done.
+    once. Other Pilot forwards outside training (evaluation, plain calls) are captured too while it is open (the
+    last two kept); close it when done.
     """
 
     def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0,
@@ -96,7 +97,8 @@ class CopilotLogitsProcessor(LogitsProcessor):
         self.top_analysis = top_analysis
         self.analysis: list[dict[str, torch.Tensor]] = []
         # Two records tell one Pilot forward per step from several; keeping no more bounds what an open processor
-        # holds while the Pilot runs other forwards (training steps, evaluation) between generate() calls.
+        # holds while the Pilot runs other forwards (evaluation) between generate() calls. Training forwards are
+        # never recorded in this mode.
         self.tap = PilotTap(pilot, mode="generate", max_records=2).attach()
         self._state: _DecodingState | None = None
 

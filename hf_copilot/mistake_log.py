@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import os
 import shutil
 import uuid
@@ -93,10 +94,10 @@ class _Entry:
 
     @functools.cached_property
     def error_sums(self) -> tuple[int, float, float]:
-        """(labelled tokens, Σ‖ℓ‖, Σ dropped mass), computed once: entries never change, so stats() stays cheap."""
+        """(labelled tokens, Σ‖ℓ‖², Σ dropped mass), computed once: entries never change, so stats() stays cheap."""
         errors = CompactErrors(self.labels.long(), self.ids.long(), self.probs)
         valid = errors.valid
-        return (int(valid.sum()), float(errors.squared_norm().clamp(min=0).sqrt()[valid].sum()),
+        return (int(valid.sum()), float(errors.squared_norm().clamp(min=0)[valid].sum()),
                 float(errors.dropped_mass()[valid].sum()))
 
     @functools.cached_property
@@ -350,10 +351,11 @@ class MistakeLog:
     def stats(self) -> dict:
         """Size of the log and how large the errors in it are.
 
-        ``mean_error_norm`` is the mean ‖ℓ‖ over labelled tokens; ``mean_dropped_mass`` the mean probability mass
-        outside the stored top-k (what the compact form loses; both NaN for an empty log).
+        ``error_rms`` is the root mean square of ‖ℓ‖ over labelled tokens: the RMSE loss of the all-zero predictor,
+        the mark a Copilot's loss must get below. ``mean_dropped_mass`` is the mean probability mass outside the
+        stored top-k (what the compact form loses). Both are NaN for an empty log.
         """
-        labelled, norm_sum, dropped_sum = (sum(column) for column in zip((0, 0.0, 0.0), *(
+        labelled, squared_sum, dropped_sum = (sum(column) for column in zip((0, 0.0, 0.0), *(
             entry.error_sums for entry in self._entries)))
         return {
             "entries": len(self._entries),
@@ -362,7 +364,7 @@ class MistakeLog:
             "tokens": sum(len(entry.labels) for entry in self._entries),
             "labelled_tokens": labelled,
             "bytes": self.bytes,
-            "mean_error_norm": norm_sum / labelled if labelled else float("nan"),
+            "error_rms": math.sqrt(squared_sum / labelled) if labelled else float("nan"),
             "mean_dropped_mass": dropped_sum / labelled if labelled else float("nan"),
             "skipped_non_finite_sequences": self.skipped["non_finite_sequences"],
             "skipped_oversized_records": self.skipped["oversized_records"],
@@ -372,7 +374,12 @@ class MistakeLog:
         """Raises a ValueError naming the mismatch when this log was not recorded from a Pilot that ``copilot``
         (a :class:`~hf_copilot.CopilotModel` or its config) serves."""
         config = getattr(copilot, "config", copilot)
-        if self.kind is None:  # an empty log fits any Copilot
+        if config.correction == "rerank" and self.top_k < config.rerank_top_k:
+            raise ValueError(f"The Copilot re-ranks the Pilot's top {config.rerank_top_k} candidates, but the Mistake "
+                             f"Log keeps only {self.top_k} per token: record it with top_k >= "
+                             f"{config.rerank_top_k} (CopilotCallback(top_k=...)), or build the Copilot with "
+                             f"rerank_top_k <= {self.top_k}.")
+        if self.kind is None:  # an empty log fits any other Copilot
             return
         problems = []
         if self.kind != config.pilot_kind:

@@ -12,6 +12,7 @@ MARKER = "<!-- written by hf_copilot: edit freely, it is only rewritten while th
 def model_card(config) -> str:
     """The card's text for a :class:`~hf_copilot.CopilotConfig`."""
     pilot = config.pilot_name_or_path or f"a {config.pilot_model_type or 'transformers'} model"
+    auto_class = "AutoModelForSeq2SeqLM" if config.pilot_kind == "encoder_decoder" else "AutoModelForCausalLM"
     revision = f" at revision `{config.pilot_revision}`" if config.pilot_revision else ""
     front = ["---", "library_name: hf_copilot", "tags:", "- transformer-copilot", "- copilot"]
     if config.pilot_name_or_path and not os.path.isabs(config.pilot_name_or_path):
@@ -40,9 +41,9 @@ def model_card(config) -> str:
         "",
         "```python",
         "import hf_copilot  # registers the Copilot with AutoConfig / AutoModel",
-        "from transformers import AutoModel, AutoModelForCausalLM",
+        f"from transformers import AutoModel, {auto_class}",
         "",
-        f'pilot = AutoModelForCausalLM.from_pretrained("{config.pilot_name_or_path or "<the Pilot>"}")',
+        f'pilot = {auto_class}.from_pretrained("{config.pilot_name_or_path or "<the Pilot>"}")',
         'copilot = AutoModel.from_pretrained("<this folder or repository>")',
         "processor = hf_copilot.CopilotLogitsProcessor(copilot, pilot, lam=1.0)",
         "output = pilot.generate(**inputs, logits_processor=[processor])",

@@ -60,7 +60,8 @@ class CopilotOutput(ModelOutput):
     """Output of :class:`CopilotModel`.
 
     Args:
-        loss: the RMSE loss (Eq. 7) when ``target_errors`` were given.
+        loss: when ``target_errors`` were given, the config's ``loss``: the RMSE (Eq. 7), or for ``"cross_entropy"``
+            the re-ranked candidates' negative log-likelihood of the label.
         corrections: the predicted errors ``f^C`` (batch, new positions, |V|), added to the Pilot's prediction;
             ``None`` when the forward was called with ``return_corrections=False``.
         cache: the :class:`CopilotCache` to pass back for incremental decoding.

@@ -150,9 +150,10 @@ class PilotTap:
 
     ``mode="train"`` records only real training forwards (``module.training and torch.is_grad_enabled()``), so
     evaluation, ``generate()`` and ``no_grad`` forwards pass by unrecorded; a training forward without labels
-    raises (the errors could not be computed). ``mode="generate"`` records every forward, whatever the mode and
-    grad state, for the Copilot at inference time. ``mode`` is a plain attribute: change it without re-attaching
-    (hooks are added once per run and never mid-run, which DeepSpeed ZeRO-3 relies on).
+    raises (the errors could not be computed). ``mode="generate"`` records all the others (``generate()``,
+    evaluation, ``no_grad`` forwards), for the Copilot at inference time, so a processor left open while the Pilot
+    trains holds none of the training forwards' logits. ``mode`` is a plain attribute: change it without
+    re-attaching (hooks are added once per run and never mid-run, which DeepSpeed ZeRO-3 relies on).
 
     Records hold references to the forward's tensors (its logits included) until :meth:`pop_records` hands them
     over: pop them every step, or bound them with ``max_records`` (the newest ones are kept). Under
@@ -175,6 +176,7 @@ class PilotTap:
 
     Usage::
 
+        pilot.train()  # from_pretrained returns a model in eval mode, whose forwards mode="train" passes by
         with PilotTap(pilot) as tap:
             loss = pilot(**batch).loss
             (record,) = tap.pop_records()
@@ -251,7 +253,7 @@ class PilotTap:
 
     def _before_pilot(self, module, args, kwargs):
         self._open = None
-        if self.mode == "train" and not (module.training and torch.is_grad_enabled()):
+        if (self.mode == "train") != (module.training and torch.is_grad_enabled()):
             return
         inputs = dict(zip(self._positional_names, args), **kwargs)
         labels, aligned = inputs.get("shift_labels"), True

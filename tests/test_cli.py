@@ -70,7 +70,7 @@ def test_train_then_eval_on_a_model_folder_and_a_data_file(user_files, tmp_path,
     assert (out / "pilot" / "model.safetensors").is_file()
     assert (out / "copilot" / "config.json").is_file()
     run = json.loads((out / "run.json").read_text())
-    assert run["train_examples"] == 8 and run["data"] == str(data) and run["task"] is None
+    assert run["train_examples"] == 8 and run["data"] == str(data) and run["task"] is None and run["split"] is None
     assert run["options"]["lora_rank"] == 0
 
     trained = AutoModelForCausalLM.from_pretrained(out / "pilot")

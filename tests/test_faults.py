@@ -377,6 +377,13 @@ def test_a_copilot_that_learned_nothing_says_so(tmp_path, dataset):
     assert callback.updater.updates == 0
 
 
+def test_a_run_shorter_than_update_every_says_so(tmp_path):
+    callback = new_callback(update_every=5)
+    with pytest.warns(RuntimeWarning, match="took no update.*update_every=5 is more than the 2 Pilot steps"):
+        train(tmp_path, callback, max_steps=2)
+    assert callback.updater.updates == 0
+
+
 def test_the_copilot_is_left_in_eval_mode(tmp_path):
     callback = new_callback()
     train(tmp_path, callback, max_steps=2)

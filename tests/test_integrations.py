@@ -16,7 +16,7 @@ from conftest import VOCAB, tiny_pilot, word_tokenizer
 from datasets import Dataset
 from transformers import DataCollatorWithFlattening, Trainer
 
-from hf_copilot import CopilotCallback, CopilotModel, MistakeLog
+from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotModel, MistakeLog
 from hf_copilot.errors import IGNORE_INDEX
 from hf_copilot.pilot import PilotTap
 
@@ -304,6 +304,23 @@ def test_a_saved_copilot_names_its_pilot_and_explains_itself(tmp_path):
     (tmp_path / "copilot" / "README.md").write_text("my own card")
     copilot.save_pretrained(tmp_path / "copilot")  # a card the user wrote stays
     assert (tmp_path / "copilot" / "README.md").read_text() == "my own card"
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_the_model_cards_snippet_loads_the_pilot_and_the_copilot(tmp_path, kind):
+    """The card's code runs as written up to generate() (which needs the user's inputs), for either kind of Pilot."""
+    tiny_pilot(kind).save_pretrained(tmp_path / "pilot")
+    pilot = tiny_pilot(kind)
+    pilot.config.name_or_path = str(tmp_path / "pilot")
+    CopilotModel.from_pilot(pilot, num_hidden_layers=2).save_pretrained(tmp_path / "copilot")
+    card = (tmp_path / "copilot" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0].replace("<this folder or repository>", str(tmp_path / "copilot"))
+    lines = code.strip().splitlines()
+    assert lines[-1].startswith("output = pilot.generate(")
+    namespace = {}
+    exec("\n".join(lines[:-1]), namespace)
+    assert type(namespace["pilot"]) is type(pilot)
+    assert isinstance(namespace["processor"], CopilotLogitsProcessor)
 
 
 def test_rectified_decoding_in_the_evaluations_during_training(tmp_path):

@@ -204,7 +204,8 @@ def test_stats_match_direct_recomputation():
         int((r.next_token_labels() != IGNORE_INDEX).sum()) for r in records)
     assert stats["tokens"] == sum(sum(stored_tokens(r)) for r in records) == int(everything.attention_mask.sum())
     assert stats["entries"] == stats["rounds"] == 4 and stats["sequences"] == 12
-    assert math.isclose(stats["mean_error_norm"], float(dense.norm(dim=-1)[labelled].mean()), rel_tol=1e-5)
+    # The all-zero predictor's RMSE loss: the root mean square of the dense errors' norms.
+    assert math.isclose(stats["error_rms"], float(dense.pow(2).sum(-1)[labelled].mean().sqrt()), rel_tol=1e-5)
     # A compact error sums to the probability mass it dropped (an exact one sums to 0).
     assert math.isclose(stats["mean_dropped_mass"], float(dense.sum(-1)[labelled].mean()), rel_tol=1e-5)
 
@@ -219,13 +220,13 @@ def test_full_width_log_matches_exact_errors_up_to_bf16():
             r.next_token_labels() != IGNORE_INDEX] for r in records])
     stats = log.stats()
     assert stats["mean_dropped_mass"] < 1e-2  # only bf16 rounding of the probabilities
-    assert math.isclose(stats["mean_error_norm"], float(exact.norm(dim=-1).mean()), rel_tol=1e-2)
+    assert math.isclose(stats["error_rms"], float(exact.pow(2).sum(-1).mean().sqrt()), rel_tol=1e-2)
 
 
 def test_empty_log_stats():
     stats = MistakeLog().stats()
     assert stats["entries"] == stats["tokens"] == stats["bytes"] == 0
-    assert math.isnan(stats["mean_error_norm"])
+    assert math.isnan(stats["error_rms"])
 
 
 @pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])

@@ -473,3 +473,6 @@ def test_wrong_input_shapes_fail_clearly():
     for layers in (0, 1):  # 0 is a depth too, not "the default"
         with pytest.raises(ValueError, match="num_hidden_layers >= 2"):
             CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=layers)
+    for layers in (0, -1):  # an encoder-decoder Copilot may have one layer, but not none
+        with pytest.raises(ValueError, match="num_hidden_layers >= 1"):
+            CopilotModel.from_pilot(tiny_pilot("t5"), num_hidden_layers=layers)

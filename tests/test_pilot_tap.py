@@ -347,3 +347,6 @@ def test_mode_is_validated_and_switchable():
         tap.mode = "generate"
         model(**batch)
         assert len(tap.records) == 1
+    with PilotTap(model, mode="generate") as tap:  # a processor left open while the Pilot trains keeps nothing
+        model.train()(**batch).loss.backward()
+        assert not tap.records

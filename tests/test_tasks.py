@@ -353,3 +353,35 @@ def test_compute_metrics_for_an_untrained_pilot_under_seq2seq_trainer(tmp_path):
         new = pilot.generate(prompt, max_new_tokens=3, do_sample=False)[0, prompt.shape[1]:]
         by_hand.append(tokenizer.decode(new, skip_special_tokens=True))
     assert scored == answer_accuracy(by_hand, examples, fmt) < 1.0
+
+
+def test_cli_train_leaves_out_the_test_items_and_eval_refuses_an_overlapping_split(fake_benchmarks, tmp_path):
+    """``train --test-size n`` trains on the items after the first n; ``eval`` refuses a split that would score
+    items the Pilot was trained on, as train's run.json records them."""
+    from hf_copilot.recipes.cli import _check_unseen, _examples, _split, build_parser
+
+    parser = build_parser()
+    run = tmp_path / "run"
+    (run / "pilot").mkdir(parents=True)
+
+    def train(*options):
+        return parser.parse_args(["train", "--model", "m", "--task", "basic_arithmetic", "--output", str(run),
+                                  *options])
+
+    def evaluation(*options):
+        return parser.parse_args(["eval", "--model", str(run / "pilot"), "--copilot", "c", "--task",
+                                  "basic_arithmetic", "--output", "o", *options])
+
+    trained = train("--test-size", "2")
+    train_items, _ = _examples(trained, "train")
+    test_items, _ = _examples(evaluation("--test-size", "2"), "test")
+    assert (len(train_items), len(test_items)) == (3, 2)
+    assert not {ex.question for ex in train_items} & {ex.question for ex in test_items}
+
+    (run / "run.json").write_text(json.dumps({"split": _split(trained)}))
+    for options in (["--test-size", "2"], ["--test-size", "1"], ["--test-size", "2", "--data-seed", "0"]):
+        _check_unseen(evaluation(*options))
+    for options in (["--test-size", "3"], ["--test-size", "2", "--data-seed", "1"], []):  # [] is the task's 300
+        with pytest.raises(ValueError, match="would score items the Pilot was trained on.*--data-seed 0 and a "
+                                             "--test-size of at most 2"):
+            _check_unseen(evaluation(*options))

@@ -39,14 +39,14 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from benchmarks.quality.protocols import ALL_TASKS, CELLS, RESULTS, on_accelerator, pretrained, write_json
+from benchmarks.quality.protocols import ALL_TASKS, CELLS, RESULTS, on_accelerator, pretrained, task_data, write_json
 from hf_copilot import PAPER_LORA, CopilotCallback, CopilotModel, train_copilot
 from hf_copilot.recipes.assets import resolve_model
 from hf_copilot.recipes.diagnostics import ErrorRatios, record_mistake_log, teacher_forced_records
 from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.significance import PairedComparison, describe, pooled
-from hf_copilot.recipes.tasks import TASKS, load_task
+from hf_copilot.recipes.tasks import TASKS
 
 STAGES = ("joint", "screen", "epochs", "copilots", "longer", "capacity", "latest")
 ARITHMETIC = {"basic_arithmetic"}
@@ -65,12 +65,12 @@ PROTOCOLS = {
                 beam=[("probs", 1.0), ("logits", 1.0)], beam_arms=("paper",), eval_batch_size=32),
     "gpu": dict(PAPER, tasks=ALL_TASKS, train_size={}, test_size=None, beam=PROBS_GRID + LOGITS_GRID,
                 beam_arms=("paper", "small", "latest"), eval_batch_size=64),
-    # Every stage on a handful of items, for checking the script end to end before a long run (its results stay
-    # under --runs).
     # The screen alone (joint run, held-out ratios) at a size one CPU session can finish: arithmetic cut to 160
     # rows (30 steps), the paper's epochs and batch.
     "cpu_screen": dict(PAPER, tasks=("basic_arithmetic",), train_size={"basic_arithmetic": 160}, test_size=200,
                        beam=[("probs", 1.0), ("logits", 1.0)], beam_arms=("paper",), eval_batch_size=32),
+    # Every stage on a handful of items, for checking the script end to end before a long run (its results stay
+    # under --runs).
     "smoke": dict(PAPER, keep=False, epochs=2.0, batch_size=4, copilot_batch_size=4, small_batch_size=4,
                   tasks=("basic_arithmetic",), train_size={"basic_arithmetic": 24}, test_size=8,
                   greedy=[("probs", 1.0), ("logits", 1.0)], beam=[("probs", 1.0)], beam_arms=("paper",),
@@ -81,12 +81,6 @@ PROTOCOLS = {
 def learning_rates(task: str) -> tuple[float, float]:
     """(Pilot, Copilot) learning rates of the paper for ``task``."""
     return (2e-4, 3e-4) if task in ARITHMETIC else (3e-4, 5e-4)
-
-
-def data(task: str, p: dict) -> tuple[list, list]:
-    train = load_task(task, "train", **({"train_size": p["train_size"][task]} if task in p["train_size"] else {}))
-    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
-    return train, test
 
 
 def paper_copilot(pilot) -> CopilotModel:
@@ -104,7 +98,7 @@ class Cell:
         self.partial = self.folder / "partial.json"
         self.result = json.loads(self.partial.read_text()) if self.partial.is_file() else {
             "task": task, "seed": seed, "protocol": protocol, "stage_seconds": {}}
-        self.train, self.test = data(task, self.p)
+        self.train, self.test = task_data(task, self.p["train_size"].get(task), self.p["test_size"])
         self.format = TASKS[task].format
         self.pilot_lr, self.copilot_lr = learning_rates(task)
 

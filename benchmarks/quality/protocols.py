@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_copilot.recipes.tasks import load_task
+from hf_copilot.recipes.tasks import TEST_SIZES, load_task
 
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
 CPU_TASKS = ("arc_easy", "basic_arithmetic")
@@ -63,9 +63,17 @@ def write_json(path: Path, payload: dict) -> None:
     temporary.replace(path)
 
 
+def task_data(task: str, train_size: int | None, test_size: int | None) -> tuple[list, list]:
+    """A task's training and test examples (``None``: every training row; the task's own test size).
+
+    The training rows always follow the task's own test set, so a protocol that scores fewer test items trains on
+    the same rows as one that scores them all."""
+    if test_size is not None and test_size > TEST_SIZES[task]:
+        raise ValueError(f"test_size {test_size} is more than {task}'s {TEST_SIZES[task]}: its training rows start "
+                         "there, so the test would overlap them.")
+    return load_task(task, "train", train_size=train_size), load_task(task, "test", test_size=test_size)
+
+
 def protocol_data(task: str, protocol: str) -> tuple[list, list]:
-    """A task's training and test examples at a protocol's sizes (``test_size=None``: the task's own)."""
-    p = PROTOCOLS[protocol]
-    train = load_task(task, "train", train_size=p["train_size"])
-    test = load_task(task, "test", **({"test_size": p["test_size"]} if p["test_size"] else {}))
-    return train, test
+    """A task's training and test examples at a protocol's sizes."""
+    return task_data(task, PROTOCOLS[protocol]["train_size"], PROTOCOLS[protocol]["test_size"])

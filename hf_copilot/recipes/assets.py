@@ -52,8 +52,8 @@ def fetch_wheel(requirement: str) -> Path:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, requirement]
         done = subprocess.run(command, capture_output=True, text=True)
         downloaded = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or len(downloaded) != 1:
-            raise RuntimeError(
+        if done.returncode != 0 or len(downloaded) != 1:  # an OSError, so the CLI reports it in one line
+            raise ConnectionError(
                 f"Could not download {requirement} from PyPI (`{' '.join(command)}` exited {done.returncode}).\n"
                 f"{done.stderr.strip()[-2000:]}\nCheck the network or a pip index setting, or download the wheel "
                 f"yourself into {wheels}."

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from ..configuration_copilot import PAPER_LORA, CopilotConfig
+from ..configuration_copilot import CORRECTIONS, LOSSES, PAPER_LORA, CopilotConfig
 from ..generation import FUSION_SPACES, MAX_LAM
 from ..modeling_copilot import CopilotModel
 from ..safe_io import atomic_write_text, check_model_type
@@ -36,10 +36,16 @@ from .finetune import add_lora, check_pilot_folder, finetune, load_pilot, save_p
 from .prompts import prepare_tokenizer, prompt_ids, target_ids
 from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
-from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, load_examples_file, load_task
+from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, TEST_SIZES, load_examples_file, load_task
 
 DEMO = dict(task="basic_arithmetic", train_size=800, test_size=200, epochs=1.0, lams=(0.5, 1.0))
 """The demo keeps one epoch so that it finishes in minutes on a CPU; `train` defaults to the paper's three."""
+
+
+def _split(args) -> dict:
+    """How a ``--task`` is split: its seed and the number of test items, which train leaves out."""
+    return {"task": args.task, "data_seed": 0 if args.data_seed is None else args.data_seed,
+            "test_size": args.test_size or TEST_SIZES[args.task]}
 
 
 def _examples(args, split: str):
@@ -47,9 +53,9 @@ def _examples(args, split: str):
     if args.data:
         examples, task_format = load_examples_file(args.data), DEFAULT_FORMAT
     else:
-        size = dict(train_size=args.train_size) if split == "train" else dict(test_size=args.test_size)
-        seed = 0 if args.data_seed is None else args.data_seed
-        examples = load_task(args.task, split, seed=seed, **{k: v for k, v in size.items() if v})
+        task = _split(args)
+        examples = load_task(args.task, split, seed=task["data_seed"], test_size=task["test_size"],
+                             train_size=getattr(args, "train_size", None))
         task_format = TASKS[args.task].format
     if args.answer_style:
         task_format = dataclasses.replace(task_format, answer_style=args.answer_style)
@@ -106,7 +112,7 @@ def _source(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data", type=Path, help="JSONL or CSV file of {question, choices?, answer} rows")
     parser.add_argument("--data-seed", type=int, default=None, help="seed of a --task's train/test split (default 0)")
     parser.add_argument("--test-size", type=POSITIVE_INT, default=None,
-                        help="test items of a --task (default: the task's own)")
+                        help="test items of a --task, which train leaves out (default: the task's own)")
     parser.add_argument("--answer-style", choices=ANSWER_STYLES, default=None,
                         help="how choices are answered: by label (answer2), as words, or by writing the option's "
                              "text (default: the task's own; label for --data); use the same for train and eval")
@@ -134,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--copilot-lora-rank", type=NON_NEGATIVE_INT, default=0,
                        help="adapt the Copilot's copied layers with LoRA of this rank (the paper: 32, alpha 2r, "
                             "dropout 0.08); 0 = train every weight")
-    train.add_argument("--copilot-correction", choices=("vocabulary", "rerank"), default="vocabulary",
+    train.add_argument("--copilot-correction", choices=CORRECTIONS, default="vocabulary",
                        help="the paper's |V|-wide head, or re-ranking of the Pilot's top candidates")
-    train.add_argument("--copilot-loss", choices=("rmse", "cross_entropy"), default="rmse",
+    train.add_argument("--copilot-loss", choices=LOSSES, default="rmse",
                        help="cross_entropy needs --copilot-correction rerank")
     train.add_argument("--copilot-learning-rate", type=POSITIVE_NUMBER, default=5e-4)
     train.add_argument("--copilot-batch-size", type=POSITIVE_INT, default=8)
@@ -222,8 +228,8 @@ def run_train(args) -> Path:
     )
     save_pilot(pilot, tokenizer, args.output / "pilot")
     summary = {"model": str(model_dir), "task": args.task, "data": str(args.data.resolve()) if args.data else None,
-               "train_examples": len(examples), "seconds": time.perf_counter() - started,
-               "log_history": trainer.state.log_history,
+               "split": None if args.data else _split(args), "train_examples": len(examples),
+               "seconds": time.perf_counter() - started, "log_history": trainer.state.log_history,
                "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     atomic_write_text(args.output / "run.json", json.dumps(summary, indent=2))
     print(f"Saved the Pilot to {args.output / 'pilot'} and the Copilot to {args.output / 'copilot'} "
@@ -231,9 +237,29 @@ def run_train(args) -> Path:
     return args.output
 
 
+def _check_unseen(args) -> None:
+    """Refuses a ``--task`` split that would score items the Pilot was trained on, as train's run.json (beside the
+    Pilot folder) records its split: the test items are the first ``test_size`` of the seeded shuffle, and train
+    uses only the items after its own test set."""
+    record = Path(args.model).parent / "run.json"
+    if args.data or not record.is_file():
+        return
+    trained = json.loads(record.read_text()).get("split")
+    if not trained or trained["task"] != args.task:
+        return
+    wanted = _split(args)
+    if wanted["data_seed"] != trained["data_seed"] or wanted["test_size"] > trained["test_size"]:
+        raise ValueError(
+            f"--task {args.task} with --data-seed {wanted['data_seed']} and --test-size {wanted['test_size']} would "
+            f"score items the Pilot was trained on: {record} says train held out the first {trained['test_size']} "
+            f"items of --data-seed {trained['data_seed']}. Pass --data-seed {trained['data_seed']} and a "
+            f"--test-size of at most {trained['test_size']}.")
+
+
 def run_eval(args) -> dict:
     _check_output_folder(args.output)
     check_pilot_folder(args.model)
+    _check_unseen(args)
     if not Path(args.copilot).is_dir():  # never fall through to a Hub download of a mistyped name
         raise FileNotFoundError(f"No Copilot folder at {str(args.copilot)!r} (train writes <output>/copilot).")
     check_model_type(Path(args.copilot), CopilotConfig.model_type)
@@ -316,15 +342,16 @@ def _plots(args, pilot, copilot, tokenizer, examples, task_format, rows) -> None
 
 def run_demo(args) -> dict:
     """The embedded default: LoRA fine-tune SmolLM2-135M on a slice of basic_arithmetic, then evaluate greedily."""
-    common = dict(task=DEMO["task"], data=None, data_seed=0, test_size=DEMO["test_size"], answer_style=None)
-    train = argparse.Namespace(**common, model="smollm2-135m", output=args.output, train_size=DEMO["train_size"],
-                               epochs=DEMO["epochs"], learning_rate=2e-4, batch_size=8, max_length=256, lora_rank=32,
-                               copilot_layers=2, copilot_correction="vocabulary", copilot_loss="rmse",
-                               copilot_learning_rate=5e-4, copilot_batch_size=16, seed=0)
+    common = dict(task=DEMO["task"], data=None, data_seed=0, answer_style=None)
+    # train leaves out the task's own test set (300 items); eval scores the first DEMO["test_size"] of them
+    train = argparse.Namespace(**common, test_size=None, model="smollm2-135m", output=args.output,
+                               train_size=DEMO["train_size"], epochs=DEMO["epochs"], learning_rate=2e-4, batch_size=8,
+                               max_length=256, lora_rank=32, copilot_layers=2, copilot_correction="vocabulary",
+                               copilot_loss="rmse", copilot_learning_rate=5e-4, copilot_batch_size=16, seed=0)
     run_train(train)
-    evaluation = argparse.Namespace(**common, model=args.output / "pilot", copilot=args.output / "copilot",
-                                    output=args.output / "eval", lams=DEMO["lams"], spaces=("probs", "logits"),
-                                    beams=(1,), batch_size=32, max_length=256)
+    evaluation = argparse.Namespace(**common, test_size=DEMO["test_size"], model=args.output / "pilot",
+                                    copilot=args.output / "copilot", output=args.output / "eval", lams=DEMO["lams"],
+                                    spaces=("probs", "logits"), beams=(1,), batch_size=32, max_length=256)
     return run_eval(evaluation)
 
 

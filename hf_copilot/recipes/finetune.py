@@ -17,12 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..callback import CopilotCallback
+from ..configuration_copilot import LORA_TARGETS
 from ..errors import IGNORE_INDEX
 from ..safe_io import replace_folder_files, staging_folder
 from .prompts import encode_example, prepare_tokenizer
 from .tasks import Example, TaskFormat
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.*")
 FULL_MODEL_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                     "pytorch_model.bin.index.json")

@@ -31,7 +31,7 @@ def target_ids(example: Example, tokenizer, task_format: TaskFormat) -> list[int
 
 
 def prepare_tokenizer(tokenizer):
-    """Right padding for training, a pad token (EOS when the model has none)."""
+    """The tokenizer with a pad token (EOS when the model has none); refuses one without EOS."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
