@@ -62,6 +62,8 @@ def main():
             print(f"step {entry['step']:>4}: pilot loss {entry['loss']:.3f}  copilot loss {entry['copilot_loss']:.3f}"
                   f"  (the all-zero predictor's {entry['copilot_log_error_norm']:.3f})")
     print(f"Pilot saved to {args.output_dir}, Copilot to {args.output_dir}/copilot; log: {callback.mistake_log.stats()}")
+    if torch.distributed.is_initialized():  # under torchrun: every rank leaves the process group before exiting
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

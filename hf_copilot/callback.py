@@ -116,6 +116,7 @@ class CopilotCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("CopilotCallback needs the Trainer to pass the model to its callbacks.")
         self.copilot.check_pilot(model)
+        self._claim_name(state)
         self._release_tap(interrupted=True)
         self.copilot.to(args.device)
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
@@ -268,10 +269,26 @@ class CopilotCallback(TrainerCallback):
                            "uninterrupted run. Pass save_mistake_log=True for an exact resume.", folder)
         logger.info("Copilot resumed from %s (%d updates so far)", folder, self.updater.updates)
 
+    def _claim_name(self, state) -> None:
+        """Refuses a second callback of the same name in one train(): the two would write the same folders and
+        metrics, and one Copilot would be lost. (Trainer hands every callback the same ``state``.)"""
+        claimed = vars(state).setdefault("_copilot_callback_names", {})
+        if claimed.setdefault(self.name, self) is not self:
+            raise ValueError(f"Two CopilotCallbacks on this Trainer are named {self.name!r}: they would save into "
+                             f"the same folder and report the same metrics. Give each its own name, e.g. "
+                             f"CopilotCallback(copilot, name='copilot_small').")
+
     def _usable_copilot_state(self, args, state) -> str:
         """The ``copilot`` folder to resume from: the checkpoint's own when complete and intact, else (with a
         warning) the newest complete one of an earlier checkpoint beside it; raises saying what to do when none is."""
         checkpoint = Path(self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        saved = _saved_ranks(checkpoint / self.name)
+        if saved and len(saved) != args.world_size:
+            raise ValueError(
+                f"{checkpoint / self.name} holds the Copilot state of {len(saved)} process(es), but this run has "
+                f"{args.world_size}: each process resumes its own Mistake Log and sampling state. Resume with "
+                f"{len(saved)} process(es), or train a new Copilot beside the resumed Pilot with "
+                "CopilotCallback(resume_from=False).")
         problem = _copilot_state_problem(checkpoint / self.name, args.world_size)
         if problem is None:
             return str(checkpoint / self.name)
@@ -291,6 +308,12 @@ class CopilotCallback(TrainerCallback):
             "whose copilot/ is complete, pass CopilotCallback(resume_from=<a checkpoint folder with one>), or train "
             "a new Copilot beside the resumed Pilot with CopilotCallback(resume_from=False)."
         )
+
+
+def _saved_ranks(folder: Path) -> set[int]:
+    """The ranks whose training state ``folder`` (a checkpoint's ``copilot``) holds."""
+    pattern = re.escape(TRAINING_STATE_NAME).replace(re.escape("{rank}"), r"(\d+)")
+    return {int(match.group(1)) for path in folder.glob("*") if (match := re.fullmatch(pattern, path.name))}
 
 
 def _copilot_state_problem(folder: Path, world_size: int) -> str | None:

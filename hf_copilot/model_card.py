@@ -36,7 +36,7 @@ def model_card(config) -> str:
         "## How to use",
         "",
         "```bash",
-        "pip install hf_copilot",
+        "pip install hf_copilot  # or pip install -e . in a checkout of its repository",
         "```",
         "",
         "```python",

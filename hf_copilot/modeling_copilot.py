@@ -34,6 +34,7 @@ from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
 from .model_card import write_model_card
 from .pilot_shape import decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot
+from .random_streams import separate_random_stream
 from .safe_io import VerifiedCheckpointMixin
 
 logger = logging.getLogger(__name__)
@@ -631,11 +632,12 @@ class CopilotModel(CopilotPreTrainedModel):
         model = unwrap_pilot(pilot)
         config = cls._config_for(model, num_hidden_layers, config_overrides)
         lora, config.lora = config.lora, None  # copy the Pilot's weights first, then adapt them
-        copilot = cls(config).to(model.device, model.dtype)
-        copied = copilot._copy_from(model)
-        if lora is not None:
-            copilot.config.lora = lora
-            copilot._add_lora()
+        with separate_random_stream(model.device):  # fresh weights leave the Pilot's random numbers alone
+            copilot = cls(config).to(model.device, model.dtype)
+            copied = copilot._copy_from(model)
+            if lora is not None:
+                copilot.config.lora = lora
+                copilot._add_lora()
         modules = dict.fromkeys(".".join(name.split(".")[:2]) for name in copied)
         logger.info("CopilotModel.from_pilot(%s): copied %d tensors from the Pilot (%s)", type(model).__name__,
                     len(copied), ", ".join(modules) or "nothing fits: all fresh")

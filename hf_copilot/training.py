@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_utils import SchedulerType
 
+from .random_streams import separate_random_stream
+
 
 @dataclass
 class CopilotTrainingConfig:
@@ -107,9 +109,14 @@ class CopilotUpdater:
         self.copilot.train()
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
-        with autocast:
-            loss = self.copilot(**batch.copilot_inputs(), return_corrections=False).loss
-        loss.backward()
+        # The Copilot's dropout draws from a stream of its own, keyed to the update: the Pilot's dropout masks stay
+        # what they would be without it, and a resumed run draws what the uninterrupted one did.
+        seed = ((self.config.seed * 1_000_003 + _rank()) * 1_000_003 + self.updates) % 2**63
+        with separate_random_stream(device, seed):
+            with autocast:
+                loss = self.copilot(**batch.copilot_inputs(), return_corrections=False).loss
+            loss.backward()
+        self.copilot.eval()  # between updates: a processor may use it mid-training, without dropout
         _average_gradients(self.trainable)
         skipped = self._step_if_finite()
         self.scheduler.step()

@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import DEVICES, VOCAB, tiny_pilot
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_copilot import CopilotCallback, CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog, train_copilot
+from hf_copilot import (PAPER_LORA, CopilotCallback, CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog,
+                        train_copilot)
 
 SEQ = 16
 
@@ -40,12 +43,29 @@ def run(tmp_path, callback=None, pilot=None, args=None, **trainer_kwargs):
 
 
 @pytest.mark.slow
-def test_pilot_training_is_untouched_by_the_callback(tmp_path):
-    plain = run(tmp_path / "plain").model
-    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
-    joint = run(tmp_path / "joint", CopilotCallback(copilot, batch_size=4)).model
-    for (name, a), b in zip(plain.state_dict().items(), joint.state_dict().values()):
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_pilot_training_is_untouched_by_the_callback(tmp_path, kind):
+    """Bit for bit. The GPT2 case draws random numbers on both sides: a Pilot with dropout, and a LoRA Copilot with
+    dropout built after the Trainer seeded the generators."""
+    plain = run(tmp_path / "plain", pilot=tiny_pilot(kind)).model
+    pilot = tiny_pilot(kind)
+    trainer = Trainer(model=pilot, args=trainer_args(tmp_path / "joint"), train_dataset=pattern_dataset())
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2, lora=PAPER_LORA if kind == "gpt2" else None)
+    callback = CopilotCallback(copilot, batch_size=4).attach(trainer)
+    trainer.train()
+    assert callback.updater.updates == 6
+    for (name, a), b in zip(plain.state_dict().items(), trainer.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_two_callbacks_of_one_name_are_refused_before_any_step(tmp_path):
+    first, second = (CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=layers))
+                     for layers in (2, 3))
+    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(tmp_path), train_dataset=pattern_dataset(),
+                      callbacks=[first, second])
+    with pytest.raises(ValueError, match="Two CopilotCallbacks on this Trainer are named 'copilot'"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "copilot").exists()
 
 
 @pytest.mark.slow
@@ -186,6 +206,27 @@ def test_resume_gives_the_same_copilot_as_an_uninterrupted_run(tmp_path):
     trainer.train(resume_from_checkpoint=str(interrupted / "checkpoint-3"))
     for (name, a), b in zip(full.copilot.state_dict().items(), resumed.copilot.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_resume_with_another_number_of_processes_says_so(tmp_path):
+    def callback():
+        return CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4)
+
+    run(tmp_path, callback(), args=trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
+    saved = tmp_path / "checkpoint-2" / "copilot"
+    resumed = callback()
+    # Saved by one process, resumed by two: what rank 1 of a two-process run would ask for.
+    two_processes = SimpleNamespace(output_dir=str(tmp_path), world_size=2, process_index=1)
+    with pytest.raises(ValueError, match=r"holds the Copilot state of 1 process\(es\), but this run has 2"):
+        resumed._usable_copilot_state(two_processes, SimpleNamespace(global_step=2))
+    # Saved by two processes (a second rank's files beside the first's), resumed by one.
+    for name in ("copilot_training_state_rank{}.pt", "checksums_rank{}.json"):
+        (saved / name.format(1)).write_bytes((saved / name.format(0)).read_bytes())
+    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(tmp_path, max_steps=4),
+                      train_dataset=pattern_dataset(), callbacks=[callback()])
+    with pytest.raises(ValueError, match=r"holds the Copilot state of 2 process\(es\), but this run has 1.*"
+                                         r"resume_from=False"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
 def test_a_resume_without_the_mistake_log_says_it_is_not_exact(tmp_path, caplog):

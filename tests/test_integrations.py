@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -350,7 +351,10 @@ def test_rectified_decoding_in_the_evaluations_during_training(tmp_path):
     trainer = RectifiedSeq2SeqTrainer(model=pilot, args=Seq2SeqTrainingArguments(**fields), train_dataset=rows,
                                       eval_dataset=rows[:4], callbacks=[CopilotCallback(copilot, batch_size=4)],
                                       compute_metrics=lambda prediction: {"rows": len(prediction.predictions)})
-    with processor:
+    with processor, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer.train()
     assert calls[0] == 0 and calls[1] > 0 and processor.analysis  # both evaluations generated through it
+    # The updater leaves the Copilot in eval mode between updates, so the recipe raises no train-mode warning.
+    assert not [w for w in caught if "train mode" in str(w.message)]
     assert len(processor.tap.records) <= 2  # and it kept none of the training forwards in between
