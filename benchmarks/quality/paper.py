@@ -14,7 +14,8 @@ stopped run resumes where it stopped (the joint run from its last epoch checkpoi
   joint     one LoRA Pilot (r=32, alpha 64, dropout 0.05, batch 16, 3 epochs) with two Copilots learning beside it
             from the same trajectory: ``paper`` (every Pilot layer copied, LoRA r=32, alpha 64, dropout 0.08, the
             paper's learning rate, batch 16) and ``small`` (the 2-layer, fully trained default). The Pilot's
-            training is the same with and without them, so it is also the "Pilot alone" arm.
+            training is the same with and without them (bit for bit since the Copilot's dropout has its own random
+            stream, 2026-12-04), so it is also the "Pilot alone" arm.
   screen    the cheap, decisive diagnostic first: each Copilot's held-out ratio (its RMSE / the all-zero
             predictor's, teacher-forced on the test items; below 1 is a prerequisite for any gain) and the same on
             the training items. ``--stages joint,screen`` stops here.
