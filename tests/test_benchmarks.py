@@ -27,3 +27,48 @@ def test_help(module, monkeypatch, capsys):
         script.main()
     assert stopped.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+def _cell(task, seed, right, *, finished):
+    """A paper-protocol cell as the script stores it: every arm right on the items in ``right`` (a list of bools),
+    the paper Copilot at lambda 1 right on one more item; a stopped cell lacks its last three stages."""
+    scores = {"accuracy": sum(right) / len(right), "right": right}
+    fixed = [True] + right[1:]
+    arm = {"pilot greedy": scores, "probs λ=1 greedy": {"accuracy": sum(fixed) / len(fixed), "right": fixed}}
+    cell = {"task": task, "seed": seed, "protocol": "cpu", "stage_seconds": dict.fromkeys(
+                ("joint", "screen", "epochs", "copilots"), 60.0),
+            "pilot_by_epoch": {"1": scores, "2": scores}, "arms": {"paper": arm, "small": arm, "pilot_beam": scores},
+            "heldout": {"paper": {"ratio": 1.1}, "small": {"ratio": 1.0}},
+            "train_items": {"paper": {"ratio": 0.9}, "small": {"ratio": 1.0}}}
+    if finished:
+        cell["stage_seconds"].update(dict.fromkeys(("longer", "capacity", "latest"), 60.0))
+        cell.update(latest=arm, latest_heldout={"ratio": 1.2},
+                    longer={"share": 0.5, "greedy": {"pilot greedy": scores}, "beam": {"pilot beam4": scores}},
+                    capacity={"rank": 64, "greedy": {"pilot greedy": scores}, "beam": {"pilot beam4": scores}})
+    return cell
+
+
+def test_paper_table_covers_every_cell_on_disk_finished_or_stopped(tmp_path, monkeypatch):
+    """A run of one cell tabulates every kept cell (not only its own), the newest copy of each cell wins, and a
+    stopped cell adds what it has: an arm it has not reached is pooled over the cells that have it."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    paper = importlib.import_module("benchmarks.quality.paper")
+    monkeypatch.setattr(paper, "CELLS", tmp_path / "cells")
+    kept, runs = tmp_path / "cells" / "paper_cpu" / "arc_easy", tmp_path / "runs"
+    wrong_first = [False, True, True, False]
+    paper.write_json(kept / "seed0.json", _cell("arc_easy", 0, wrong_first, finished=True))
+    paper.write_json(kept / "seed1.partial.json", _cell("arc_easy", 1, [True] * 4, finished=False))
+    paper.write_json(kept / "seed2.partial.json", _cell("arc_easy", 2, [True] * 4, finished=False))
+    newer = _cell("arc_easy", 2, wrong_first, finished=True)  # the run folder's copy of seed 2 has moved on
+    paper.write_json(runs / "cpu" / "arc_easy" / "seed2" / "partial.json", newer)
+
+    cells = paper.cells_on_disk(runs, "cpu")
+    assert [(c["seed"], "latest" in c) for c in cells] == [(0, True), (1, False), (2, True)]
+
+    table = paper.summarise(cells, "cpu", "command")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    # All three cells: the paper Copilot fixes item 0 in seeds 0 and 2 (seed 1's Pilot already had it right).
+    assert "(+2/−0" in rows["+ paper Copilot, probs λ=1 greedy"]
+    # Only the two finished cells reached (c): the same two fixes, out of 8 items, not 12.
+    latest = rows["(c) Latest paper Copilot, probs λ=1 greedy"]
+    assert "(+2/−0" in latest and "| 75.0 |" in latest

@@ -9,7 +9,10 @@
 Every Copilot measured before this one was 2 layers, fully trained, behind a 1-epoch Pilot and decoded greedily.
 The paper's (App. E) is a pretrained decoder of the Pilot's family at 0.5-1x its size, adapted with LoRA, behind a
 3-epoch LoRA Pilot, decoded with beam 4. Per (task, seed) cell, each stage runs once and is kept on disk, so a
-stopped run resumes where it stopped (the joint run from its last epoch checkpoint):
+stopped run resumes where it stopped (the joint run from its last epoch checkpoint). On a fresh machine, where
+``--runs`` is gone, a cell resumes from its committed partial file; the stages after ``copilots`` that need the
+final Pilot train it again alone and check that it answers exactly as the recorded one. Every run rewrites the
+table from every cell on disk:
 
   joint     one LoRA Pilot (r=32, alpha 64, dropout 0.05, batch 16, 3 epochs) with two Copilots learning beside it
             from the same trajectory: ``paper`` (every Pilot layer copied, LoRA r=32, alpha 64, dropout 0.08, the
@@ -97,7 +100,10 @@ class Cell:
         self.p = PROTOCOLS[protocol]
         self.folder = runs / protocol / task / f"seed{seed}"
         self.partial = self.folder / "partial.json"
-        self.result = json.loads(self.partial.read_text()) if self.partial.is_file() else {
+        self.kept = CELLS / f"paper_{protocol}" / task / f"seed{seed}"
+        # On a fresh machine (runs/ gone) the committed partial cell still holds every finished stage.
+        found = next((f for f in (self.partial, self.kept.with_suffix(".partial.json")) if f.is_file()), None)
+        self.result = json.loads(found.read_text()) if found else {
             "task": task, "seed": seed, "protocol": protocol, "stage_seconds": {}}
         self.train, self.test = task_data(task, self.p["train_size"].get(task), self.p["test_size"])
         self.format = TASKS[task].format
@@ -112,7 +118,7 @@ class Cell:
         self.result["stage_seconds"][name] = time.perf_counter() - started
         write_json(self.partial, self.result)
         if self.p.get("keep", True):  # what a stopped run has found so far survives the machine
-            write_json(CELLS / f"paper_{self.protocol}" / self.task / f"seed{self.seed}.partial.json", self.result)
+            write_json(self.kept.with_suffix(".partial.json"), self.result)
 
     def decode(self, pilot, tokenizer, copilot, settings, beams: int) -> dict:
         """Per decoding (the Pilot alone under these beams first): accuracy, and which test items were right, so
@@ -184,10 +190,29 @@ class Cell:
         return {"arms": out}
 
     def final_pilot_and_copilots(self):
-        pilot, tokenizer = load_pilot(self.folder / "joint" / "pilot")
-        pilot = on_accelerator(pilot)
+        pilot, tokenizer = self.final_pilot()
         return pilot, tokenizer, {name: on_accelerator(CopilotModel.from_pretrained(self.folder / "joint" / name)
                                                        .eval()) for name in ("paper", "small")}
+
+    def final_pilot(self):
+        """The joint run's final Pilot. On a fresh machine it is trained again alone, which gives the same Pilot
+        (the Copilots do not touch its training, tests/test_callback.py), and this is checked: its greedy answers
+        must be right on exactly the items the recorded final Pilot got right."""
+        folder = self.folder / "joint"
+        if not (folder / "pilot").is_dir():
+            folder = self.folder / "pilot_alone"
+            self.train_pilot(folder, rank=self.p["pilot_lora_rank"])
+        pilot, tokenizer = load_pilot(folder / "pilot")
+        pilot = on_accelerator(pilot)
+        if folder.name == "pilot_alone" and not (folder / "checked").is_file():
+            recorded = self.result["pilot_by_epoch"][max(self.result["pilot_by_epoch"], key=int)]["right"]
+            again = self.decode(pilot, tokenizer, None, [], 1)[Decoding().name]["right"]
+            if again != recorded:
+                raise RuntimeError(f"the Pilot trained again in {folder} is not the joint run's Pilot "
+                                   f"({sum(a != b for a, b in zip(again, recorded))} test items differ); "
+                                   "run the cell again from its joint stage (delete its kept partial cell)")
+            (folder / "checked").touch()
+        return pilot, tokenizer
 
     def heldout(self, pilot, tokenizer, copilots: dict) -> dict:
         ratios = ErrorRatios(copilots)
@@ -203,7 +228,7 @@ class Cell:
         return {"heldout": self.heldout(pilot, tokenizer, joint), "train_items": on_training_items.results()}
 
     def latest(self) -> dict:
-        pilot, tokenizer, _ = self.final_pilot_and_copilots()
+        pilot, tokenizer = self.final_pilot()
         set_seed(self.seed)
         latest = paper_copilot(pretrained(self.model_dir)[0]).to(next(pilot.parameters()).device)
         log = record_mistake_log(pilot, tokenizer, self.train, self.format)
@@ -242,10 +267,9 @@ class Cell:
             return self.result
         write_json(self.folder / "result.json", self.result)
         if self.p.get("keep", True):
-            kept = CELLS / f"paper_{self.protocol}" / self.task
-            write_json(kept / f"seed{self.seed}.json", self.result)
-            (kept / f"seed{self.seed}.partial.json").unlink(missing_ok=True)
-        for folder in ("joint", "longer", "capacity"):  # checkpoints were for resuming; the final models stay
+            write_json(self.kept.with_suffix(".json"), self.result)
+            self.kept.with_suffix(".partial.json").unlink(missing_ok=True)
+        for folder in ("joint", "longer", "capacity", "pilot_alone"):  # checkpoints were for resuming; the final models stay
             for checkpoint in (self.folder / folder).glob("checkpoint-*"):
                 shutil.rmtree(checkpoint)
         return self.result
@@ -333,7 +357,7 @@ def accuracy_table(results: list[dict]) -> str:
         """This arm against the final Pilot alone under the same beams, item by item, pooled over every cell."""
         reference = "Pilot alone, final, beam 4" if "beam" in name else base_name
         return describe(pooled(PairedComparison.from_outcomes(rows[name]["right"], rows[reference]["right"])
-                               for t in tasks for rows in cells[t]))
+                               for t in tasks for rows in cells[t] if name in rows))
 
     base = statistics.fmean(mean(base_name, t) for t in tasks)
     lines = [f"| arm, decoding | {' | '.join(tasks)} | average | relative | vs Pilot alone (final, same beams) |",
@@ -346,7 +370,7 @@ def accuracy_table(results: list[dict]) -> str:
         relative = f"{100 * (average - base) / base:+.1f}%" if base else "n/a"
         lines.append(f"| {name} | " + " | ".join(f"{100 * m:.1f}" for m in means)
                      + f" | {100 * average:.1f} | {relative} | {against_pilot(name)} |")
-    shares = ", ".join(f"{t}: {statistics.fmean(r['longer']['share'] for r in results if r['task'] == t):.2f}"
+    shares = ", ".join(f"{t}: {statistics.fmean(r['longer']['share'] for r in results if r['task'] == t and 'longer' in r):.2f}"
                        for t in tasks if any("longer" in r and r["task"] == t for r in results))
     ranks = ", ".join(f"{t}: r={next(r['capacity']['rank'] for r in results if r['task'] == t and 'capacity' in r)}"
                       for t in tasks if any("capacity" in r and r["task"] == t for r in results))
@@ -358,6 +382,18 @@ def accuracy_table(results: list[dict]) -> str:
             "Pilot alone under the same beams pooled over every cell, the difference with its 95% interval, the "
             "items fixed/broken and the exact McNemar p-value (hf_copilot.recipes.significance).\n\n"
             + "\n".join(lines) + controls)
+
+
+def cells_on_disk(runs: Path, protocol: str) -> list[dict]:
+    """Every cell of ``protocol`` found, finished or stopped, in (seed, task) order; a cell's copy under ``runs``
+    wins (it is the newest), then its finished kept copy, then its kept partial one."""
+    found = {}
+    for path in sorted((CELLS / f"paper_{protocol}").glob("*/seed*.json"), key=lambda f: "partial" not in f.name):
+        found[(path.parent.name, int(path.name.split(".")[0].removeprefix("seed")))] = path
+    for path in (runs / protocol).glob("*/seed*/partial.json"):
+        found[(path.parent.parent.name, int(path.parent.name.removeprefix("seed")))] = path
+    order = sorted(found, key=lambda key: (key[1], ALL_TASKS.index(key[0])))
+    return [json.loads(found[key].read_text()) for key in order]
 
 
 def main() -> None:
@@ -378,21 +414,14 @@ def main() -> None:
     if unknown := sorted(set(args.stages) - set(STAGES)):
         parser.error(f"unknown stage(s) {unknown}; the stages are {','.join(STAGES)}")
     args.stages = ("joint",) + tuple(s for s in STAGES[1:] if s in args.stages)  # every stage needs the joint run
-    results = []
-    model_dir = None if args.report_only else resolve_model(args.model)
-    for seed in args.seeds:
-        for task in args.tasks:
-            if args.report_only:
-                found = [path for path in (args.runs / args.protocol / task / f"seed{seed}" / "partial.json",
-                                           CELLS / f"paper_{args.protocol}" / task / f"seed{seed}.json",
-                                           CELLS / f"paper_{args.protocol}" / task / f"seed{seed}.partial.json")
-                         if path.is_file()]
-                if found:
-                    results.append(json.loads(found[0].read_text()))
-                continue
-            results.append(Cell(task, seed, args.protocol, args.runs, model_dir).run(args.stages))
+    if not args.report_only:
+        model_dir = resolve_model(args.model)
+        for seed in args.seeds:
+            for task in args.tasks:
+                Cell(task, seed, args.protocol, args.runs, model_dir).run(args.stages)
+    results = cells_on_disk(args.runs, args.protocol)  # the table covers every cell, not only this run's
     if not results:
-        parser.error("no finished cells to tabulate")
+        parser.error(f"no cells of protocol {args.protocol!r} under {args.runs} or {CELLS}")
     command = (f"python -m benchmarks.quality.paper --protocol {args.protocol} --tasks "
                f"{','.join(sorted({r['task'] for r in results}, key=ALL_TASKS.index))} "
                f"--seeds {','.join(map(str, sorted({r['seed'] for r in results})))}")
