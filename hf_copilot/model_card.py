@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from .safe_io import atomic_write_text
+
 CARD_NAME = "README.md"
 MARKER = "<!-- written by hf_copilot: edit freely, it is only rewritten while this line stays -->"
 
@@ -59,5 +61,4 @@ def write_model_card(folder, config) -> None:
         with open(path, encoding="utf-8") as file:
             if MARKER not in file.read():
                 return
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(model_card(config))
+    atomic_write_text(path, model_card(config))

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
 from .model_card import write_model_card
-from .pilot_shape import decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot
+from .pilot_shape import decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot, whole
 from .random_streams import separate_random_stream
 from .safe_io import VerifiedCheckpointMixin
 
@@ -693,12 +693,12 @@ class CopilotModel(CopilotPreTrainedModel):
                     pilot_name = name.replace("cross_attn.", "self_attn.").replace(
                         "cross_attention_layernorm", "input_layernorm")
                     if pilot_name in source and source[pilot_name].shape == param.shape:
-                        param.copy_(source[pilot_name])
+                        param.copy_(whole(source[pilot_name]))
                         copied.append(f"layers.{copilot_layer.layer_idx}.{name}")
         embeddings = model.get_input_embeddings()
         with gathered_parameters(embeddings.parameters() if embeddings is not None else ()):
             if embeddings is not None and embeddings.weight.shape == self.error_projection.weight.shape:
-                self.error_projection.weight.copy_(embeddings.weight)
+                self.error_projection.weight.copy_(whole(embeddings.weight))
                 copied.append("error_projection.weight")
         return copied
 

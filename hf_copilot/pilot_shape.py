@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 
@@ -91,3 +93,10 @@ def gathered_parameters(parameters):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+
+
+def whole(parameter: torch.Tensor) -> torch.Tensor:
+    """``parameter``'s full value. FSDP2 (``fully_shard``) holds each rank's shard in a ``DTensor``, whose
+    ``full_tensor()`` gathers the shards: a collective, so every rank must ask for the same parameters in the same
+    order (each rank builds its own Copilot, so they do)."""
+    return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter

@@ -96,6 +96,10 @@ class CopilotUpdater:
             num_training_steps=max(total_updates, 1),
         )
         self.generator = torch.Generator().manual_seed(config.seed + _rank())
+        # fp16 (not bf16) has too few exponent bits for small gradients: scale the loss, as Trainer does for the
+        # Pilot. The scaler skips a step whose scaled gradients overflowed, and lowers the scale.
+        device = next(copilot.parameters()).device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
         self.updates = 0
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
         self.tokens = 0  # real (non-padding) positions the Copilot has trained on, for throughput reports
@@ -115,10 +119,12 @@ class CopilotUpdater:
         with separate_random_stream(device, seed):
             with autocast:
                 loss = self.copilot(**batch.copilot_inputs(), return_corrections=False).loss
-            loss.backward()
+            self.scaler.scale(loss).backward()
         self.copilot.eval()  # between updates: a processor may use it mid-training, without dropout
         _average_gradients(self.trainable)
         skipped = self._step_if_finite()
+        if self.scaler.is_enabled():  # an overflow of the scaled gradients is the scaler's to handle, not a fault
+            skipped = (~torch.isfinite(loss.detach())).float()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
@@ -142,9 +148,14 @@ class CopilotUpdater:
         """
         parameters = [p for p in self.trainable if p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         found_inf = (~torch.isfinite(norm)).float()
-        if getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.optimizer.defaults.get("fused"):
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf, like the check below
+            self.scaler.update()
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.optimizer.defaults.get("fused"):
             self.optimizer.found_inf = found_inf
             try:
                 self.optimizer.step()
@@ -165,6 +176,7 @@ class CopilotUpdater:
             "generator": self.generator.get_state(),
             "updates": self.updates,
             "skipped_updates": self.skipped_updates,
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
 
     def load_state_dict(self, state: dict):
@@ -173,6 +185,8 @@ class CopilotUpdater:
         self.generator.set_state(state["generator"])
         self.updates = state["updates"]
         self.skipped_updates = state.get("skipped_updates", 0)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def train_copilot(copilot, mistake_log, num_updates: int, progress: bool = True, **training) -> list[float]:

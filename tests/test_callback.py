@@ -70,14 +70,17 @@ def test_two_callbacks_of_one_name_are_refused_before_any_step(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_copilot_learns_the_errors_of_a_fixed_pilot(tmp_path, device, bf16):
-    """With a frozen Pilot (learning rate 0) its errors are a fixed function of what the Copilot sees; so in bf16
-    mixed precision (the Copilot's update runs under the Trainer's autocast) and on a GPU."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_copilot_learns_the_errors_of_a_fixed_pilot(tmp_path, device, precision):
+    """With a frozen Pilot (learning rate 0) its errors are a fixed function of what the Copilot sees; so in mixed
+    precision (the Copilot's update runs under the Trainer's autocast; in fp16 with a loss scale) and on a GPU."""
     copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
     callback = CopilotCallback(copilot, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, updates_per_step=4)
-    args = trainer_args(tmp_path, learning_rate=0.0, max_steps=25, bf16=bf16, use_cpu=device == "cpu")
+    args = trainer_args(tmp_path, learning_rate=0.0, max_steps=25, bf16=precision == "bf16",
+                        fp16=precision == "fp16", use_cpu=device == "cpu")
     trainer = run(tmp_path, callback, args=args)
+    assert callback.updater.scaler.is_enabled() == (precision == "fp16")
+    assert callback.updater.skipped_updates == 0
     assert {p.device.type for p in copilot.parameters()} == {device}
     assert {p.dtype for p in copilot.parameters()} == {torch.float32}, "master weights stay fp32"
     losses = [h["copilot_loss"] for h in trainer.state.log_history if "copilot_loss" in h]
@@ -177,10 +180,19 @@ def test_reporters_see_the_metrics_in_the_same_log_when_attached(tmp_path, attac
     assert all(("copilot_loss" in logs) == attached for logs in training_logs)
 
 
-def test_label_smoothing_fails_with_a_fix(tmp_path):
+def _cross_entropy(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].flatten(0, 1)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("setting", ["label_smoothing_factor", "compute_loss_func"])
+def test_settings_that_hide_the_labels_fail_with_a_fix(tmp_path, setting):
+    """Trainer keeps `labels` from the model under either setting, so the Pilot's errors cannot be computed."""
     copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
-    with pytest.raises(RuntimeError, match="labels"):
-        run(tmp_path, CopilotCallback(copilot), args=trainer_args(tmp_path, label_smoothing_factor=0.1))
+    smoothing = {"label_smoothing_factor": 0.1} if setting == "label_smoothing_factor" else {}
+    loss = {"compute_loss_func": _cross_entropy} if setting == "compute_loss_func" else {}
+    with pytest.raises(RuntimeError, match=f"without `labels`.*{setting}"):
+        run(tmp_path, CopilotCallback(copilot), args=trainer_args(tmp_path, **smoothing), **loss)
 
 
 def test_mismatched_copilot_fails_before_training(tmp_path):
@@ -190,18 +202,20 @@ def test_mismatched_copilot_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_copilot_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_resume_gives_the_same_copilot_as_an_uninterrupted_run(tmp_path, fp16):
     def callback():
         return CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4,
                                save_mistake_log=True)
 
     full = callback()
-    run(tmp_path / "full", full, args=trainer_args(tmp_path / "full", max_steps=6))
+    run(tmp_path / "full", full, args=trainer_args(tmp_path / "full", max_steps=6, fp16=fp16))
     interrupted = tmp_path / "resumed"
-    run(interrupted, callback(), args=trainer_args(interrupted, max_steps=6, save_strategy="steps", save_steps=3))
+    run(interrupted, callback(), args=trainer_args(interrupted, max_steps=6, save_strategy="steps", save_steps=3,
+                                                   fp16=fp16))
     assert (interrupted / "checkpoint-3" / "copilot" / "model.safetensors").exists()
     resumed = callback()
-    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(interrupted, max_steps=6),
+    trainer = Trainer(model=tiny_pilot("llama"), args=trainer_args(interrupted, max_steps=6, fp16=fp16),
                       train_dataset=pattern_dataset(), callbacks=[resumed])
     trainer.train(resume_from_checkpoint=str(interrupted / "checkpoint-3"))
     for (name, a), b in zip(full.copilot.state_dict().items(), resumed.copilot.state_dict().values()):

@@ -106,12 +106,14 @@ def test_minus_infinity_logits_are_legitimate(tmp_path):
     assert callback.mistake_log.stats()["sequences"] == 8
 
 
-@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
-def test_a_non_finite_update_is_skipped_and_leaves_weights_and_moments(tmp_path, max_grad_norm):
+@pytest.mark.parametrize("max_grad_norm, autocast", [(1.0, None), (0.0, None), (1.0, torch.float16)],
+                         ids=["clipped", "unclipped", "fp16"])
+def test_a_non_finite_update_is_skipped_and_leaves_weights_and_moments(tmp_path, max_grad_norm, autocast):
     callback = new_callback()
     train(tmp_path, callback, max_steps=2)
     copilot, log = callback.copilot, callback.mistake_log
-    updater = CopilotUpdater(copilot, CopilotTrainingConfig(batch_size=4, max_grad_norm=max_grad_norm), 10)
+    updater = CopilotUpdater(copilot, CopilotTrainingConfig(batch_size=4, max_grad_norm=max_grad_norm), 10,
+                             autocast_dtype=autocast)
     updater.step(log)  # moments exist from here on
     before = {name: p.detach().clone() for name, p in copilot.named_parameters()}
     moments = [state["exp_avg"].clone() for state in updater.optimizer.state.values()]
@@ -127,6 +129,28 @@ def test_a_non_finite_update_is_skipped_and_leaves_weights_and_moments(tmp_path,
     updater.step(log)  # a finite update lands again
     assert updater.skipped_updates == 1
     assert any(not torch.equal(p, before[name]) for name, p in copilot.named_parameters())
+
+
+def test_an_fp16_overflow_lowers_the_loss_scale_without_counting_a_fault(tmp_path):
+    """Under fp16 the loss is scaled; scaled gradients that overflow are the scaler's business: the step is skipped,
+    the scale lowered (and kept across a resume), and no fault is counted or warned about."""
+    callback = new_callback()
+    train(tmp_path, callback, max_steps=2)
+    copilot, log = callback.copilot, callback.mistake_log
+    updater = CopilotUpdater(copilot, CopilotTrainingConfig(batch_size=4), 10, autocast_dtype=torch.float16)
+    updater.step(log)
+    updater.scaler.update(new_scale=2.0 ** 120)  # far past fp16's range: every scaled gradient overflows
+    before = {name: p.detach().clone() for name, p in copilot.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss = updater.step(log)
+    assert math.isfinite(loss) and updater.skipped_updates == 0
+    assert updater.scaler.get_scale() == 2.0 ** 119
+    for name, p in copilot.named_parameters():
+        assert torch.equal(p, before[name]), name
+    resumed = CopilotUpdater(copilot, CopilotTrainingConfig(batch_size=4), 10, autocast_dtype=torch.float16)
+    resumed.load_state_dict(updater.state_dict())
+    assert resumed.scaler.get_scale() == 2.0 ** 119
 
 
 # ---- 4. the log's budget never stops the Pilot --------------------------------------------------------------------
@@ -277,6 +301,31 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         copilot.save_pretrained(tmp_path / "copilot")
     assert (tmp_path / "copilot" / "model.safetensors").read_bytes() == saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copilot"]  # no staging folder left
+
+
+def test_a_copilot_gone_non_finite_is_not_checkpointed_and_the_pilot_goes_on(tmp_path):
+    """Weights broken outside the guarded updates (here by hand, after step 3): the Pilot's checkpoints are still
+    written, the Copilot's are skipped with a warning, and the run finishes."""
+    callback = new_callback()
+
+    class BreakTheCopilot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    callback.copilot.correction_head.weight[0, 0] = float("nan")
+
+    trainer = Trainer(model=tiny_pilot("llama"), train_dataset=pattern_dataset(), callbacks=[BreakTheCopilot()],
+                      args=trainer_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2))
+    callback.attach(trainer)
+    with pytest.warns(RuntimeWarning, match="hold NaN/inf, so it is not saved") as caught:
+        trainer.train()
+    assert trainer.state.global_step == 6
+    assert (tmp_path / "checkpoint-2" / "copilot" / "model.safetensors").is_file()
+    for step in (4, 6):
+        assert (tmp_path / f"checkpoint-{step}" / "model.safetensors").is_file()  # the Pilot's checkpoint
+        assert not (tmp_path / f"checkpoint-{step}" / "copilot").exists()
+    assert not (tmp_path / "copilot").exists()  # nor the final save
+    assert sum("so it is not saved" in str(w.message) for w in caught) == 3
 
 
 def test_a_pilot_folder_is_not_loaded_as_a_copilot(tmp_path):
@@ -510,6 +559,21 @@ def test_train_refuses_what_needs_the_model_before_loading_it(user_files, capsys
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hf-copilot train: error: {message}")
     assert not output.exists()  # a failed command leaves no empty folder behind
+
+
+def test_eval_refuses_a_max_length_without_room_before_loading_any_weights(user_files, capsys, tmp_path,
+                                                                         monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr("hf_copilot.recipes.finetune.AutoModelForCausalLM.from_pretrained", no_loading)
+    monkeypatch.setattr("hf_copilot.recipes.cli.CopilotModel.from_pretrained", no_loading)
+    output = tmp_path / "new" / "runs" / "eval"  # three folders the command has to make
+    assert main(eval_argv(user_files, "--max-length", "2", output=output)) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"hf-copilot eval: error: --max-length 2 (the Pilot takes 256 positions) leaves no room for a "
+                     f"prompt before {DEFAULT_FORMAT.max_new_tokens} answer tokens; raise --max-length."]
+    assert not (tmp_path / "new").exists()  # every folder it made is gone again
 
 
 def test_eval_names_an_empty_pilot_folder_and_a_copilot_of_another_pilot(user_files, capsys, tmp_path):

@@ -234,14 +234,19 @@ def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, e
 
 @pytest.mark.slow
 @linux_only
-def test_fsdp2_capture_equals_an_unsharded_recompute(tmp_path):
-    """fully_shard swaps each decoder layer's class for a subclass (FSDPLlamaDecoderLayer); the tap still finds the
-    layers, and what it records from the sharded Pilot is what the unsharded Pilot shows."""
+def test_fsdp2_capture_and_from_pilot_equal_an_unsharded_recompute(tmp_path):
+    """fully_shard swaps each decoder layer's class for a subclass (FSDPLlamaDecoderLayer) and holds each rank's
+    shard of a weight: the tap still finds the layers, what it records from the sharded Pilot is what the unsharded
+    Pilot shows, and from_pilot copies whole weights into the same Copilot."""
     launch("fsdp2_capture.py", tmp_path)
     for rank in (0, 1):
         records = torch.load(tmp_path / f"records_rank{rank}.pt")
         assert records["sharded"].pop("class") == "FSDPLlamaDecoderLayer"
         assert records["plain"].pop("class") == "LlamaDecoderLayer"
+        sharded, plain = records["sharded"].pop("copilot"), records["plain"].pop("copilot")
+        assert sharded.keys() == plain.keys()
+        copied = [key for key in plain if key.startswith("layers.") or key == "error_projection.weight"]
+        assert len(copied) > 10 and all(torch.equal(sharded[key], plain[key]) for key in copied)
         for name, tensor in records["plain"].items():
             torch.testing.assert_close(records["sharded"][name], tensor, msg=lambda message, name=name: f"{name}: "
                                        f"{message}")

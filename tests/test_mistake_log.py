@@ -118,6 +118,25 @@ def test_round_larger_than_budget_is_skipped_and_counted():
     assert len(log) == 0 and log.bytes == 0 and log.stats()["skipped_oversized_records"] == 1
 
 
+@pytest.mark.parametrize("kind, field", [("decoder_only", "hidden_states"), ("decoder_only", "input_states"),
+                                         ("decoder_only", "logits"), ("encoder_decoder", "input_states")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_sequence_with_a_non_finite_value_is_left_out_alone(kind, field, value):
+    """Whatever the log would store of a sequence (its states, the Pilot's input to the first layer, its errors):
+    one NaN/inf anywhere leaves out that sequence only, counted, so no sampled batch ever holds one."""
+    record = synthetic_record([8, 6, 8], seed=1, kind=kind, source_lengths=[6, 4, 6])
+    poisoned = getattr(record, field).clone()
+    poisoned[1, 2, 1] = value  # the second sequence, inside its real tokens
+    log = MistakeLog(top_k=TOP_K)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        log.add(dataclasses.replace(record, **{field: poisoned}), step=0)
+    assert log.stats()["skipped_non_finite_sequences"] == 1 and log.stats()["sequences"] == 2
+    batch = log.sample(64, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    assert sorted(set(batch.pilot_hidden_states[:, 0, 0].tolist())) == [10.0, 12.0]  # the 1st and 3rd sequences
+    for stored in (batch.pilot_hidden_states, batch.pilot_input_states, batch.errors.probs):
+        assert torch.isfinite(stored).all()
+
+
 def test_records_of_another_pilot_are_refused():
     log = MistakeLog(top_k=TOP_K)
     log.add(synthetic_record([4]), step=0)

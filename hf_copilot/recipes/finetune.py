@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                          TrainingArguments)
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..callback import CopilotCallback
@@ -118,6 +119,15 @@ def check_pilot_folder(folder: str | Path) -> Path:
                                 "pass a folder written by save_pilot / save_pretrained (hf-copilot train writes "
                                 "<output>/pilot).")
     return folder
+
+
+def load_pilot_config(folder: str | Path):
+    """A saved Pilot's config without its weights (a LoRA adapter's is its base model's)."""
+    folder = check_pilot_folder(folder)
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder)
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return AutoConfig.from_pretrained(base)
 
 
 def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
