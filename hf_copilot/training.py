@@ -122,9 +122,7 @@ class CopilotUpdater:
             self.scaler.scale(loss).backward()
         self.copilot.eval()  # between updates: a processor may use it mid-training, without dropout
         _average_gradients(self.trainable)
-        skipped = self._step_if_finite()
-        if self.scaler.is_enabled():  # an overflow of the scaled gradients is the scaler's to handle, not a fault
-            skipped = (~torch.isfinite(loss.detach())).float()
+        skipped = self._step_if_finite(loss)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
@@ -139,12 +137,14 @@ class CopilotUpdater:
                     "point at a learning rate too high for the Copilot.", RuntimeWarning, stacklevel=2)
         return loss
 
-    def _step_if_finite(self) -> torch.Tensor:
-        """Takes the optimizer step unless the gradients hold a NaN/inf; returns 1.0 (skipped) or 0.0, on the device.
+    def _step_if_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Takes the optimizer step unless the gradients hold a NaN/inf; returns 1.0 for a faulty update (skipped)
+        or 0.0, on the device.
 
         The gradient norm that clipping computes anyway tells: a non-finite loss gives non-finite gradients, hence a
         non-finite norm. A fused optimizer takes that flag as a tensor and skips on the device (as under a
-        GradScaler), with no host synchronisation; others read it first.
+        GradScaler), with no host synchronisation; others read it first. Under fp16 the scaler skips the step
+        instead, and only a non-finite loss is a fault: overflowing scaled gradients just lower the scale.
         """
         parameters = [p for p in self.trainable if p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
@@ -153,9 +153,10 @@ class CopilotUpdater:
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         found_inf = (~torch.isfinite(norm)).float()
         if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf, like the check below
+            self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf
             self.scaler.update()
-        elif getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.optimizer.defaults.get("fused"):
+            return (~torch.isfinite(loss.detach())).float()
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.optimizer.defaults.get("fused"):
             self.optimizer.found_inf = found_inf
             try:
                 self.optimizer.step()

@@ -121,13 +121,20 @@ def check_pilot_folder(folder: str | Path) -> Path:
     return folder
 
 
+def _adapter_base(folder: Path) -> str:
+    """The base model folder a saved LoRA adapter was trained on; it must still exist."""
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not Path(base).is_dir():
+        raise FileNotFoundError(f"{folder} is a LoRA adapter whose base model folder {base} no longer exists.")
+    return base
+
+
 def load_pilot_config(folder: str | Path):
     """A saved Pilot's config without its weights (a LoRA adapter's is its base model's)."""
     folder = check_pilot_folder(folder)
     if (folder / "config.json").is_file():
         return AutoConfig.from_pretrained(folder)
-    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return AutoConfig.from_pretrained(base)
+    return AutoConfig.from_pretrained(_adapter_base(folder))
 
 
 def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -142,10 +149,8 @@ def load_pilot(folder: str | Path, dtype: torch.dtype = torch.float32):
     if adapter.is_file():
         from peft import PeftModel
 
-        base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        if not Path(base).is_dir():
-            raise FileNotFoundError(f"{folder} is a LoRA adapter whose base model folder {base} no longer exists.")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), folder)
+        base = AutoModelForCausalLM.from_pretrained(_adapter_base(folder), dtype=dtype)
+        model = PeftModel.from_pretrained(base, folder)
         model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
