@@ -101,8 +101,9 @@ class Cell:
         self.folder = runs / protocol / task / f"seed{seed}"
         self.partial = self.folder / "partial.json"
         self.kept = CELLS / f"paper_{protocol}" / task / f"seed{seed}"
-        # On a fresh machine (runs/ gone) the committed partial cell still holds every finished stage.
-        found = next((f for f in (self.partial, self.kept.with_suffix(".partial.json")) if f.is_file()), None)
+        # On a fresh machine (runs/ gone) the committed cell, finished or partial, still holds every finished stage.
+        found = next((f for f in (self.partial, self.kept.with_suffix(".json"), self.kept.with_suffix(".partial.json"))
+                      if f.is_file()), None)
         self.result = json.loads(found.read_text()) if found else {
             "task": task, "seed": seed, "protocol": protocol, "stage_seconds": {}}
         self.train, self.test = task_data(task, self.p["train_size"].get(task), self.p["test_size"])
@@ -269,7 +270,8 @@ class Cell:
         if self.p.get("keep", True):
             write_json(self.kept.with_suffix(".json"), self.result)
             self.kept.with_suffix(".partial.json").unlink(missing_ok=True)
-        for folder in ("joint", "longer", "capacity", "pilot_alone"):  # checkpoints were for resuming; the final models stay
+        # Checkpoints were for resuming; the final models stay.
+        for folder in ("joint", "longer", "capacity", "pilot_alone"):
             for checkpoint in (self.folder / folder).glob("checkpoint-*"):
                 shutil.rmtree(checkpoint)
         return self.result
@@ -370,8 +372,9 @@ def accuracy_table(results: list[dict]) -> str:
         relative = f"{100 * (average - base) / base:+.1f}%" if base else "n/a"
         lines.append(f"| {name} | " + " | ".join(f"{100 * m:.1f}" for m in means)
                      + f" | {100 * average:.1f} | {relative} | {against_pilot(name)} |")
-    shares = ", ".join(f"{t}: {statistics.fmean(r['longer']['share'] for r in results if r['task'] == t and 'longer' in r):.2f}"
-                       for t in tasks if any("longer" in r and r["task"] == t for r in results))
+    shares = ", ".join(
+        f"{t}: {statistics.fmean(r['longer']['share'] for r in results if r['task'] == t and 'longer' in r):.2f}"
+        for t in tasks if any("longer" in r and r["task"] == t for r in results))
     ranks = ", ".join(f"{t}: r={next(r['capacity']['rank'] for r in results if r['task'] == t and 'capacity' in r)}"
                       for t in tasks if any("capacity" in r and r["task"] == t for r in results))
     controls = (f"\n\nThe paper Copilot's share of the joint run's time ({shares or 'not run yet'}) sets control "
