@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig
 from .errors import DEFAULT_TOP_K
 
 PILOT_KINDS = ("decoder_only", "encoder_decoder")
-CORRECTIONS = ("vocabulary", "rerank")
+CORRECTIONS = ("vocabulary", "logit_residual", "rerank")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The projections of a Llama-style block that LoRA adapts: the Copilot's blocks (and the Pilot's, in the recipes)."""
 PAPER_LORA = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.08}
@@ -40,7 +40,15 @@ class CopilotConfig(PreTrainedConfig):
         pilot_name_or_path / pilot_revision: which Pilot the Copilot was trained with: its Hub id or folder (taken
             from the Pilot by ``from_pilot``) and the revision it was loaded at (transformers does not keep it on
             the model: pass ``from_pilot(pilot, pilot_revision=...)``). Informational; the model card shows them.
-        correction: how the correction f is produced. ``"vocabulary"`` (the paper): a linear head d_C → |V|.
+        correction: how the correction f is produced. ``"vocabulary"`` (the paper): a linear head d_C → |V|,
+            ``f = W h``. Its corrections lie in a d_C-dimensional subspace of the |V|-wide probability space, while
+            the errors it must predict are nearly one-hot: with d_C ≪ |V| it can barely move from zero.
+            ``"logit_residual"``: the same head gives a logit residual ``g = W h`` and ``f = softmax(z + g) − p̂``
+            (z the Pilot's logits, p̂ = softmax(z)), so ``p̂ + λ f = (1 − λ) p̂ + λ softmax(z + g)`` and
+            ``‖f − ℓ‖²`` is the Brier score of ``softmax(z + g)``. Like the Pilot's own head, the softmax turns a
+            rank-d_C vector into a peaked distribution; f is exactly 0 at g = 0 and ``p̂ + λ f`` a distribution for
+            λ ≤ 1. It needs the Pilot's logits at generation time (the processor passes them) and, in training, the
+            compact errors of the Mistake Log (docs/model.md, "The logit-residual correction").
             ``"rerank"`` (experimental): a residual re-ranking of the Pilot's own top ``rerank_top_k``
             candidates, ``f = softmax(log p̂_top + δ) · Σp̂_top − p̂_top`` on those tokens and 0 elsewhere, with
             ``δ_j = ⟨h_i, w_{token j}⟩`` read from the same (|V|, d) head matrix. It is exactly 0 when δ = 0, keeps

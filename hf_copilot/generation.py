@@ -182,7 +182,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             attention_mask=state.attention_mask,
             cache=state.cache,
             use_cache=True,
-            **self._candidates(record),
+            **self._pilot_distribution(record),
         )
         state.input_ids = input_ids
         state.feedback = self._feedback(output)
@@ -212,7 +212,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             cache=CopilotCache(),
             use_cache=True,
             corrections_to_keep=1,  # only the last prompt position's correction is used
-            **self._candidates(record),
+            **self._pilot_distribution(record),
         )
         self._state = _DecodingState(
             cache=output.cache,
@@ -234,9 +234,13 @@ class CopilotLogitsProcessor(LogitsProcessor):
     def _as_input_errors(self, feedback: torch.Tensor):
         return OwnCorrections(feedback) if self.copilot.config.correction == "vocabulary" else feedback
 
-    def _candidates(self, record: PilotRecord) -> dict:
-        """The Pilot's top tokens for a re-ranking Copilot, at the positions the Pilot computed logits for (the
-        last ones); other positions get probability 0, hence no correction (their corrections are never used)."""
+    def _pilot_distribution(self, record: PilotRecord) -> dict:
+        """What the correction reads of the Pilot's own prediction, at the positions the Pilot computed logits for
+        (the last ones): its raw logits for a logit-residual Copilot (as in training, before any other processor
+        or beam search's log-softmax); its top tokens for a re-ranking Copilot, where other positions get
+        probability 0, hence no correction (their corrections are never used)."""
+        if self.copilot.config.correction == "logit_residual":
+            return {"pilot_logits": record.logits}
         if self.copilot.config.correction != "rerank":
             return {}
         rows, new = record.hidden_states.shape[:2]

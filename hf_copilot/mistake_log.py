@@ -27,7 +27,9 @@ from .errors import DEFAULT_TOP_K, IGNORE_INDEX, CompactErrors
 from .pilot import PilotRecord
 from .safe_io import DamagedFileError, atomic_write_text, fsync_file, sha256_of, staging_folder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+"""Format 2 added each token's ``label_probs``; a format-1 log loads with them unknown (see CompactErrors)."""
 TENSORS_FILE = "mistake_log.safetensors"
 METADATA_FILE = "mistake_log.json"
 
@@ -78,8 +80,10 @@ class _Entry:
     probs: torch.Tensor
     lengths: torch.Tensor
     input_lengths: torch.Tensor | None = None
+    label_probs: torch.Tensor | None = None  # None in a log of format 1
 
-    TENSOR_NAMES = ("input_states", "hidden_states", "labels", "ids", "probs", "lengths", "input_lengths")
+    TENSOR_NAMES = ("input_states", "hidden_states", "labels", "ids", "probs", "lengths", "input_lengths",
+                    "label_probs")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.TENSOR_NAMES if getattr(self, name) is not None}
@@ -95,7 +99,7 @@ class _Entry:
     @functools.cached_property
     def error_sums(self) -> tuple[int, float, float]:
         """(labelled tokens, Σ‖ℓ‖², Σ dropped mass), computed once: entries never change, so stats() stays cheap."""
-        errors = CompactErrors(self.labels.long(), self.ids.long(), self.probs)
+        errors = CompactErrors(self.labels.long(), self.ids.long(), self.probs, self.label_probs)
         valid = errors.valid
         return (int(valid.sum()), float(errors.squared_norm().clamp(min=0)[valid].sum()),
                 float(errors.dropped_mass()[valid].sum()))
@@ -137,12 +141,13 @@ class MistakeLog:
 
     Bytes, with d the Pilot's width, k = ``top_k`` (at most |V|) and s the size of ``storage_dtype`` (2 for bf16):
 
-    - decoder-only: ``2·d·s + 4 + k·(4 + s)`` per stored position (X̃ and h̄ at s bytes, the label as int32, k
-      int32 ids and k probabilities at s bytes), plus 8 per sequence (its int64 length);
-    - encoder-decoder: ``d·s + 4 + k·(4 + s)`` per stored decoder position, plus ``d·s`` per real encoder
+    - decoder-only: ``2·d·s + 4 + s + k·(4 + s)`` per stored position (X̃ and h̄ at s bytes, the label as int32
+      and its probability at s bytes, k int32 ids and k probabilities at s bytes), plus 8 per sequence (its int64
+      length);
+    - encoder-decoder: ``d·s + 4 + s + k·(4 + s)`` per stored decoder position, plus ``d·s`` per real encoder
       position (the encoder output is X̃), plus 16 per sequence (two lengths).
 
-    For example SmolLM2-135M (d = 576) with the defaults stores 2,500 bytes per token, so the default budget of
+    For example SmolLM2-135M (d = 576) with the defaults stores 2,502 bytes per token, so the default budget of
     512 MiB holds about 215k tokens (128 rounds of 8 sequences of 210 tokens).
 
     The log holds at most ``max_rounds`` rounds (a round is a run of consecutive entries added with the same
@@ -243,6 +248,7 @@ class MistakeLog:
             probs=self._store(errors.probs, self.storage_dtype),
             lengths=lengths[kept_sequences],
             input_lengths=None if input_lengths is None else input_lengths.cpu(),
+            label_probs=self._store(errors.label_probs, self.storage_dtype),
         )
         if entry.nbytes > self.max_bytes:
             self._skip("oversized_records", 1, (
@@ -317,13 +323,16 @@ class MistakeLog:
         others = torch.randperm(len(table) - 1, generator=generator)[: batch_size - 1].tolist()
         chosen = [table[first]] + [table[j + (j >= first)] for j in others]
 
-        pieces = {name: [] for name in ("input_states", "hidden_states", "labels", "ids", "probs")}
+        pieces = {name: [] for name in ("input_states", "hidden_states", "labels", "ids", "probs", "label_probs")}
         for entry, index in chosen:
             start, end = entry.spans[index]
             source_start, source_end = entry.input_spans[index]
             pieces["input_states"].append(entry.input_states[source_start:source_end])
             for name in ("hidden_states", "labels", "ids", "probs"):
                 pieces[name].append(getattr(entry, name)[start:end])
+            # a format-1 entry does not know the label's probability: 0, as that format represented it
+            label_probs = entry.label_probs if entry.label_probs is not None else torch.zeros_like(entry.probs[:, 0])
+            pieces["label_probs"].append(label_probs[start:end])
 
         def padded(name, value, cast):
             moved = [piece.to(device, non_blocking=True).to(cast) for piece in pieces[name]]
@@ -337,6 +346,7 @@ class MistakeLog:
             labels=padded("labels", IGNORE_INDEX, torch.long),
             ids=padded("ids", 0, torch.long),
             probs=padded("probs", 0.0, dtype),
+            label_probs=padded("label_probs", 0.0, dtype),
         )
         encoder_decoder = self.kind == "encoder_decoder"
         return MistakeBatch(
@@ -459,7 +469,8 @@ class MistakeLog:
             if missing:
                 raise DamagedFileError(f"{tensors_path} has no {missing} for entry {i} listed in {metadata_path}.")
             bookkeeping = {name: stored.pop(name) for name in ("lengths", "input_lengths")}
-            entry = _Entry(step, **{name: log._store(t, t.dtype) for name, t in stored.items()}, **bookkeeping)
+            entry = _Entry(step, **{name: None if t is None else log._store(t, t.dtype) for name, t in stored.items()},
+                           **bookkeeping)
             log._entries.append(entry)
             log.bytes += entry.nbytes
         return log
@@ -478,9 +489,9 @@ def _read_metadata(path: Path) -> dict:
         raise DamagedFileError(f"{path} is not valid JSON ({error}); record the log again.") from None
     if not isinstance(metadata, dict):
         raise DamagedFileError(f"{path} holds a {type(metadata).__name__}, not the log's metadata object.")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_FORMATS:
         raise ValueError(f"{path.parent} holds a Mistake Log of format {metadata.get('format_version')}; this "
-                         f"version of hf_copilot reads format {FORMAT_VERSION}. Record the log again.")
+                         f"version of hf_copilot reads formats {READABLE_FORMATS}. Record the log again.")
     problems = [f"{key!r} is missing" if key not in metadata else f"{key!r} is {metadata[key]!r}"
                 for key, types in _METADATA_TYPES.items()
                 if key not in metadata or not isinstance(metadata[key], types) or isinstance(metadata[key], bool)]

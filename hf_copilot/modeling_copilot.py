@@ -353,6 +353,7 @@ class CopilotModel(CopilotPreTrainedModel):
         target_errors: Errors | None = None,
         pilot_top_ids: torch.Tensor | None = None,
         pilot_top_probs: torch.Tensor | None = None,
+        pilot_logits: torch.Tensor | None = None,
         cache: CopilotCache | None = None,
         use_cache: bool = False,
         corrections_to_keep: int = 0,
@@ -377,6 +378,10 @@ class CopilotModel(CopilotPreTrainedModel):
                 positions, (batch, new positions, ≥ rerank_top_k), sorted by probability; needed by
                 ``correction="rerank"`` only (positions whose candidates are unknown carry probabilities 0 and
                 get no correction).
+            pilot_logits: the Pilot's logits z at the positions corrections are computed for (the last
+                ``corrections_to_keep`` new positions, or every new one), (batch, ≥ those positions, |V|); the last
+                ones are used. Needed by ``correction="logit_residual"`` to return corrections
+                ``softmax(z + g) − softmax(z)``; its loss needs only ``target_errors``.
             cache / use_cache: incremental decoding; outputs equal those of one full-sequence forward.
             corrections_to_keep: when n > 0, corrections are computed for the last n new positions only (like
                 ``logits_to_keep``: reading a prompt in generate() needs the last one, and the |V|-wide head is
@@ -421,6 +426,8 @@ class CopilotModel(CopilotPreTrainedModel):
             candidate_ids, values, log_q = self._rerank(hidden, pilot_top_ids, pilot_top_probs)
             corrections = (hidden.new_zeros(*hidden.shape[:2], self.config.vocab_size, dtype=torch.float32)
                            .scatter(-1, candidate_ids, values).to(hidden.dtype) if return_corrections else None)
+        elif self.config.correction == "logit_residual":
+            corrections = self._residual_corrections(hidden, pilot_logits) if return_corrections else None
         else:
             corrections = self.correction_head(hidden) if return_corrections else None
         if cache is not None:
@@ -441,7 +448,7 @@ class CopilotModel(CopilotPreTrainedModel):
                 loss = -(log_q * hit).sum(-1)[labelled].sum() / labelled.sum().clamp(min=1)
             else:
                 sparse = (candidate_ids, values) if self.config.correction == "rerank" else None
-                squared = self._squared_errors(hidden, target_errors, sparse)
+                squared = self.squared_errors(hidden, target_errors, sparse)
                 loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
         return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None,
                              last_hidden_state=hidden)
@@ -465,15 +472,25 @@ class CopilotModel(CopilotPreTrainedModel):
                 self._feedback_cache = (key, (head.float().T @ projection.float()).to(head.dtype))
         return self._feedback_cache[1]
 
-    def _squared_errors(self, hidden: torch.Tensor, target: Errors, sparse=None) -> torch.Tensor:
-        """Per-position ‖f − ℓ‖² = ‖f‖² − 2⟨f, ℓ⟩ + ‖ℓ‖², exactly, without building the |V|-wide f.
+    def squared_errors(self, hidden: torch.Tensor, target: Errors, sparse=None) -> torch.Tensor:
+        """Per-position ‖f − ℓ‖² of the corrections the head makes of ``hidden`` (a forward's
+        ``last_hidden_state``) against the true errors ``target``, without building the |V|-wide f.
 
-        Vocabulary head f = W h: ‖f‖² = hᵀ(WᵀW)h with the d×d Gram matrix (|V|·d² once per batch instead of |V|·d
-        per position) and ⟨f, ℓ⟩ = ⟨ℓ W, h⟩, a lookup of k + 1 rows of W for compact errors. Re-ranking head:
-        f is ``values`` on the ``ids`` of ``sparse`` and 0 elsewhere. Computed in fp32, outside autocast.
+        Vocabulary head f = W h: ‖f‖² − 2⟨f, ℓ⟩ + ‖ℓ‖², exactly, with ‖f‖² = hᵀ(WᵀW)h through the d×d Gram matrix
+        (|V|·d² once per batch instead of |V|·d per position) and ⟨f, ℓ⟩ = ⟨ℓ W, h⟩, a lookup of k + 1 rows of W for
+        compact errors. Logit-residual head: the Brier score of softmax(z + g) (see :meth:`_residual_brier`).
+        Re-ranking head: f is ``values`` on the ``ids`` of ``sparse`` (default: re-ranked from ``target``'s top-k)
+        and 0 elsewhere. Computed in fp32, outside autocast.
         """
+        if self.config.correction == "rerank" and sparse is None:
+            if not isinstance(target, CompactErrors):
+                raise ValueError("A re-ranking Copilot scores against CompactErrors (they hold the candidates).")
+            candidate_ids, values, _ = self._rerank(hidden, target.ids, target.probs)
+            sparse = (candidate_ids, values)
         with torch.autocast(hidden.device.type, enabled=False):
             hidden = hidden.float()
+            if self.config.correction == "logit_residual":
+                return self._residual_brier(hidden, target)
             if sparse is not None:
                 ids, values = sparse
                 values = values.float()
@@ -487,6 +504,50 @@ class CopilotModel(CopilotPreTrainedModel):
                 cross = (target_rows * hidden).sum(-1)
             target_norm = target.squared_norm() if isinstance(target, CompactErrors) else target.float().pow(2).sum(-1)
             return prediction_norm - 2.0 * cross + target_norm
+
+    def _residual_corrections(self, hidden: torch.Tensor, pilot_logits: torch.Tensor | None) -> torch.Tensor:
+        """f = softmax(z + g) − softmax(z) with g = W h, at the positions of ``hidden`` (the last ones of
+        ``pilot_logits``), in fp32 and returned in the head's dtype."""
+        positions = hidden.shape[1]
+        if pilot_logits is None:
+            raise ValueError("A Copilot with correction='logit_residual' needs pilot_logits (the Pilot's logits at the "
+                             "positions it corrects) to return corrections; CopilotLogitsProcessor passes them. For "
+                             "its loss alone pass return_corrections=False.")
+        if (pilot_logits.dim() != 3 or pilot_logits.shape[0] != hidden.shape[0] or pilot_logits.shape[1] < positions
+                or pilot_logits.shape[-1] != self.config.vocab_size):
+            raise ValueError(f"pilot_logits must be (batch={hidden.shape[0]}, >= {positions} positions, "
+                             f"{self.config.vocab_size}); got {tuple(pilot_logits.shape)}.")
+        logits = pilot_logits[:, -positions:].float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            residual = self.correction_head(hidden).float()
+        return (torch.softmax(logits + residual, -1) - torch.softmax(logits, -1)).to(hidden.dtype)
+
+    def _residual_brier(self, hidden: torch.Tensor, target: Errors) -> torch.Tensor:
+        """‖f − ℓ‖² of the logit-residual head = ‖softmax(z + g) − one_hot(y)‖² (p̂ cancels), from compact errors.
+
+        The compact errors hold the Pilot's distribution on its top-k tokens and the label, and the rest of its mass
+        (the tail). q = softmax(z + g) is computed over those k + 1 tokens plus the tail as one bucket, whose
+        residual is taken as 0: ``q_j = p̂_j e^{g_j} / (Σ p̂ e^g + tail)``. The Brier score is then
+        ``1 − 2 q_y + Σ q_j²`` over the kept tokens, leaving out the tail's Σ q², as ‖ℓ‖² leaves out Σ p̂² there;
+        at g = 0 it equals ‖ℓ‖² exactly. Only the labelled positions are computed (others are 0): g at k + 1 rows
+        of W each.
+        """
+        if not isinstance(target, CompactErrors):
+            raise ValueError("A Copilot with correction='logit_residual' scores against CompactErrors (the Pilot's "
+                             "top-k distribution and label, as the Mistake Log keeps them), not dense errors.")
+        squared = hidden.new_zeros(target.labels.shape)
+        valid = target.valid
+        errors = target.map(lambda tensor: tensor[valid])
+        ids = torch.cat([errors.labels.unsqueeze(-1), errors.ids], dim=-1)  # (N, 1 + k)
+        probs = torch.cat([errors.outside_label_mass().unsqueeze(-1), errors.probs.float()], dim=-1)
+        residual = torch.einsum("nd,nkd->nk", hidden[valid], self.correction_head.weight.float()[ids])
+        tiny = torch.finfo(torch.float32).tiny
+        kept = torch.where(probs > 0, probs.clamp(min=tiny).log() + residual, -torch.inf)
+        tail = errors.dropped_mass().clamp(min=tiny).log().unsqueeze(-1)
+        q = torch.softmax(torch.cat([kept, tail], dim=-1), dim=-1)[:, :-1]
+        label_q = (q * (ids == errors.labels.unsqueeze(-1))).sum(-1)
+        squared[valid] = 1.0 - 2.0 * label_q + q.pow(2).sum(-1)
+        return squared
 
     def _rerank(self, hidden: torch.Tensor, top_ids: torch.Tensor | None, top_probs: torch.Tensor | None):
         """The residual re-ranking correction (see ``CopilotConfig.correction``) as its candidate ids and values,

@@ -390,6 +390,7 @@ class PilotTap:
         block = max(1, HEAD_BLOCK_BYTES // (4 * record.vocab_size))
         pieces = [CompactErrors.from_logits(logits_of(flat_states[i:i + block]), flat_labels[i:i + block],
                                             self.errors_top_k) for i in range(0, len(flat_labels), block)]
-        record.compact_errors = CompactErrors(
-            labels, *(torch.cat([getattr(piece, name) for piece in pieces]).view(*labels.shape, -1)
-                      for name in ("ids", "probs")))
+        ids, probs = (torch.cat([getattr(piece, name) for piece in pieces]).view(*labels.shape, -1)
+                      for name in ("ids", "probs"))
+        record.compact_errors = CompactErrors(labels, ids, probs,
+                                              torch.cat([piece.label_probs for piece in pieces]).view(labels.shape))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
-from hf_copilot import CopilotLogitsProcessor, CopilotModel
+from hf_copilot import CopilotConfig, CopilotLogitsProcessor, CopilotModel
 from hf_copilot.recipes import scoring
 from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks, heldout_error_ratio, heldout_error_ratios,
                                             record_mistake_log)
@@ -157,7 +157,8 @@ def reference_errors(pilot, copilot, tokenizer, examples):
                 valid[t] = True
             shifted = torch.cat([torch.zeros(1, VOCAB, dtype=torch.float64), errors[:-1]])
             corrections = copilot(pilot_hidden_states=h_mean, pilot_input_states=captured["x"],
-                                  input_errors=shifted[None].float()).corrections[0].double()
+                                  input_errors=shifted[None].float(),
+                                  pilot_logits=logits[None].float()).corrections[0].double()
             squared_error += float((corrections - errors)[valid].pow(2).sum())
             squared_norm += float(errors[valid].pow(2).sum())
             tokens += int(valid.sum())
@@ -235,6 +236,20 @@ def test_heldout_error_ratio_matches_a_dense_recomputation(trained, tokenizer):
     both = heldout_error_ratios(pilot, {"trained": copilot, "fresh": fresh}, tokenizer, examples, FMT, batch_size=3,
                                 top_k=VOCAB)
     assert both == {"trained": pytest.approx(result, rel=1e-6), "fresh": pytest.approx(untrained, rel=1e-6)}
+
+
+def test_heldout_error_ratio_of_a_logit_residual_copilot_matches_a_dense_recomputation(trained, tokenizer):
+    """The same trained weights read as a logit residual: scored from compact errors, equal to dense corrections
+    softmax(z + g) − softmax(z) against dense errors."""
+    pilot, copilot = trained
+    residual = CopilotModel(CopilotConfig(**dict(copilot.config.to_dict(), correction="logit_residual"))).eval()
+    residual.load_state_dict(copilot.state_dict())
+    examples = qa_examples(7, start=20)
+    result = heldout_error_ratio(pilot, residual, tokenizer, examples, FMT, batch_size=3, top_k=VOCAB)
+    squared_error, squared_norm, tokens = reference_errors(pilot, residual, tokenizer, examples)
+    assert result["tokens"] == tokens
+    assert result["ratio"] == pytest.approx((squared_error / squared_norm) ** 0.5, rel=1e-5)
+    assert abs(result["ratio"] - 1) > 1e-3
 
 
 def test_recording_a_mistake_log_can_score_a_copilot_in_the_same_pass(trained, tokenizer):

@@ -73,6 +73,7 @@ def reference_correction(copilot, pilot, decoder_ids, decoder_mask, prompt_lengt
     over the prompt and, at each generated position, the Copilot's own output at the position before."""
     logits, inputs, hidden = pilot_states(pilot, decoder_ids, decoder_mask, source, source_mask)
     top = logits.softmax(-1).topk(copilot.config.rerank_top_k, dim=-1)  # a re-ranking Copilot's candidates
+    # (and the logits a logit-residual Copilot corrects)
     rows = decoder_ids.shape[0]
     errors = torch.zeros(rows, prompt_length, VOCAB, device=decoder_ids.device)
     for length in range(prompt_length, decoder_ids.shape[1] + 1):
@@ -82,7 +83,7 @@ def reference_correction(copilot, pilot, decoder_ids, decoder_mask, prompt_lengt
             kwargs = dict(pilot_input_states=inputs, pilot_input_mask=source_mask)
         out = copilot(pilot_hidden_states=hidden[:, :length], input_errors=errors[:, :length],
                       attention_mask=decoder_mask[:, :length], pilot_top_ids=top.indices[:, :length],
-                      pilot_top_probs=top.values[:, :length], **kwargs)
+                      pilot_top_probs=top.values[:, :length], pilot_logits=logits[:, :length], **kwargs)
         errors = torch.cat([errors, out.corrections[:, -1:]], dim=1)
     return errors[:, -1]
 
@@ -159,10 +160,11 @@ def test_greedy_matches_full_recompute_reference(llama, space, device):
     assert not torch.equal(fused, generate(pilot, **inputs)), "the Copilot should change the output"
 
 
+@pytest.mark.parametrize("correction", ["logit_residual", "rerank"])
 @pytest.mark.parametrize("space", ["probs", "logits"])
-def test_rerank_copilot_greedy_matches_full_recompute_reference(llama, space):
+def test_other_corrections_greedy_matches_full_recompute_reference(llama, space, correction):
     pilot, _ = llama
-    copilot = noisy_copilot(pilot, std=3.0, correction="rerank", rerank_top_k=6)
+    copilot = noisy_copilot(pilot, std=3.0, correction=correction, rerank_top_k=6)
     inputs = prompt_inputs()
     with CopilotLogitsProcessor(copilot, pilot, lam=1.0, space=space) as processor:
         fused = generate(pilot, processor, **inputs)
@@ -237,9 +239,13 @@ def test_lam_zero_beam_search_matches_plain_generate(llama, t5, kind, dtype, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_beam_search_corrections_follow_the_beams(llama, t5, kind, device):
-    pilot, copilot = moved(llama if kind == "llama" else t5, device)
+@pytest.mark.parametrize("kind, correction", [("llama", "vocabulary"), ("t5", "vocabulary"),
+                                              ("llama", "logit_residual"), ("t5", "logit_residual")])
+def test_beam_search_corrections_follow_the_beams(llama, t5, kind, correction, device):
+    pilot, copilot = llama if kind == "llama" else t5
+    if correction != "vocabulary":
+        copilot = noisy_copilot(pilot, std=3.0, correction=correction)
+    pilot, copilot = moved((pilot, copilot), device)
     inputs = prompt_inputs(device)
     beams = BEAMS["num_beams"]
     recorder = StepRecorder()

@@ -56,9 +56,9 @@ def documented_bytes(record, top_k=TOP_K, d=WIDTH, s=BF16):
     tokens = stored_tokens(record)
     sequences = sum(n > 0 for n in tokens)
     if record.kind == "decoder_only":
-        return sum(tokens) * (2 * d * s + 4 + top_k * (4 + s)) + 8 * sequences
+        return sum(tokens) * (2 * d * s + 4 + s + top_k * (4 + s)) + 8 * sequences
     sources = sum(int(mask.sum()) for mask, n in zip(record.input_mask, tokens) if n)
-    return sum(tokens) * (d * s + 4 + top_k * (4 + s)) + sources * d * s + 16 * sequences
+    return sum(tokens) * (d * s + 4 + s + top_k * (4 + s)) + sources * d * s + 16 * sequences
 
 
 def test_bytes_follow_documented_formula():
@@ -66,13 +66,13 @@ def test_bytes_follow_documented_formula():
     record = synthetic_record([8, 5, 1])  # the 1-token sequence has no next-token label: not stored
     log.add(record, step=0)
     assert stored_tokens(record) == [7, 4, 0]
-    assert log.bytes == documented_bytes(record) == 11 * (2 * WIDTH * BF16 + 4 + TOP_K * 6) + 2 * 8
+    assert log.bytes == documented_bytes(record) == 11 * (2 * WIDTH * BF16 + 4 + BF16 + TOP_K * 6) + 2 * 8
     assert log.stats()["sequences"] == 2 and log.stats()["tokens"] == 11
 
     log = MistakeLog(top_k=TOP_K)
     record = synthetic_record([8, 3, 0], kind="encoder_decoder", source_lengths=[6, 2, 4])
     log.add(record, step=0)
-    assert log.bytes == documented_bytes(record) == 11 * (WIDTH * BF16 + 4 + TOP_K * 6) + 8 * WIDTH * BF16 + 2 * 16
+    assert log.bytes == documented_bytes(record) == 11 * (WIDTH * BF16 + 4 + BF16 + TOP_K * 6) + 8 * WIDTH * BF16 + 2 * 16
 
 
 def test_trailing_unlabelled_positions_are_not_stored():

@@ -104,8 +104,10 @@ def test_no_leak_from_future_positions(kind):
         changed["pilot_input_states"][:, cut + 1:] -= 3.0
     other_errors = random_errors(seed=1)[2]
     later_inputs = CompactErrors(*(torch.cat([old[:, : cut + 1], new[:, cut + 1:]], dim=1)
-                                   for old, new in zip((previous.labels, previous.ids, previous.probs),
-                                                       (other_errors.labels, other_errors.ids, other_errors.probs))))
+                                   for old, new in zip((previous.labels, previous.ids, previous.probs,
+                                                        previous.label_probs),
+                                                       (other_errors.labels, other_errors.ids, other_errors.probs,
+                                                        other_errors.label_probs))))
     after = copilot(**changed, input_errors=later_inputs).corrections
     assert torch.equal(after[:, : cut + 1], before[:, : cut + 1])
     assert not torch.allclose(after[:, cut + 1:], before[:, cut + 1:])
@@ -193,13 +195,13 @@ def test_a_copilot_that_does_not_read_errors_ignores_them():
         assert not torch.allclose(reading(**x, input_errors=errors.shift_right()).corrections, blind)
 
 
-@pytest.mark.parametrize("correction", ["vocabulary", "rerank"])
+@pytest.mark.parametrize("correction", ["vocabulary", "logit_residual", "rerank"])
 def test_corrections_to_keep_gives_the_last_positions_of_a_full_forward(correction):
     copilot = trained_looking(CopilotModel(small_config(correction=correction, rerank_top_k=4)))
     logits, _, errors = random_errors(top_k=8)
     top = logits.softmax(-1).topk(8, dim=-1)
     common = dict(**inputs("decoder_only"), input_errors=errors.shift_right(), attention_mask=left_padded_mask(),
-                  pilot_top_ids=top.indices, pilot_top_probs=top.values)
+                  pilot_top_ids=top.indices, pilot_top_probs=top.values, pilot_logits=logits)
     with torch.no_grad():
         full = copilot(**common).corrections
         last_two = copilot(**common, corrections_to_keep=2).corrections
@@ -324,6 +326,67 @@ def test_loss_is_rmse_over_labelled_positions(correction):
     weights = [copilot.correction_head.weight, copilot.layers[0].mlp.down_proj.weight]
     for grad, reference_grad in zip(torch.autograd.grad(out.loss, weights), torch.autograd.grad(reference, weights)):
         torch.testing.assert_close(grad, reference_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_logit_residual_starts_at_zero_and_its_loss_at_the_all_zero_loss():
+    copilot = CopilotModel(small_config(correction="logit_residual")).eval()
+    logits, _, errors = random_errors(top_k=8)
+    out = copilot(**inputs("decoder_only"), input_errors=errors.shift_right(), target_errors=errors,
+                  pilot_logits=logits)
+    assert torch.equal(out.corrections, torch.zeros_like(out.corrections))
+    valid = errors.valid
+    torch.testing.assert_close(out.loss, errors.squared_norm()[valid].mean().sqrt(), atol=1e-6, rtol=1e-6)
+
+
+def brier_reference(copilot, hidden, logits, labels):
+    """‖softmax(z + W h) − one_hot(y)‖² per labelled token, one token at a time over the whole vocabulary."""
+    terms = []
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            if labels[b, t] != -100:
+                q = torch.softmax(logits[b, t] + copilot.correction_head.weight @ hidden[b, t], -1)
+                terms.append((q - torch.nn.functional.one_hot(labels[b, t], VOCAB)).pow(2).sum())
+    return torch.stack(terms)
+
+
+def test_logit_residual_loss_is_the_brier_score_of_the_rectified_distribution():
+    """With the whole vocabulary kept, the loss from compact errors equals ‖f − ℓ‖² of the dense corrections,
+    which equals the Brier score of softmax(z + g), in value and gradient; its corrections are
+    softmax(z + g) − softmax(z) and keep p̂ + λ f a distribution for λ ≤ 1."""
+    copilot = trained_looking(CopilotModel(small_config(correction="logit_residual")))
+    logits, labels, errors = random_errors(top_k=VOCAB)
+    common = dict(**inputs("decoder_only"), input_errors=errors.shift_right())
+    out = copilot(**common, target_errors=errors, pilot_logits=logits)
+    reference = brier_reference(copilot, out.last_hidden_state, logits, labels)
+    torch.testing.assert_close(out.loss, reference.mean().sqrt(), atol=1e-5, rtol=1e-5)
+    dense = ((out.corrections - errors.to_dense(VOCAB)).pow(2).sum(-1))[labels != -100]
+    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
+    fused = logits.softmax(-1) + 0.7 * out.corrections
+    assert fused.min() >= 0
+    torch.testing.assert_close(fused.sum(-1), torch.ones(B, T), atol=1e-5, rtol=0)
+    weights = [copilot.correction_head.weight, copilot.layers[0].mlp.down_proj.weight]
+    for grad, reference_grad in zip(torch.autograd.grad(out.loss, weights, retain_graph=True),
+                                    torch.autograd.grad(reference.mean().sqrt(), weights)):
+        torch.testing.assert_close(grad, reference_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_logit_residual_with_a_top_k_log_counts_the_label_outside_the_top_k():
+    """From a top-8 log the loss can still raise the label: its probability is kept beside the top-k, so a
+    residual that boosts only the label lowers the loss even where the label is far down the Pilot's list."""
+    copilot = CopilotModel(small_config(correction="logit_residual")).eval()
+    logits, labels, errors = random_errors(top_k=8)
+    outside = errors.valid & ~errors.label_in_top_k()
+    assert outside.any()
+    common = dict(**inputs("decoder_only"), input_errors=errors.shift_right(), target_errors=errors)
+    hidden = copilot(**common, return_corrections=False).last_hidden_state
+    before = copilot.squared_errors(hidden, errors)
+    b, t = outside.nonzero()[0].tolist()
+    with torch.no_grad():  # g = 8 at this position's label only
+        copilot.correction_head.weight[labels[b, t]] = 8 * hidden[b, t] / hidden[b, t].pow(2).sum()
+    after = copilot.squared_errors(hidden, errors)[b, t]
+    exact = brier_reference(copilot, hidden[b:b + 1, t:t + 1], logits[b:b + 1, t:t + 1], labels[b:b + 1, t:t + 1])
+    assert after < before[b, t] - 0.3
+    torch.testing.assert_close(after, exact[0], atol=0.02, rtol=0)  # the tail's own Σq² is all it leaves out
 
 
 @pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])

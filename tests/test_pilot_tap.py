@@ -108,12 +108,15 @@ def test_errors_equal_onehot_minus_softmax(name):
     top_probs, top_ids = probs.topk(TOP_K, dim=-1)
     top = torch.zeros_like(dense, dtype=torch.bool).scatter_(-1, top_ids, True)
     label = nn.functional.one_hot(labels.clamp(min=0), VOCAB).bool() & valid[..., None]
-    # Compact form: exact on the top-k entries; at the label 1 − p̂ when the label is in the top-k, else 1 (its
-    # probability is part of the dropped mass); zero elsewhere.
-    torch.testing.assert_close(dense[top], expected[top], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(dense[label & ~top], torch.ones_like(dense[label & ~top]))
+    # Compact form: exact on the top-k entries and at the label (its own probability is kept where the top-k does
+    # not hold it); zero elsewhere.
+    torch.testing.assert_close(dense[top | label], expected[top | label], atol=1e-6, rtol=1e-5)
     assert (dense[~top & ~label] == 0).all()
-    torch.testing.assert_close(errors.dropped_mass(), (1 - top_probs.sum(-1)) * valid, atol=1e-6, rtol=1e-5)
+    label_probs = probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    outside = (label & ~top).any(-1)
+    torch.testing.assert_close(errors.dropped_mass(), (1 - top_probs.sum(-1) - label_probs * outside) * valid,
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(errors.squared_norm(), dense.pow(2).sum(-1), atol=1e-5, rtol=1e-5)
     assert (label & ~top).any() and (label & top).any()  # both cases occur in this batch
     assert (errors.probs[~valid] == 0).all()
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from ..errors import DEFAULT_TOP_K, IGNORE_INDEX, squared_error_norm
+from ..errors import DEFAULT_TOP_K, IGNORE_INDEX
 from ..mistake_log import MistakeLog
 from ..pilot import PilotRecord, PilotTap
 from .prompts import encode_example, prepare_tokenizer
@@ -108,8 +108,9 @@ class ErrorRatios:
                 batches[device] = log.sample(record.labels.shape[0], device=device)
             batch = batches[device]
             valid = batch.errors.valid & batch.attention_mask.bool()
-            corrections = copilot(**batch.copilot_inputs()).corrections
-            self.totals[name][0] += float(squared_error_norm(corrections, batch.errors)[valid].sum())
+            inputs = dict(batch.copilot_inputs(), target_errors=None)
+            hidden = copilot(**inputs, return_corrections=False).last_hidden_state
+            self.totals[name][0] += float(copilot.squared_errors(hidden, batch.errors)[valid].sum())
             self.totals[name][1] += float(batch.errors.squared_norm()[valid].sum())
             self.totals[name][2] += int(valid.sum())
 
