@@ -14,7 +14,8 @@ SCRIPTS = sorted(f"benchmarks.{path.parent.name}.{path.stem}" for room in ("cost
 
 def test_every_script_is_found():
     rooms = {"cost": {"training_overhead", "generation_overhead", "memory", "step_components", "offline_training"},
-             "quality": {"quality", "copilot_variants", "sanity", "error_visibility", "option_likelihood", "paper"}}
+             "quality": {"quality", "copilot_variants", "sanity", "error_visibility", "option_likelihood", "paper",
+                         "expressiveness"}}
     assert {f"benchmarks.{room}.{name}" for room, names in rooms.items() for name in names} <= set(SCRIPTS)
 
 
@@ -72,3 +73,31 @@ def test_paper_table_covers_every_cell_on_disk_finished_or_stopped(tmp_path, mon
     # Only the two finished cells reached (c): the same two fixes, out of 8 items, not 12.
     latest = rows["(c) Latest paper Copilot, probs λ=1 greedy"]
     assert "(+2/−0" in latest and "| 75.0 |" in latest
+
+
+def test_a_setting_chosen_on_validation_is_scored_on_the_test_items(monkeypatch):
+    """The headline row of a Copilot under a validation protocol is the test score of the setting its validation
+    items chose (here the Pilot alone for one arm: no setting beat it there), paired with the Pilot alone."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    paper = importlib.import_module("benchmarks.quality.paper")
+    cell = _cell("arc_easy", 0, [False, True, True, False], finished=True)
+    cell["chosen"] = {"paper": {"decoding": "probs λ=1 greedy"}, "small": {"decoding": "pilot greedy"}}
+    rows = paper.rows_of(cell)
+    assert rows["+ paper Copilot, setting chosen on validation"] == cell["arms"]["paper"]["probs λ=1 greedy"]
+    assert rows["+ 2-layer Copilot, setting chosen on validation"] == cell["arms"]["small"]["pilot greedy"]
+    assert "choose" in paper.stages_of(paper.PROTOCOLS["cpu_residual"])
+    assert "choose" not in paper.stages_of(paper.PROTOCOLS["cpu"])  # its kept cells stay finished
+
+
+def test_the_best_setting_prefers_the_pilot_then_the_smaller_lambda_on_ties(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    paper = importlib.import_module("benchmarks.quality.paper")
+    greedy = [("probs", 0.5), ("probs", 1.0), ("logits", 3.0), ("logits", 1.0)]
+
+    def scores(**right):
+        return {name: {"right": [True] * count + [False] * (9 - count)} for name, count in right.items()}
+    names = {"pilot": "pilot greedy", "p05": "probs λ=0.5 greedy", "p1": "probs λ=1 greedy",
+             "l1": "logits λ=1 greedy", "l3": "logits λ=3 greedy"}
+    assert paper.best_setting(scores(**{names["pilot"]: 4, names["p1"]: 5, names["l3"]: 5}), greedy) == names["p1"]
+    assert paper.best_setting(scores(**{names["pilot"]: 5, names["p05"]: 5}), greedy) == names["pilot"]
+    assert paper.best_setting(scores(**{names["pilot"]: 3, names["l3"]: 6, names["p05"]: 6}), greedy) == names["p05"]

@@ -1,17 +1,20 @@
 """MistakeLog: bounds, exact byte accounting, sampling, persistence and statistics, checked by recomputation."""
 
 import dataclasses
+import json
 import math
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from hf_copilot import CopilotConfig, CopilotModel
-from hf_copilot.errors import IGNORE_INDEX
+from hf_copilot.errors import IGNORE_INDEX, CompactErrors
 from hf_copilot.mistake_log import MistakeLog
+from hf_copilot.safe_io import sha256_of
 from hf_copilot.pilot import PilotRecord, PilotTap
 
 WIDTH, VOCAB, TOP_K = 16, 50, 4
@@ -267,6 +270,32 @@ def test_save_load_round_trip(tmp_path, kind):
         for name, tensor in saved.tensors().items():
             assert torch.equal(tensor, restored.tensors()[name]) and tensor.dtype == restored.tensors()[name].dtype
     assert loaded.stats() == log.stats()
+
+
+def test_a_log_of_format_1_still_loads_and_represents_what_it_did(tmp_path):
+    """Format 1 kept no label probabilities: such a log loads, and its errors are what format 1 represented (the
+    label's probability taken as 0 where the top-k does not hold it); new records added to it keep theirs."""
+    log = MistakeLog(top_k=4)
+    log.add(synthetic_record([8, 4]), step=0)
+    log.save(tmp_path / "log")
+    tensors = load_file(tmp_path / "log" / "mistake_log.safetensors")
+    save_file({name: t for name, t in tensors.items() if not name.endswith(".label_probs")},
+              tmp_path / "log" / "mistake_log.safetensors")
+    metadata = json.loads((tmp_path / "log" / "mistake_log.json").read_text())
+    metadata.update(format_version=1, tensors_sha256=sha256_of(tmp_path / "log" / "mistake_log.safetensors"))
+    (tmp_path / "log" / "mistake_log.json").write_text(json.dumps(metadata))
+
+    old = MistakeLog.load(tmp_path / "log")
+    assert old._entries[0].label_probs is None
+    now, before = log.sample(2, torch.Generator().manual_seed(0)), old.sample(2, torch.Generator().manual_seed(0))
+    outside = now.errors.valid & ~now.errors.label_in_top_k()
+    assert outside.any()
+    assert (before.errors.label_probs == 0).all()
+    format_1 = CompactErrors(now.errors.labels, now.errors.ids, now.errors.probs)  # no label probabilities
+    torch.testing.assert_close(before.errors.to_dense(VOCAB), format_1.to_dense(VOCAB))
+    assert (before.errors.to_dense(VOCAB) != now.errors.to_dense(VOCAB)).any(-1).eq(outside).all()
+    old.add(synthetic_record([5], seed=1), step=1)
+    assert old._entries[-1].label_probs is not None
 
 
 def test_load_refuses_a_log_of_another_pilot(tmp_path):

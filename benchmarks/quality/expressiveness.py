@@ -3,6 +3,7 @@ measuring (issue "The Copilot cannot learn by construction").
 
     python -m benchmarks.quality.expressiveness counting            # (a) frozen random Pilot, counting: minutes
     python -m benchmarks.quality.expressiveness smollm2             # (b) SmolLM2's real errors, a fixed log: ~1 h
+                                                                    #     (resumes from --runs)
 
 (a) **Counting.** A random-init Llama Pilot, frozen (learning rate 0), reads counting sequences: every next token is
 the current one + 1, fully determined by what the Copilot reads. The Copilot trains jointly through
@@ -85,23 +86,28 @@ def counting_fit(correction: str, config: dict = COUNTING, seed: int = 0, output
             "seconds": time.perf_counter() - started}
 
 
-def smollm2_log(config: dict = SMOLLM2, seed: int = 0):
+def smollm2_log(folder: Path, config: dict = SMOLLM2, seed: int = 0):
     """(b)'s fixed Pilot and log: SmolLM2 LoRA-fine-tuned on the first ``finetune_rows`` training items of the task,
-    then its teacher-forced errors on the first ``log_rows`` (the fine-tuning items and some it never saw)."""
+    then its teacher-forced errors on the first ``log_rows`` (the fine-tuning items and some it never saw). Both are
+    kept in ``folder``, so that a rerun starts from them."""
+    from hf_copilot import MistakeLog
     from hf_copilot.recipes.assets import resolve_model
     from hf_copilot.recipes.diagnostics import record_mistake_log
-    from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot
+    from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
     from hf_copilot.recipes.tasks import TASKS, load_task
 
+    if (folder / "log").is_dir():
+        return load_pilot(folder / "pilot")[0].eval(), MistakeLog.load(folder / "log")
     examples = load_task(config["task"], "train", seed=0)[: config["log_rows"]]
     task_format = TASKS[config["task"]].format
     pilot, tokenizer = load_pilot(resolve_model("smollm2-135m"))
     pilot = add_lora(pilot, 32)
-    with tempfile.TemporaryDirectory() as scratch:
-        finetune(pilot, tokenizer, examples[: config["finetune_rows"]], task_format, Path(scratch), epochs=config["epochs"],
-                 learning_rate=2e-4, batch_size=8, max_length=256, seed=seed, progress=False)
+    finetune(pilot, tokenizer, examples[: config["finetune_rows"]], task_format, folder / "training",
+             epochs=config["epochs"], learning_rate=2e-4, batch_size=8, max_length=256, seed=seed, progress=False)
+    save_pilot(pilot, tokenizer, folder / "pilot")
     pilot.eval()
     log = record_mistake_log(pilot, tokenizer, examples, task_format, batch_size=8)
+    log.save(folder / "log")
     return pilot, log
 
 
@@ -144,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corrections", default="vocabulary,logit_residual",
                         help=f"comma-separated correction forms among {CORRECTIONS}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=Path, default=Path("runs/expressiveness"),
+                        help="where (b) keeps its fine-tuned Pilot, its log and each finished fit, to resume from")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another torch process)")
     args = parser.parse_args(argv)
     corrections = args.corrections.split(",")
     unknown = set(corrections) - set(CORRECTIONS)
     if unknown:
         parser.error(f"unknown correction(s) {sorted(unknown)}; pick among {CORRECTIONS}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.proof == "counting":
         rows = []
         for correction in corrections:
@@ -157,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{correction}: fit {rows[-1]['fit']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
         page = write_page("counting", rows, COUNTING)
     else:
-        pilot, log = smollm2_log(seed=args.seed)
+        folder = args.runs / f"smollm2_seed{args.seed}"
+        pilot, log = smollm2_log(folder, seed=args.seed)
         stats = log.stats()
         extra = (f"The fixed log: {stats['sequences']} sequences, {stats['labelled_tokens']} labelled tokens, all-zero "
                  f"loss {stats['error_rms']:.4f}, mean mass outside the top-k and the label "
@@ -166,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for correction in corrections:
             for learning_rate in SMOLLM2["learning_rates"]:
-                rows.append(smollm2_fit(pilot, log, correction, learning_rate, seed=args.seed))
+                done = folder / f"{correction}_lr{learning_rate:g}.json"  # a rerun keeps finished fits
+                if not done.is_file():
+                    done.write_text(json.dumps(smollm2_fit(pilot, log, correction, learning_rate, seed=args.seed)))
+                rows.append(json.loads(done.read_text()))
                 print(f"{correction} lr {learning_rate:g}: fit {rows[-1]['fit']:.3f} ({rows[-1]['seconds']:.0f} s)",
                       flush=True)
         page = write_page("smollm2", rows, SMOLLM2, extra)

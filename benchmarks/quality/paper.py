@@ -22,6 +22,9 @@ table from every cell on disk:
   screen    the cheap, decisive diagnostic first: each Copilot's held-out ratio (its RMSE / the all-zero
             predictor's, teacher-forced on the test items; below 1 is a prerequisite for any gain) and the same on
             the training items. ``--stages joint,screen`` stops here.
+  choose    (protocols with validation items) each Copilot's greedy setting (space, lambda) chosen on validation
+            items the Pilot never trained on, or the Pilot alone when no setting beats it there; the table then
+            reports that setting's test accuracy as the Copilot's headline row.
   epochs    the Pilot alone after every epoch (greedy), to show where more epochs stop paying.
   copilots  both Copilots on the final Pilot: the greedy lambda grid in both fusion spaces, and beam 4.
   longer    (b) the Pilot alone trained longer by the paper Copilot's share of the joint run's time.
@@ -50,9 +53,9 @@ from hf_copilot.recipes.diagnostics import ErrorRatios, record_mistake_log, teac
 from hf_copilot.recipes.finetune import add_lora, finetune, load_pilot, save_pilot
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.significance import PairedComparison, describe, pooled
-from hf_copilot.recipes.tasks import TASKS
+from hf_copilot.recipes.tasks import TASKS, load_task
 
-STAGES = ("joint", "screen", "epochs", "copilots", "longer", "capacity", "latest")
+STAGES = ("joint", "screen", "choose", "epochs", "copilots", "longer", "capacity", "latest")
 ARITHMETIC = {"basic_arithmetic"}
 """Tasks the paper trains with its arithmetic learning rates (Pilot 2e-4, Copilot 3e-4); the rest are commonsense
 (Pilot 3e-4, Copilot 5e-4)."""
@@ -73,6 +76,13 @@ PROTOCOLS = {
     # rows (30 steps), the paper's epochs and batch.
     "cpu_screen": dict(PAPER, tasks=("basic_arithmetic",), train_size={"basic_arithmetic": 160}, test_size=200,
                        beam=[("probs", 1.0), ("logits", 1.0)], beam_arms=("paper",), eval_batch_size=32),
+    # Issue 29 (c), fixed before its first cell: the cpu protocol with both Copilots' heads as logit residuals,
+    # and lambda chosen on validation items. ARC-Easy gives up 70 of its 370 training rows for validation;
+    # arithmetic takes its 200 validation items from the rows after its 400 training rows.
+    "cpu_residual": dict(PAPER, correction="logit_residual", tasks=("arc_easy", "basic_arithmetic"),
+                         train_size={"basic_arithmetic": 400, "arc_easy": 300},
+                         validation_size={"basic_arithmetic": 200, "arc_easy": 70}, test_size=200,
+                         beam=[("probs", 1.0), ("logits", 1.0)], beam_arms=("paper",), eval_batch_size=32),
     # Every stage on a handful of items, for checking the script end to end before a long run (its results stay
     # under --runs).
     "smoke": dict(PAPER, keep=False, epochs=2.0, batch_size=4, copilot_batch_size=4, small_batch_size=4,
@@ -80,6 +90,9 @@ PROTOCOLS = {
                   greedy=[("probs", 1.0), ("logits", 1.0)], beam=[("probs", 1.0)], beam_arms=("paper",),
                   eval_batch_size=8),
 }
+PROTOCOLS["smoke_residual"] = dict(PROTOCOLS["smoke"], correction="logit_residual",
+                                   validation_size={"basic_arithmetic": 8})
+"""cpu_residual's stages, validation included, on a handful of items."""
 
 
 def learning_rates(task: str) -> tuple[float, float]:
@@ -87,9 +100,9 @@ def learning_rates(task: str) -> tuple[float, float]:
     return (2e-4, 3e-4) if task in ARITHMETIC else (3e-4, 5e-4)
 
 
-def paper_copilot(pilot) -> CopilotModel:
+def paper_copilot(pilot, correction: str = "vocabulary") -> CopilotModel:
     depth = pilot.config.get_text_config().num_hidden_layers
-    return CopilotModel.from_pilot(pilot, num_hidden_layers=depth, lora=PAPER_LORA)
+    return CopilotModel.from_pilot(pilot, num_hidden_layers=depth, lora=PAPER_LORA, correction=correction)
 
 
 class Cell:
@@ -107,6 +120,9 @@ class Cell:
         self.result = json.loads(found.read_text()) if found else {
             "task": task, "seed": seed, "protocol": protocol, "stage_seconds": {}}
         self.train, self.test = task_data(task, self.p["train_size"].get(task), self.p["test_size"])
+        self.validation = validation_items(task, self.p, self.train)
+        self.correction = self.p.get("correction", "vocabulary")
+        self.stages = stages_of(self.p)
         self.format = TASKS[task].format
         self.pilot_lr, self.copilot_lr = learning_rates(task)
 
@@ -121,14 +137,15 @@ class Cell:
         if self.p.get("keep", True):  # what a stopped run has found so far survives the machine
             write_json(self.kept.with_suffix(".partial.json"), self.result)
 
-    def decode(self, pilot, tokenizer, copilot, settings, beams: int) -> dict:
-        """Per decoding (the Pilot alone under these beams first): accuracy, and which test items were right, so
-        that arms can be compared item by item and pooled over seeds."""
+    def decode(self, pilot, tokenizer, copilot, settings, beams: int, items=None) -> dict:
+        """Per decoding (the Pilot alone under these beams first): accuracy, and which items (default: the test
+        items) were right, so that arms can be compared item by item and pooled over seeds."""
+        items = self.test if items is None else items
         decodings = [Decoding(num_beams=beams)] + [Decoding(lam, space, beams) for space, lam in settings]
-        rows = evaluate_decodings(pilot, tokenizer, self.test, self.format, decodings, copilot=copilot,
+        rows = evaluate_decodings(pilot, tokenizer, items, self.format, decodings, copilot=copilot,
                                   batch_size=self.p["eval_batch_size"])
         return {row["decoding"]: {"accuracy": row["accuracy"], "right": [
-            self.format.is_correct(text, example) for text, example in zip(row["answers"], self.test)]}
+            self.format.is_correct(text, example) for text, example in zip(row["answers"], items)]}
             for row in rows}
 
     def train_pilot(self, folder: Path, *, rank: int, max_steps: int = -1, callbacks=()) -> dict:
@@ -154,11 +171,13 @@ class Cell:
 
     def callbacks(self):
         def paper(pilot):
-            return CopilotCallback(paper_copilot(pilot), name="paper", save_mistake_log=True, seed=self.seed,
+            return CopilotCallback(paper_copilot(pilot, self.correction), name="paper", save_mistake_log=True,
+                                   seed=self.seed,
                                    learning_rate=self.copilot_lr, batch_size=self.p["copilot_batch_size"])
 
         def small(pilot):
-            return CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=self.p["small_layers"]),
+            return CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=self.p["small_layers"],
+                                                           correction=self.correction),
                                    name="small", save_mistake_log=True, seed=self.seed,
                                    learning_rate=self.p["small_learning_rate"],
                                    batch_size=self.p["small_batch_size"])
@@ -228,10 +247,21 @@ class Cell:
             on_training_items.add(record)
         return {"heldout": self.heldout(pilot, tokenizer, joint), "train_items": on_training_items.results()}
 
+    def choose(self) -> dict:
+        """Per Copilot, the greedy setting with the best accuracy on the validation items; the Pilot alone (no
+        rectification) when none beats it, the smaller lambda on ties."""
+        pilot, tokenizer, arms = self.final_pilot_and_copilots()
+        chosen = {}
+        for name, copilot in arms.items():
+            scores = self.decode(pilot, tokenizer, copilot, self.p["greedy"], 1, self.validation)
+            chosen[name] = {"decoding": best_setting(scores, self.p["greedy"]),
+                            "validation": {d: score["accuracy"] for d, score in scores.items()}}
+        return {"chosen": chosen, "validation_items": len(self.validation)}
+
     def latest(self) -> dict:
         pilot, tokenizer = self.final_pilot()
         set_seed(self.seed)
-        latest = paper_copilot(pretrained(self.model_dir)[0]).to(next(pilot.parameters()).device)
+        latest = paper_copilot(pretrained(self.model_dir)[0], self.correction).to(next(pilot.parameters()).device)
         log = record_mistake_log(pilot, tokenizer, self.train, self.format)
         train_copilot(latest, log, num_updates=self.result["joint"]["steps"], progress=False,
                       learning_rate=self.copilot_lr, batch_size=self.p["copilot_batch_size"], seed=self.seed)
@@ -263,8 +293,9 @@ class Cell:
 
     def run(self, stages=STAGES) -> dict:
         for name in stages:
-            self.stage(name, getattr(self, name))
-        if not set(STAGES) <= set(self.result["stage_seconds"]):  # stopped early on purpose (--stages)
+            if name in self.stages:
+                self.stage(name, getattr(self, name))
+        if not set(self.stages) <= set(self.result["stage_seconds"]):  # stopped early on purpose (--stages)
             return self.result
         write_json(self.folder / "result.json", self.result)
         if self.p.get("keep", True):
@@ -275,6 +306,32 @@ class Cell:
             for checkpoint in (self.folder / folder).glob("checkpoint-*"):
                 shutil.rmtree(checkpoint)
         return self.result
+
+
+def best_setting(scores: dict, greedy: list) -> str:
+    """The decoding with the most items right; on ties the Pilot alone, then the smaller lambda (the gentler
+    change)."""
+    preference = [Decoding().name] + [Decoding(lam, space).name for space, lam in sorted(greedy, key=lambda s: s[1])]
+    return min(scores, key=lambda decoding: (-sum(scores[decoding]["right"]), preference.index(decoding)))
+
+
+def stages_of(protocol: dict) -> tuple[str, ...]:
+    """The stages a protocol runs: ``choose`` only where it has validation items."""
+    return tuple(s for s in STAGES if s != "choose" or protocol.get("validation_size"))
+
+
+def validation_items(task: str, protocol: dict, train: list) -> list:
+    """The protocol's validation items for ``task``: the training rows right after those it trains on (never
+    trained on, never test items); empty without ``validation_size``."""
+    size = protocol.get("validation_size", {}).get(task)
+    if not size:
+        return []
+    rows = load_task(task, "train")
+    items = rows[len(train):len(train) + size]
+    if len(items) < size or {ex.question for ex in items} & {ex.question for ex in train}:
+        raise ValueError(f"{task} has {len(rows)} training rows: not enough for {len(train)} training and {size} "
+                         "validation items apart.")
+    return items
 
 
 def lora_parameters_per_rank(model_dir: Path) -> int:
@@ -295,6 +352,9 @@ def rows_of(result: dict) -> dict[str, dict]:
         for decoding, score in scores.items():
             if not decoding.startswith("pilot"):
                 rows[f"{'+ ' if label[0] != '(' else ''}{label}, {decoding}"] = score
+    for arm, label in (("paper", "paper Copilot"), ("small", "2-layer Copilot")):
+        if arm in result.get("chosen", {}) and arm in result.get("arms", {}):  # chosen on validation, scored on test
+            rows[f"+ {label}, setting chosen on validation"] = result["arms"][arm][result["chosen"][arm]["decoding"]]
     for arm, label in (("longer", "(b) Pilot trained longer"), ("capacity", "(d) Pilot with the Copilot's capacity")):
         if arm in result:
             rows[f"{label}, greedy"] = result[arm]["greedy"][Decoding().name]
