@@ -55,16 +55,14 @@ def _split(args) -> dict:
 
 def _examples(args, split: str):
     """(examples, format) for ``--task`` or ``--data``; a data file is used whole for either split."""
-    if args.data:
-        examples, task_format = load_examples_file(args.data), DEFAULT_FORMAT
-    else:
-        task = _split(args)
-        examples = load_task(args.task, split, seed=task["data_seed"], test_size=task["test_size"],
-                             train_size=getattr(args, "train_size", None))
-        task_format = TASKS[args.task].format
+    task_format = DEFAULT_FORMAT if args.data else TASKS[args.task].format
     if args.answer_style:
         task_format = dataclasses.replace(task_format, answer_style=args.answer_style)
-    return examples, task_format
+    if args.data:  # the style decides which of a file's quirks are harmless
+        return load_examples_file(args.data, task_format), task_format
+    task = _split(args)
+    return load_task(args.task, split, seed=task["data_seed"], test_size=task["test_size"],
+                     train_size=getattr(args, "train_size", None)), task_format
 
 
 def _checked(cast, accept, requirement: str):
