@@ -347,8 +347,9 @@ def _plots(args, pilot, copilot, tokenizer, examples, task_format, rows) -> None
     if best is not None:
         figure = plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, best,
                                     args.output / "rectification.png")
-        print(f"{figure.path.name}: {best['decoding']} on example {figure.facts['example']}, step "
-              f"{figure.facts['step']} ({figure.facts['why']}).", flush=True)
+        facts = figure.facts
+        print(f"{figure.path.name}: {best['decoding']} on example {facts['example']}, step {facts['step']} "
+              f"({facts['why']}); {facts['outcome']}: {facts['reference']}.", flush=True)
 
 
 def _demo_commands(args) -> tuple[list[str], list[str]]:
