@@ -223,7 +223,9 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
     outcome = _outcome(answers["pilot"], answers["rectified"], right["pilot"], right["rectified"])
     said = _reference_line(tokenizer, reference, pilot_choices[step], fused_choices[step])
 
-    figure, (upper, lower) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 2))
+    # constrained: the three-line suptitle and the two-line title each keep their own room
+    figure, (upper, lower) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 2),
+                                          layout="constrained")
     positions = list(range(len(candidates)))
     for shift, (key, name) in zip((-0.2, 0.2), (("pilot", "Pilot alone"), ("fused", f"rectified (λ = {lam:g})"))):
         bars = upper.bar([p + shift for p in positions], values[key], 0.4, label=name)
