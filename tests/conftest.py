@@ -101,11 +101,15 @@ def qa_examples(n: int = 8, start: int = 0):
     return examples
 
 
-def qa_tokenizer():
-    """A word tokenizer covering every word of qa_examples rendered with DEFAULT_FORMAT (prompts and targets)."""
+def qa_tokenizer(answer_styles=("label",)):
+    """A word tokenizer covering every word of qa_examples rendered with DEFAULT_FORMAT (prompts and targets) in each
+    of ``answer_styles``."""
+    from dataclasses import replace
+
     from hf_copilot.recipes.tasks import DEFAULT_FORMAT
 
     words = []
-    for example in qa_examples(12):
-        words += (DEFAULT_FORMAT.prompt(example) + " " + DEFAULT_FORMAT.target(example)).split()
+    for task_format in (replace(DEFAULT_FORMAT, answer_style=style) for style in answer_styles):
+        for example in qa_examples(12):
+            words += (task_format.prompt(example) + " " + task_format.target(example)).split()
     return word_tokenizer(sorted(set(words)))

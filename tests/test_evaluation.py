@@ -353,6 +353,14 @@ def rectified_tokens(pilot, copilot, tokenizer, example, lam):
     return output[0, inputs.shape[1]:].tolist()
 
 
+def expected_outcome(pilot_answer, rectified_answer, example):
+    """fixed / broken / sideways / unchanged, from the hand-written scoring of both answers."""
+    pilot_right, rectified_right = recount(pilot_answer, example), recount(rectified_answer, example)
+    if pilot_answer == rectified_answer:
+        return "unchanged"
+    return {(False, True): "fixed", (True, False): "broken"}.get((pilot_right, rectified_right), "sideways")
+
+
 def test_rectification_plot_shows_the_step_where_the_decodings_part(tiny_run, tokenizer, tmp_path):
     from hf_copilot.recipes import plots
 
@@ -374,9 +382,11 @@ def test_rectification_plot_shows_the_step_where_the_decodings_part(tiny_run, to
     assert rendered.facts["example"] == index and rendered.facts["step"] == step
     upper, lower = rendered.figure.axes
     assert upper.get_title() == f"example {index}, step {step}: first step where the rectified and the Pilot's " \
-                                "decodings differ"
+                                f"decodings differ\n{rendered.facts['reference']}"
     assert rendered.facts["pilot_choice"] == tokenizer.decode([pilot_ids[step]])
     assert rendered.facts["rectified_choice"] == tokenizer.decode([rectified_ids[step]])
+    assert rendered.facts["outcome"] == expected_outcome(rows[0]["answers"][index], best["answers"][index],
+                                                         examples[index])
 
     pilot_bars, fused_bars = ([bar.get_height() for bar in bars] for bars in upper.containers)
     (correction_bars,) = ([bar.get_height() for bar in bars] for bars in lower.containers)
@@ -399,6 +409,57 @@ def test_rectification_plot_shows_the_step_where_the_decodings_part(tiny_run, to
     assert max(abs(c) for c in correction_bars) > 0.4 * max(-low, high)
 
 
+@pytest.mark.slow
+def test_rectification_plot_marks_the_reference_token_and_what_the_step_did(trained, tokenizer, tmp_path):
+    """Each item drawn alone: the reference's token at the drawn step is its own tokenisation's (target, then EOS)
+    wherever both decodings wrote the reference's tokens so far, else none; the outcome follows both answers'
+    scores."""
+    from hf_copilot.recipes import plots
+
+    pilot, copilot = trained
+    noisy = noisy_copilot(pilot, copilot, 0.04)  # small enough that some decodings part late, off the reference
+    examples = qa_examples(8, start=12) + qa_examples(4)
+    rows = evaluate_decodings(pilot, tokenizer, examples, FMT, [Decoding(), Decoding(1.0, "logits")], copilot=noisy)
+    best = rows[1]
+    seen = set()
+    for i, example in enumerate(examples):
+        alone = [dict(row, answers=[row["answers"][i]]) for row in (rows[0], best)]
+        rendered = plots.plot_rectification(pilot, noisy, tokenizer, [example], FMT, alone, alone[1],
+                                            tmp_path / f"{i}.png", top=2)
+        facts = rendered.facts
+        step = facts["step"]
+        written = rectified_tokens(pilot, noisy, tokenizer, example, best["lam"])
+        pilot_ids = slow_greedy_ids(pilot, tokenizer, example, FMT.max_new_tokens)
+        reference = word_ids(tokenizer, FMT.target(example)) + [tokenizer.eos_token_id]
+        expected = reference[step] if written[:step] == reference[:step] else None
+        assert facts["reference_token_id"] == expected
+        outcome = expected_outcome(rows[0]["answers"][i], best["answers"][i], example)
+        assert facts["outcome"] == outcome
+        assert (facts["pilot_correct"], facts["rectified_correct"]) == (
+            recount(rows[0]["answers"][i], example), recount(best["answers"][i], example))
+        marks = ["right" if recount(row["answers"][i], example) else "wrong" for row in (best, rows[0])]
+        assert rendered.figure.get_suptitle().splitlines() == [
+            plots.OUTCOMES[outcome], f"rectified ({best['decoding']}): {best['answers'][i]!r} ({marks[0]})",
+            f"Pilot alone: {rows[0]['answers'][i]!r} ({marks[1]})"]
+        upper, lower = rendered.figure.axes
+        assert upper.get_title().splitlines()[-1] == facts["reference"]
+        ticks = [label.get_text() for label in lower.get_xticklabels()]
+        marked = [t for t in ticks if "(reference)" in t]
+        if expected is None:
+            assert marked == [] and facts["reference_token"] is None
+            assert facts["reference"] == "the reference answer's tokens left this path before this step"
+        else:
+            assert marked == [ticks[facts["token_ids"].index(expected)]]  # shown even when outside the top 2
+            assert facts["reference_token"] == tokenizer.decode([expected])
+            chosen = (expected == pilot_ids[step], expected == written[step])
+            assert {(True, True): "both decodings choose the reference's token", (True, False): "is the Pilot choice",
+                    (False, True): "is the rectified choice", (False, False): "neither choice is the reference's"
+                    }[chosen] in facts["reference"]
+        seen.add((expected is None, outcome))
+    assert {on_path for on_path, _ in seen} == {True, False}  # both kinds of step occur among these items
+    assert len({outcome for _, outcome in seen}) >= 2
+
+
 def test_rectification_plot_falls_back_to_the_first_answer_token(trained, tokenizer, tmp_path):
     from hf_copilot.recipes import plots
 
@@ -414,6 +475,8 @@ def test_rectification_plot_falls_back_to_the_first_answer_token(trained, tokeni
     assert rendered.figure.axes[0].get_title().startswith("example 0, step 4: first answer token")
     assert rendered.facts["pilot_choice"] == rendered.facts["rectified_choice"] == answers[0].split()[4]
     assert set(rendered.facts["correction"]) == {0.0}
+    assert rendered.facts["outcome"] == "unchanged"
+    assert rendered.facts["reference_token"] == FMT.target(examples[0]).split()[4]  # after the shared lead
 
     lead = [tokenizer.convert_tokens_to_ids(word) for word in "the correct answer".split()]
     assert plots._deciding_step(tokenizer, "the correct answer is ", lead, lead) == (

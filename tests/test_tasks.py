@@ -275,6 +275,52 @@ def test_user_file_errors_name_file_and_line(tmp_path, suffix, text, line, messa
         load_examples_file(path)
 
 
+def test_a_repeated_choice_is_dropped_where_answers_name_choices_by_what_they_say(tmp_path):
+    """Real multiple-choice files list a choice twice now and then. A written-out or word answer names the choice by
+    itself, so the repeat is dropped (keeping the answer's own spelling where two read alike), with one warning for
+    the file; without that, a written-out answer that reads like another option could never be scored right."""
+    path = tmp_path / "mc.jsonl"
+    rows = [{"question": "Sky?", "answer": "blue", "choices": ["red", "blue", "red"]},
+            {"question": "Sea?", "answer": "blue", "choices": ["blue", "grey"]},
+            {"question": "Grass?", "answer": "Green.", "choices": ["green", "brown", "Green."]},
+            {"question": "Snow?", "answer": "white", "choices": ["white", "black", "white", "white"]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = dataclasses.replace(DEFAULT_FORMAT, answer_style="text")
+    as_given = Example("Grass?", "Green.", ("green", "brown", "Green."))
+    assert not text.is_correct(text.target(as_given), as_given)  # "green" and "Green." read alike: ambiguous
+    with pytest.warns(UserWarning) as caught:
+        examples = load_examples_file(path, text)
+    assert [str(warning.message) for warning in caught] == [
+        f"{path}: 3 row(s) list a choice more than once (lines 1, 3, 4); each repeat is dropped (harmless: a 'text' "
+        "answer names a choice by what it says, not by its place)."]
+    assert [example.choices for example in examples] == [("red", "blue"), ("blue", "grey"), ("Green.", "brown"),
+                                                         ("white", "black")]
+    assert all(text.is_correct(text.target(example), example) for example in examples)
+
+    word = dataclasses.replace(DEFAULT_FORMAT, answer_style="word")
+    path.write_text('{"question": "Is it?", "answer": "true", "choices": ["True", "false", "true"]}\n')
+    with pytest.warns(UserWarning, match=r"1 row\(s\) list a choice more than once \(line 1\)"):
+        (example,) = load_examples_file(path, word)
+    assert example.choices == ("true", "false")
+    assert word.parse("the correct answer is TRUE", example) == "true"
+
+
+@pytest.mark.parametrize("suffix, text, line", [
+    (".jsonl", '{"question": "q", "answer": "a", "choices": ["a", "b"]}\n'
+               '{"question": "r", "answer": "b", "choices": ["a", "b", "a"]}\n', 2),
+    (".csv", "question,answer,choices\nq,a,a|b\nr,b,a|b|a\n", 3),
+])
+def test_a_repeated_choice_is_refused_where_answers_name_a_place(tmp_path, suffix, text, line):
+    """A label answer ("answer3") names a position: with "a" listed twice, which label is the answer's is a guess."""
+    path = tmp_path / f"mc{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"mc{suffix}, line {line}: 'choices' lists \['a'\] more than once, so a "
+                                         "label answer"):
+        load_examples_file(path)  # DEFAULT_FORMAT answers by label
+    path.write_text(text.replace('"a", "b", "a"', '"a", "b", "A"').replace("a|b|a", "a|b|A"))
+    assert load_examples_file(path)[-1].choices == ("a", "b", "A")  # distinct labels for distinct spellings
+
+
 def test_user_file_unknown_extension(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type '.txt'"):
         load_examples_file(tmp_path / "data.txt")

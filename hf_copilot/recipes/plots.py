@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from transformers import LogitsProcessor  # noqa: E402
 
 from ..generation import CopilotLogitsProcessor, fuse_scores  # noqa: E402
-from .prompts import prompt_batches  # noqa: E402
+from .prompts import prompt_batches, target_ids  # noqa: E402
 from .significance import ALPHA, PairedComparison  # noqa: E402
 
 MIN_HALF_SPAN = 5.0
@@ -135,21 +135,54 @@ def _deciding_step(tokenizer, lead: str, pilot_choices: list[int], fused_choices
     return len(fused_choices) - 1, "last step; the two decodings agree and no answer was written"
 
 
+OUTCOMES = {"fixed": "fixed: the Copilot turned a wrong answer right",
+            "broken": "broken: the Copilot turned a right answer wrong",
+            "sideways": "sideways: the answer changed, whether it is right did not",
+            "unchanged": "unchanged: both decodings give this answer"}
+"""What the rectification did to the shown answer, judged by the task's own scoring of both answers."""
+
+
+def _outcome(pilot_answer: str, rectified_answer: str, pilot_right: bool, rectified_right: bool) -> str:
+    if pilot_answer == rectified_answer:
+        return "unchanged"
+    if pilot_right != rectified_right:
+        return "fixed" if rectified_right else "broken"
+    return "sideways"
+
+
+def _reference_line(tokenizer, reference: int | None, pilot_choice: int, rectified_choice: int) -> str:
+    """Which decoding, if any, chose the reference answer's token at the shown step."""
+    if reference is None:
+        return "the reference answer's tokens left this path before this step"
+    token = tokenizer.decode([reference])
+    if reference == pilot_choice == rectified_choice:
+        return f"both decodings choose the reference's token {token!r}"
+    if reference in (pilot_choice, rectified_choice):
+        return f"the reference's token {token!r} is the {'Pilot' if reference == pilot_choice else 'rectified'} choice"
+    return f"neither choice is the reference's token {token!r}"
+
+
 def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, best: dict, path: Path,
                        top: int = 5) -> Rendered:
     """One answer decoded with ``best`` (a greedy logit-space row), at the step that decided it.
 
     The example is the first one ``best`` fixed (else the first it changed, else the first). The step is the first
     where the rectified and the Pilot's greedy decodings differ, else the first answer token. Upper panel: for the
-    fused top tokens (and the Pilot's own choice), the Pilot's next-token probability and the rectified one, so each
-    decoding's choice is its highest bar. Lower panel: λ × the Copilot's correction on its own scale (logit units),
-    values printed: a correction of 0.01 next to logits of 30 is visible only there. Only logit-space rows are
-    shown, where the rectified distribution is exactly softmax(Pilot logits + λ × correction), so the two panels
-    explain each other (probability-space fusion clamps and renormalises).
+    fused top tokens (and the Pilot's own choice, and the reference answer's token), the Pilot's next-token
+    probability and the rectified one, so each decoding's choice is its highest bar. Lower panel: λ × the Copilot's
+    correction on its own scale (logit units), values printed: a correction of 0.01 next to logits of 30 is visible
+    only there. Only logit-space rows are shown, where the rectified distribution is exactly softmax(Pilot logits
+    + λ × correction), so the two panels explain each other (probability-space fusion clamps and renormalises).
+
+    Whether the step helped is marked too: the reference answer's token at that step (its tick and a title line;
+    none once the tokens written so far have left the reference's), and the suptitle says whether each answer is
+    right by the task's scoring, so that a fix, a break or a sideways step reads at a glance.
 
     ``facts``: ``example``, ``step``, ``why``, ``token_ids`` and ``tokens`` (the candidates, decoded), ``pilot``
     and ``fused`` (probabilities, %), ``correction`` (λ × correction), ``pilot_choice`` and ``rectified_choice``
-    (decoded).
+    (decoded), ``reference_token_id`` and ``reference_token`` (None off the reference's path), ``reference`` (which
+    decoding chose it, in words), ``pilot_correct``, ``rectified_correct`` and ``outcome`` (a key of
+    :data:`OUTCOMES`).
     """
     if best["space"] != "logits" or best["num_beams"] != 1:
         raise ValueError("plot_rectification follows one greedy logit-space decoding; pass a row with "
@@ -168,18 +201,31 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
     fused_choices = [int(fused.argmax()) for _, _, fused in recorder.steps]
     step, why = _deciding_step(tokenizer, task_format.lead(examples[index]), pilot_choices, fused_choices)
     scores, corrections, fused = recorder.steps[step]
+    # The reference's token where both decodings still follow the reference's own tokens (the answer as trained).
+    reference_ids = target_ids(examples[index], tokenizer, task_format)
+    on_path = step < len(reference_ids) and fused_choices[:step] == reference_ids[:step]
+    reference = reference_ids[step] if on_path else None
     candidates = fused.topk(min(top, len(fused))).indices.tolist()
-    if pilot_choices[step] not in candidates:
-        candidates.append(pilot_choices[step])
+    for shown in (pilot_choices[step], reference):
+        if shown is not None and shown not in candidates:
+            candidates.append(shown)
     pilot_probs, fused_probs = torch.softmax(scores, -1), torch.softmax(fused, -1)
     values = {"pilot": [100 * float(pilot_probs[t]) for t in candidates],
               "correction": [lam * float(corrections[t]) for t in candidates],
               "fused": [100 * float(fused_probs[t]) for t in candidates]}
     tokens = [tokenizer.decode([t]) for t in candidates]
     ticks = [(repr(token) if token else f"id {t}") + ("\n(Pilot)" if t == pilot_choices[step] else "")
-             + ("\n(rectified)" if t == fused_choices[step] else "") for token, t in zip(tokens, candidates)]
+             + ("\n(rectified)" if t == fused_choices[step] else "") + ("\n(reference)" if t == reference else "")
+             for token, t in zip(tokens, candidates)]
+    answers = {"pilot": baseline["answers"][index], "rectified": best["answers"][index]}
+    right = {name: task_format.is_correct(answer, examples[index]) for name, answer in answers.items()}
+    marks = {name: "right" if correct else "wrong" for name, correct in right.items()}
+    outcome = _outcome(answers["pilot"], answers["rectified"], right["pilot"], right["rectified"])
+    said = _reference_line(tokenizer, reference, pilot_choices[step], fused_choices[step])
 
-    figure, (upper, lower) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 2))
+    # constrained: the three-line suptitle and the two-line title each keep their own room
+    figure, (upper, lower) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 2),
+                                          layout="constrained")
     positions = list(range(len(candidates)))
     for shift, (key, name) in zip((-0.2, 0.2), (("pilot", "Pilot alone"), ("fused", f"rectified (λ = {lam:g})"))):
         bars = upper.bar([p + shift for p in positions], values[key], 0.4, label=name)
@@ -193,10 +239,12 @@ def plot_rectification(pilot, copilot, tokenizer, examples, task_format, rows, b
     lower.set_ylabel("λ × correction (logits)")
     lower.margins(y=0.25)
     lower.set_xticks(positions, ticks, fontsize=8)
-    upper.set_title(f"example {index}, step {step}: {why}", fontsize=9)
-    figure.suptitle(f"rectified ({best['decoding']}): {best['answers'][index][:60]!r}\n"
-                    f"Pilot alone: {baseline['answers'][index][:60]!r}", fontsize=8)
+    upper.set_title(f"example {index}, step {step}: {why}\n{said}", fontsize=9)
+    figure.suptitle(f"{OUTCOMES[outcome]}\nrectified ({best['decoding']}): {answers['rectified'][:60]!r} "
+                    f"({marks['rectified']})\nPilot alone: {answers['pilot'][:60]!r} ({marks['pilot']})", fontsize=8)
     facts = {"example": index, "step": step, "why": why, "token_ids": candidates, "tokens": tokens, **values,
              "pilot_choice": tokenizer.decode([pilot_choices[step]]),
-             "rectified_choice": tokenizer.decode([fused_choices[step]])}
+             "rectified_choice": tokenizer.decode([fused_choices[step]]), "reference_token_id": reference,
+             "reference_token": None if reference is None else tokenizer.decode([reference]), "reference": said,
+             "pilot_correct": right["pilot"], "rectified_correct": right["rectified"], "outcome": outcome}
     return _save(figure, path, facts)

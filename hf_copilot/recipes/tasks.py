@@ -75,6 +75,11 @@ def _normalise_text(text: str) -> str:
     return text.strip().split("\n")[0].strip().lower().removesuffix(".").strip()
 
 
+def _canonical(text: str) -> str:
+    """A written-out option as a "text" answer is compared: without case, spacing and a final period."""
+    return " ".join(text.split()).lower().removesuffix(".").strip()
+
+
 @dataclass(frozen=True, kw_only=True)
 class TaskFormat:
     """How a task's examples become prompts and targets, and how a generation is read back as an answer.
@@ -162,6 +167,13 @@ class TaskFormat:
             return None if match is None else _normalise_number(match.group(0))
         return _normalise_text(generation) or None
 
+    def choice_key(self, choice: str) -> str:
+        """What :meth:`parse` tells a choice by; two choices with one key are one answer to it (a "label" answer
+        names a position, so there only the same text twice is one)."""
+        if self.answer_style == "text":
+            return _canonical(choice)
+        return choice.lower() if self.answer_style == "word" else choice
+
     def is_correct(self, generation: str, example: Example) -> bool:
         predicted = self.parse(generation, example)
         if predicted is None:
@@ -177,14 +189,11 @@ def _written_choice(generation: str, choices: Sequence[str]) -> str | None:
     """The option a "text" answer writes out: the one it equals, or, for an answer cut short, the only option it
     begins (compared without case, spacing and a final period); None when it names no option or is ambiguous."""
 
-    def canonical(text: str) -> str:
-        return " ".join(text.split()).lower().removesuffix(".").strip()
-
-    written = canonical(_ANSWER_LEAD.sub("", generation.strip().split("\n")[0], count=1))
+    written = _canonical(_ANSWER_LEAD.sub("", generation.strip().split("\n")[0], count=1))
     if not written:
         return None
-    exact = [choice for choice in choices if canonical(choice) == written]
-    begun = [choice for choice in choices if canonical(choice).startswith(written)]
+    exact = [choice for choice in choices if _canonical(choice) == written]
+    begun = [choice for choice in choices if _canonical(choice).startswith(written)]
     matches = exact or begun
     return matches[0] if len(set(matches)) == 1 else None
 
@@ -277,8 +286,19 @@ def load_task(
     return [task.to_example(row) for row in rows.select(chosen)]
 
 
-def _example_from_record(record: dict, where: str) -> Example:
-    """An Example from one parsed record of a user file; ``where`` ("file, line n") prefixes every error."""
+def _one_of_each(choices: list[str], answer: str, key: Callable[[str], str]) -> list[str]:
+    """``choices`` with one choice per ``key``, in first-seen order; where the answer is among those of one key, it is
+    the one kept."""
+    kept: dict[str, str] = {}
+    for choice in choices:
+        if key(choice) not in kept or choice == answer:
+            kept[key(choice)] = choice
+    return list(kept.values())
+
+
+def _example_from_record(record: dict, where: str, task_format: TaskFormat) -> tuple[Example, bool]:
+    """An Example from one parsed record of a user file, and whether a repeated choice was dropped from it;
+    ``where`` ("file, line n") prefixes every error."""
     for key in ("question", "answer"):
         if record.get(key) is None:
             raise ValueError(f"{where}: missing {key!r}.")
@@ -292,11 +312,18 @@ def _example_from_record(record: dict, where: str) -> Example:
         raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r}.")
     if choices is not None and not all(choice.strip() for choice in choices):
         raise ValueError(f"{where}: 'choices' {choices!r} holds an empty choice.")
-    if choices is not None and len(set(choices)) < len(choices):
-        repeated = sorted({choice for choice in choices if choices.count(choice) > 1})
-        raise ValueError(f"{where}: 'choices' lists {repeated} more than once, so an answer could not name one.")
+    dropped = False
+    if choices is not None:
+        distinct = _one_of_each(choices, answer, task_format.choice_key)
+        dropped = len(distinct) < len(choices)
+        if dropped and task_format.answer_style == "label":
+            repeated = sorted({choice for choice in choices if choices.count(choice) > 1})
+            raise ValueError(f"{where}: 'choices' lists {repeated} more than once, so a label answer (answer1, "
+                             "answer2, ...) could not name one; remove the repeat, or answer with the option's text "
+                             "(answer style 'text').")
+        choices = distinct
     try:
-        return Example(record["question"], answer, choices, record.get("context") or None)
+        return Example(record["question"], answer, choices, record.get("context") or None), dropped
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
 
@@ -323,6 +350,20 @@ def _decoded(path: Path) -> str:
         line = data[:error.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: byte {data[error.start]:#04x} is not UTF-8; save the file as UTF-8."
                          ) from None
+
+
+def _jsonl_records(path: Path, text: str):
+    """Yields (line, record) of each non-blank line of a JSONL file."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
+        yield number, record
 
 
 CSV_DELIMITERS = (",", ";", "\t")
@@ -356,11 +397,15 @@ def _csv_records(path: Path, text: str):
         first = reader.line_num + 1
 
 
-def load_examples_file(path: str | Path) -> list[Example]:
-    """Your own examples from ``.jsonl`` (one object a line) or ``.csv`` (with a header row; ``,``, ``;`` or tab).
+def load_examples_file(path: str | Path, task_format: TaskFormat = DEFAULT_FORMAT) -> list[Example]:
+    """Your own examples from ``.jsonl`` (one object a line) or ``.csv`` (with a header row; ``,``, ``;`` or tab),
+    to be answered in ``task_format``.
 
     Keys: ``question``, ``answer``, optional ``choices`` (a list; in CSV a JSON list or ``a|b|c``) and optional
-    ``context``. Other keys are ignored. Errors name the file and line; repeated rows are kept with a warning.
+    ``context``. Other keys are ignored. Errors name the file and line; repeated rows are kept with a warning. A
+    choice listed twice (as ``task_format`` reads answers: see :meth:`TaskFormat.choice_key`) is harmless to
+    "word" and "text" answers, which name it by itself: the repeat is dropped, with one warning for the file. A
+    "label" answer names a position, which a repeat makes ambiguous: the row is refused.
     """
     path = Path(path)
     if path.suffix not in (".jsonl", ".csv"):
@@ -368,28 +413,23 @@ def load_examples_file(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     text = _decoded(path)
-    examples, lines = [], []
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
-            examples.append(_example_from_record(record, where))
-            lines.append(number)
-    else:
-        for number, record in _csv_records(path, text):
-            where = f"{path}, line {number}"
+    examples, lines, merged = [], [], []
+    for number, record in (_jsonl_records if path.suffix == ".jsonl" else _csv_records)(path, text):
+        where = f"{path}, line {number}"
+        if path.suffix == ".csv":
             record["choices"] = _csv_choices(record.get("choices"), where)
-            examples.append(_example_from_record(record, where))
-            lines.append(number)
+        example, dropped = _example_from_record(record, where, task_format)
+        examples.append(example)
+        lines.append(number)
+        if dropped:
+            merged.append(number)
     if not examples:
         raise ValueError(f"{path}: no examples.")
+    if merged:
+        listed = ", ".join(map(str, merged[:5])) + (", ..." if len(merged) > 5 else "")
+        warnings.warn(f"{path}: {len(merged)} row(s) list a choice more than once (line{'s' * (len(merged) > 1)} "
+                      f"{listed}); each repeat is dropped (harmless: a {task_format.answer_style!r} answer names a "
+                      "choice by what it says, not by its place).", UserWarning, stacklevel=2)
     first_seen: dict[Example, int] = {}
     repeats = []
     for example, line in zip(examples, lines):
