@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adapt the Copilot's copied layers with LoRA of this rank (the paper: 32, alpha 2r, "
                             "dropout 0.08); 0 = train every weight")
     train.add_argument("--copilot-correction", choices=CORRECTIONS, default="vocabulary",
-                       help="the paper's |V|-wide head, or re-ranking of the Pilot's top candidates")
+                       help="vocabulary: the paper's |V|-wide head (f = W h); logit_residual: the same head as a "
+                            "logit residual on the Pilot's logits (f = softmax(z + W h) - p), which can fit sparse "
+                            "errors the paper's head cannot; rerank (experimental): re-rank the Pilot's top candidates")
     train.add_argument("--copilot-loss", choices=LOSSES, default="rmse",
                        help="cross_entropy needs --copilot-correction rerank")
     train.add_argument("--copilot-learning-rate", type=POSITIVE_NUMBER, default=5e-4)
