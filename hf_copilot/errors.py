@@ -102,8 +102,8 @@ class CompactErrors:
     def to(self, device=None, probs_dtype: torch.dtype | None = None) -> CompactErrors:
         """Moves the tensors to ``device``; ``probs_dtype`` casts the probabilities (ids stay integer)."""
         label_probs = None if self.label_probs is None else self.label_probs.to(device=device, dtype=probs_dtype)
-        return CompactErrors(self.labels.to(device), self.ids.to(device), self.probs.to(device=device, dtype=probs_dtype),
-                             label_probs)
+        probs = self.probs.to(device=device, dtype=probs_dtype)
+        return CompactErrors(self.labels.to(device), self.ids.to(device), probs, label_probs)
 
     def map(self, fn) -> CompactErrors:
         """Applies ``fn`` (an indexing or reshaping of the leading dims) to every tensor."""

@@ -387,7 +387,7 @@ class CopilotModel(CopilotPreTrainedModel):
                 ``logits_to_keep``: reading a prompt in generate() needs the last one, and the |V|-wide head is
                 the most expensive part of the Copilot). Not with ``target_errors``.
             return_corrections: ``False`` skips building the |V|-wide corrections when only the loss is needed
-                (Copilot training): the loss never needs them (see :meth:`_squared_errors`), so a training step
+                (Copilot training): the loss never needs them (see :meth:`squared_errors`), so a training step
                 costs O(d² + k·d) per position in its output layer instead of O(|V|·d), and no (batch, positions,
                 |V|) tensor is allocated.
         """

@@ -75,7 +75,8 @@ def test_bytes_follow_documented_formula():
     log = MistakeLog(top_k=TOP_K)
     record = synthetic_record([8, 3, 0], kind="encoder_decoder", source_lengths=[6, 2, 4])
     log.add(record, step=0)
-    assert log.bytes == documented_bytes(record) == 11 * (WIDTH * BF16 + 4 + BF16 + TOP_K * 6) + 8 * WIDTH * BF16 + 2 * 16
+    assert log.bytes == documented_bytes(record) == (11 * (WIDTH * BF16 + 4 + BF16 + TOP_K * 6) + 8 * WIDTH * BF16
+                                                     + 2 * 16)
 
 
 def test_trailing_unlabelled_positions_are_not_stored():

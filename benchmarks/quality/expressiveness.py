@@ -131,10 +131,11 @@ def write_page(proof: str, rows: list[dict], settings: dict, extra: str = "") ->
     lines = [f"# Expressiveness proof: {proof}", "",
              f"`{shlex.join(['python', '-m', 'benchmarks.quality.expressiveness', *sys.argv[1:]])}`", "",
              f"Settings: `{json.dumps(settings)}`. Target: fit ≤ {TARGET[proof]} (loss ÷ the all-zero loss).", "",
-             extra, "", "Seconds are wall time on a shared 2-core machine, for orientation only; what each head costs is "
+             extra, "",
+             "Seconds are wall time on a shared 2-core machine, for orientation only; what each head costs is "
              "measured in benchmarks/cost (docs/cost.md).", "",
-             "| correction | learning rate | fit (loss ÷ all-zero) | meets the target | curve (every 10 steps / 50 updates) "
-             "| seconds |", "|---|---|---|---|---|---|"]
+             "| correction | learning rate | fit (loss ÷ all-zero) | meets the target "
+             "| curve (every 10 steps / 50 updates) | seconds |", "|---|---|---|---|---|---|"]
     for row in rows:
         curve = " ".join(f"{value:.2f}" for value in
                          ([ratio for _, ratio in row["curve"]] if proof == "counting" else row["curve"]))

@@ -368,7 +368,9 @@ def summarise(results: list[dict], protocol: str, command: str) -> str:
     tasks = [t for t in ALL_TASKS if any(r["task"] == t for r in results)]
     seeds = sorted({r["seed"] for r in results})
     hours = sum(sum(r["stage_seconds"].values()) for r in results) / 3600
-    text = (f"# The paper's Copilot at the paper's proportions, protocol `{protocol}`\n\n`{command}`: "
+    correction = PROTOCOLS[protocol].get("correction", "vocabulary")
+    text = (f"# The paper's Copilot at the paper's proportions, protocol `{protocol}` (both Copilots' correction: "
+            f"`{correction}`)\n\n`{command}`: "
             f"{len(results)} cells, seeds {seeds}, {hours:.2f} h of compute (sum of stage times).\n\n")
     scored = [r for r in results if {"epochs", "copilots"} <= set(r["stage_seconds"])]
     if scored:
