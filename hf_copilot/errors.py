@@ -125,10 +125,7 @@ class CompactErrors:
     def label_weight(self) -> torch.Tensor:
         """The error's entry at the label beyond the top-k terms: 1 − p̂_y where the top-k does not hold the label
         (its probability is not among ``probs``), 1 where it does, 0 at unlabelled positions."""
-        weight = self.valid.float()
-        if self.label_probs is not None:
-            weight = weight - self.label_probs.float() * ~self.label_in_top_k()
-        return weight
+        return self.valid.float() - self.outside_label_mass()
 
     def to_dense(self, vocab_size: int) -> torch.Tensor:
         """The dense |V| error rows (for tests and small analyses only)."""
@@ -177,14 +174,6 @@ class CompactErrors:
         """Per-position probability mass the compact form does not represent: outside the top-k and the label
         (zero at unlabelled positions)."""
         return (1.0 - self.probs.float().sum(-1) - self.outside_label_mass()).clamp(min=0) * self.valid
-
-
-def squared_error_norm(prediction: torch.Tensor, target: torch.Tensor | CompactErrors) -> torch.Tensor:
-    """Per-position ‖prediction − target‖², computed in fp32 without densifying a compact target."""
-    prediction = prediction.float()
-    if isinstance(target, CompactErrors):
-        return prediction.pow(2).sum(-1) - 2.0 * target.dot(prediction) + target.squared_norm()
-    return (prediction - target.float()).pow(2).sum(-1)
 
 
 def shift_right(errors: torch.Tensor | CompactErrors) -> torch.Tensor | CompactErrors:

@@ -540,7 +540,7 @@ class CopilotModel(CopilotPreTrainedModel):
         errors = target.map(lambda tensor: tensor[valid])
         ids = torch.cat([errors.labels.unsqueeze(-1), errors.ids], dim=-1)  # (N, 1 + k)
         probs = torch.cat([errors.outside_label_mass().unsqueeze(-1), errors.probs.float()], dim=-1)
-        residual = torch.einsum("nd,nkd->nk", hidden[valid], self.correction_head.weight.float()[ids])
+        residual = torch.einsum("nd,nkd->nk", hidden[valid], self.correction_head.weight[ids].float())
         tiny = torch.finfo(torch.float32).tiny
         kept = torch.where(probs > 0, probs.clamp(min=tiny).log() + residual, -torch.inf)
         tail = errors.dropped_mass().clamp(min=tiny).log().unsqueeze(-1)
