@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 from .callback import CopilotCallback
 from .configuration_copilot import PAPER_LORA, CopilotConfig
+from .copilot_metrics import CopilotMetrics
 from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
 from .generation import CopilotLogitsProcessor
 from .mistake_log import MistakeBatch, MistakeLog
@@ -28,6 +29,7 @@ __all__ = [
     "CopilotCallback",
     "CopilotConfig",
     "CopilotLogitsProcessor",
+    "CopilotMetrics",
     "CopilotModel",
     "CopilotOutput",
     "CopilotTrainingConfig",

@@ -18,10 +18,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from accelerate.utils import reduce
 from transformers import TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .best_copilot import BestCopilot
+from .copilot_metrics import CopilotMetrics
 from .errors import DEFAULT_TOP_K
+from .generation import FUSION_SPACES, check_lam
 from .mistake_log import METADATA_FILE, TENSORS_FILE, MistakeLog
 from .pilot import PilotTap
 from .safe_io import (DamagedFileError, atomic_write, non_finite_parameters, torch_load_checked, verify_manifest,
@@ -33,6 +37,7 @@ logger = logging.getLogger(__name__)
 TRAINING_STATE_NAME = "copilot_training_state_rank{rank}.pt"
 STATE_MANIFEST_NAME = "checksums_rank{rank}.json"  # the training state (and, rank 0, the log) a rank wrote
 MAX_PENDING_RECORDS = 8  # uncollected records that tell the tap train() was interrupted
+EVALUATION_RECORDS = 4  # forwards of one evaluation step kept for the metrics (generate() adds unlabelled ones)
 MISTAKE_LOG_NAME = "mistake_log_rank{rank}"
 """Each rank records its own micro-batches, so a checkpoint holds one Mistake Log per rank, like the state.
 Written by the callback in ``on_save``: Trainer writes its checkpoints itself, not through accelerate's
@@ -56,13 +61,24 @@ class CopilotCallback(TrainerCallback):
             ``False`` starts a new Copilot beside a resumed Pilot (when no checkpoint holds a usable Copilot state).
         name: the Copilot's folder name (in each checkpoint and under ``output_dir``) and metric prefix. Give each
             Copilot its own name to train several beside one Pilot (e.g. two sizes on one run).
+        eval_metrics: measure the Copilot in each evaluation Trainer runs during ``train()`` (``eval_strategy``),
+            from the Pilot forwards of that evaluation (no extra Pilot forward), and add
+            ``<prefix>_<name>_heldout_ratio``, ``_loss``, ``_pilot_accuracy``, ``_rectified_accuracy``,
+            ``_tokens_fixed``, ... to its metrics (see :class:`CopilotMetrics`). On by default; off with ``False``.
+        eval_lam / eval_space: the fusion weight and space of the rectified accuracy in those metrics.
+        best_metric: the evaluation metric that picks the best Copilot state (see :class:`BestCopilot`); tracked
+            only with ``load_best_at_end``.
+        load_best_at_end: keep the best-scoring Copilot state (saved in each checkpoint, restored on a resume) and
+            end training with it: the Copilot in memory and the one saved under ``output_dir`` are the best, not
+            the last. Like Trainer's ``load_best_model_at_end``, for the Copilot.
         **training: fields of :class:`CopilotTrainingConfig` (learning rate, batch size, updates per step, ...).
     """
 
     def __init__(self, copilot, *, log_rounds: int = 128, log_max_bytes: int | None = None,
                  top_k: int = DEFAULT_TOP_K, log_device: str | torch.device = "cpu", save_dir: str | None = None,
                  save_mistake_log: bool = False, resume_from: str | None | bool = None, name: str = "copilot",
-                 **training):
+                 eval_metrics: bool = True, eval_lam: float = 1.0, eval_space: str = "probs",
+                 best_metric: str = "heldout_ratio", load_best_at_end: bool = False, **training):
         self.copilot = copilot
         self.config = CopilotTrainingConfig(**training)
         for option, value in (("log_rounds", log_rounds), ("log_max_bytes", log_max_bytes), ("top_k", top_k)):
@@ -83,9 +99,16 @@ class CopilotCallback(TrainerCallback):
         self.save_mistake_log = save_mistake_log
         self.resume_from = resume_from
         self.name = name
+        if eval_space not in FUSION_SPACES:
+            raise ValueError(f"CopilotCallback(eval_space={eval_space!r}): pick one of {FUSION_SPACES}.")
+        self.eval_metrics, self.eval_lam, self.eval_space = eval_metrics, check_lam(eval_lam), eval_space
+        self.best = BestCopilot(best_metric, name) if load_best_at_end else None
         self.tap: PilotTap | None = None
+        self.evaluation: CopilotMetrics | None = None  # the current evaluation's sums, while eval_metrics measures
+        self._evaluation_tap: PilotTap | None = None
         self.updater: CopilotUpdater | None = None
         self._losses: list[float] = []  # since the last log entry
+        self._zero_losses: list[float] = []  # the all-zero predictor's on the same batches
         self._run_losses = [0.0, 0]  # sum and count over this train()
         self._seconds = 0.0  # spent filling the log and updating the Copilot (the tap counts its own hooks' time)
 
@@ -124,6 +147,9 @@ class CopilotCallback(TrainerCallback):
         self.updater = CopilotUpdater(self.copilot, self.config, total_updates, autocast_dtype=autocast)
         self.mistake_log = MistakeLog(**self._log_options)  # a new run never mixes in an earlier run's rounds
         self._losses.clear()
+        self._zero_losses.clear()
+        if self.best is not None:
+            self.best = BestCopilot(self.best.key, self.name)
         self._run_losses = [0.0, 0]
         if state.global_step > 0 and self.resume_from is not False:
             self._resume(args, state)
@@ -131,6 +157,12 @@ class CopilotCallback(TrainerCallback):
         # Records are popped after every micro-batch: a pile of them means train() stopped without telling us.
         self.tap = PilotTap(model, mode="train", errors_top_k=self.mistake_log.top_k,
                             max_pending=MAX_PENDING_RECORDS).attach()
+        # Evaluation forwards (no gradient) are read by a second tap, attached now with the first: hooks are never
+        # added mid-run (DeepSpeed ZeRO-3 relies on it). It keeps their logits, for the accuracies.
+        if self.eval_metrics and args.eval_strategy != "no":
+            self.evaluation = CopilotMetrics(self.copilot, lam=self.eval_lam, space=self.eval_space,
+                                             top_k=self.mistake_log.top_k)
+            self._evaluation_tap = PilotTap(model, mode="generate", max_records=EVALUATION_RECORDS).attach()
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._drain(state)
@@ -138,7 +170,21 @@ class CopilotCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._drain(state)
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self._evaluation_tap is None:
+            return
+        started = time.perf_counter()
+        for record in self._evaluation_tap.pop_records():
+            self.evaluation.add(record)
+        self._seconds += time.perf_counter() - started
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        if self.evaluation is not None:  # Trainer.predict() during training: measured only in evaluations
+            self.evaluation.reset()
+
     def on_step_end(self, args, state, control, **kwargs):
+        if self._evaluation_tap is not None:
+            self._evaluation_tap.pop_records()  # forwards outside an evaluation (a user's generate(), ...)
         if state.global_step % self.config.update_every or not len(self.mistake_log):
             return
         started = time.perf_counter()
@@ -146,6 +192,7 @@ class CopilotCallback(TrainerCallback):
             loss = self.updater.step(self.mistake_log)
             if math.isfinite(loss):  # a skipped update is counted in copilot_skipped_updates, not averaged in
                 self._losses.append(loss)
+                self._zero_losses.append(self.updater.last_zero_loss)
                 self._run_losses[0] += loss
                 self._run_losses[1] += 1
         self._seconds += time.perf_counter() - started
@@ -154,6 +201,9 @@ class CopilotCallback(TrainerCallback):
         # Beside the Pilot's `loss` entries, and in the run's final summary as Trainer does (`train_loss`, the mean
         # over the run, and the Copilot's total time next to `train_runtime`): a run shorter than logging_steps
         # has no other entry.
+        if logs is not None and self.evaluation is not None and (prefix := _evaluation_prefix(logs)):
+            self._report_evaluation(prefix, logs, state)
+            return
         final = logs is not None and "train_loss" in logs
         if logs is None or self.updater is None or not ("loss" in logs or final):
             return
@@ -173,8 +223,30 @@ class CopilotCallback(TrainerCallback):
             metrics["train_loss"] = self._run_losses[0] / self._run_losses[1]
         elif not final and self._losses:
             metrics["loss"] = sum(self._losses) / len(self._losses)
+            if self.copilot.config.loss == "rmse" and sum(self._zero_losses) > 0:
+                metrics["fit_ratio"] = sum(self._losses) / sum(self._zero_losses)
             self._losses.clear()
-        metrics = {f"{self.name}_{key}": value for key, value in metrics.items()}
+            self._zero_losses.clear()
+        self._add_to_log({f"{self.name}_{key}": value for key, value in metrics.items()}, logs, state)
+
+    def _report_evaluation(self, prefix: str, logs: dict, state) -> None:
+        """Adds the Copilot's metrics of the evaluation that just ended to its log entry (hence to what
+        ``evaluate()`` returns), summed over processes; keeps the best Copilot state."""
+        started = time.perf_counter()
+        measured = self.evaluation.results(reduce=lambda sums: reduce(sums, reduction="sum"))
+        self.evaluation.reset()
+        if not measured:
+            warnings.warn("The evaluation had no labelled tokens the Copilot could be measured on (an eval dataset "
+                          "without `labels`?), so it reports no Copilot metrics.", RuntimeWarning, stacklevel=2)
+            return
+        metrics = {f"{prefix}_{self.name}_{key}": value for key, value in measured.items()}
+        self._add_to_log(metrics, logs, state)
+        if self.best is not None and self.best.consider(metrics, state.global_step, self.copilot):
+            logger.info("Best Copilot so far: %s = %.4f at step %d", self.best.key, self.best.value, self.best.step)
+        self._seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _add_to_log(metrics: dict, logs: dict, state) -> None:
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
@@ -186,6 +258,15 @@ class CopilotCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._release_tap()
         self.copilot.eval()
+        if self.best is not None:
+            if self.best.weights is None:
+                warnings.warn(f"load_best_at_end: no evaluation of this run reported {self.best.key}, so the Copilot "
+                              "ends in its last state. Set eval_strategy (and an eval_dataset with labels), or name "
+                              "the evaluation's key in best_metric.", RuntimeWarning, stacklevel=2)
+            else:
+                self.best.restore(self.copilot)
+                logger.info("The Copilot ends in its best state: %s = %.4f at step %d.", self.best.key,
+                            self.best.value, self.best.step)
         if self.updater is not None and self.updater.updates == self.updater.skipped_updates:
             stats = self.mistake_log.stats()
             every = self.config.update_every
@@ -205,6 +286,10 @@ class CopilotCallback(TrainerCallback):
     def _release_tap(self, interrupted: bool = False) -> None:
         """Detaches the tap and drops its records. At the start of a train() a tap still there means the previous
         train() was interrupted (Trainer calls no callback on an exception)."""
+        if self._evaluation_tap is not None:
+            self._evaluation_tap.detach()
+            self._evaluation_tap.pop_records()
+            self._evaluation_tap = None
         if self.tap is None:
             return
         if interrupted:
@@ -243,6 +328,8 @@ class CopilotCallback(TrainerCallback):
             name = TRAINING_STATE_NAME.format(rank=rank)
             atomic_write(os.path.join(folder, name), lambda path: torch.save(self.updater.state_dict(), path))
             written.append(name)
+            if self.best is not None and state.is_world_process_zero and (best_file := self.best.save(folder)):
+                written.append(best_file)
             if self.save_mistake_log:
                 log_name = MISTAKE_LOG_NAME.format(rank=rank)
                 self.mistake_log.save(os.path.join(folder, log_name))
@@ -260,6 +347,8 @@ class CopilotCallback(TrainerCallback):
         # On the CPU: under torchrun args.device reads "cpu:0", which torch.load refuses; the optimizer moves its
         # state to the parameters' device itself, and the sampling generator's state must stay on the CPU.
         self.updater.load_state_dict(torch_load_checked(training_state, map_location="cpu", weights_only=False))
+        if self.best is not None:
+            self.best.load(folder)
         log_folder = os.path.join(folder, MISTAKE_LOG_NAME.format(rank=rank))
         if os.path.isdir(log_folder):
             self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot, device=self.mistake_log.device)
@@ -308,6 +397,17 @@ class CopilotCallback(TrainerCallback):
             "whose copilot/ is complete, pass CopilotCallback(resume_from=<a checkpoint folder with one>), or train "
             "a new Copilot beside the resumed Pilot with CopilotCallback(resume_from=False)."
         )
+
+
+def _evaluation_prefix(logs: dict) -> str | None:
+    """The metric prefix of an evaluation's log entry (``eval``, ``eval_<dataset>``), or None for another entry:
+    Trainer adds ``<prefix>_runtime`` and ``<prefix>_samples_per_second`` to each evaluation's metrics."""
+    for key in logs:
+        if key.endswith("_samples_per_second") and not key.startswith("train"):
+            prefix = key.removesuffix("_samples_per_second")
+            if f"{prefix}_runtime" in logs:
+                return prefix
+    return None
 
 
 def _saved_ranks(folder: Path) -> set[int]:

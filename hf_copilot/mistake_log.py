@@ -18,6 +18,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,6 +62,63 @@ class MistakeBatch:
             target_errors=self.errors,
             pilot_top_ids=self.errors.ids,
             pilot_top_probs=self.errors.probs,
+        )
+
+    @classmethod
+    def from_record(cls, record: PilotRecord, top_k: int = DEFAULT_TOP_K, device: str | torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[MistakeBatch | None, torch.Tensor]:
+        """The sequences of one record as a Mistake Log would keep them (one per document, padding and positions
+        after the last label left out, non-finite documents dropped), in the record's order, with no log around.
+
+        Returns the batch (None when no sequence is kept) and ``kept``, the (B, T) mask of the record's positions
+        it holds: ``x[kept]`` of a record tensor lines up with ``y[batch.attention_mask.bool()]`` of a batch
+        tensor, position by position (e.g. the Pilot's logits with the Copilot's corrections).
+        """
+        packed = _pack(record, top_k, 0, lambda tensor, _: tensor, None)  # kept as computed
+        entry = packed.entry
+        if entry is None:
+            return None, packed.kept
+        batch = cls.of_sequences([(entry, index) for index in range(entry.num_sequences)], record.kind,
+                                 device=record.hidden_states.device if device is None else device, dtype=dtype)
+        return batch, packed.kept
+
+    @classmethod
+    def of_sequences(cls, chosen: list, kind: str, device: str | torch.device,
+                     dtype: torch.dtype = torch.float32) -> MistakeBatch:
+        """A right-padded batch of the given (entry, sequence index) pairs, states and probabilities cast to
+        ``dtype`` on ``device``."""
+        device = torch.device(device)
+        pieces = {name: [] for name in ("input_states", "hidden_states", "labels", "ids", "probs", "label_probs")}
+        for entry, index in chosen:
+            start, end = entry.spans[index]
+            source_start, source_end = entry.input_spans[index]
+            pieces["input_states"].append(entry.input_states[source_start:source_end])
+            for name in ("hidden_states", "labels", "ids", "probs"):
+                pieces[name].append(getattr(entry, name)[start:end])
+            # a format-1 entry does not know the label's probability: 0, as that format represented it
+            label_probs = entry.label_probs if entry.label_probs is not None else torch.zeros_like(entry.probs[:, 0])
+            pieces["label_probs"].append(label_probs[start:end])
+
+        def padded(name, value, cast):
+            moved = [piece.to(device, non_blocking=True).to(cast) for piece in pieces[name]]
+            return pad_sequence(moved, batch_first=True, padding_value=value)
+
+        def mask(lengths):  # lengths from the host: no device synchronisation
+            return (torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]).long()
+
+        errors = CompactErrors(
+            labels=padded("labels", IGNORE_INDEX, torch.long),
+            ids=padded("ids", 0, torch.long),
+            probs=padded("probs", 0.0, dtype),
+            label_probs=padded("label_probs", 0.0, dtype),
+        )
+        return cls(
+            pilot_input_states=padded("input_states", 0.0, dtype),
+            pilot_hidden_states=padded("hidden_states", 0.0, dtype),
+            attention_mask=mask([len(piece) for piece in pieces["hidden_states"]]),
+            errors=errors,
+            steps=torch.tensor([entry.step for entry, _ in chosen], device=device),
+            pilot_input_mask=mask([len(piece) for piece in pieces["input_states"]]) if kind == "encoder_decoder" else None,
         )
 
 
@@ -127,6 +185,59 @@ def _finite_positions(record: PilotRecord, errors: CompactErrors) -> torch.Tenso
 def _spans(lengths: torch.Tensor) -> list[tuple[int, int]]:
     ends = list(itertools.accumulate(lengths.tolist()))
     return list(zip([0] + ends[:-1], ends))
+
+
+class _Packed(NamedTuple):
+    entry: _Entry | None  # None when no sequence of the record was kept
+    kept: torch.Tensor  # (B, T): the record's positions the entry holds
+    poisoned: int  # documents left out for a non-finite value
+
+
+def _pack(record: PilotRecord, top_k: int, step: int, store, storage_dtype: torch.dtype | None) -> _Packed:
+    """One record's kept positions packed back to back (see :class:`MistakeLog` for what is kept);
+    ``store(tensor, dtype)`` puts each stored tensor where it lives, floats as ``storage_dtype``."""
+    labels = record.next_token_labels()
+    # One logged sequence per document: a row, or each document of a packed row (encoder-decoder: a row).
+    segments = record.document_starts().flatten().cumsum(0) - 1
+    count = int(segments[-1]) + 1
+    position = torch.arange(len(segments), device=segments.device)
+    labelled = labels.flatten() != IGNORE_INDEX
+    last_label = torch.full((count,), -1, device=segments.device).scatter_reduce(
+        0, segments[labelled], position[labelled], "amax")
+    keep = record.token_mask().flatten() & (position <= last_label[segments])
+    # On the full (batch, positions) grid, then select: indexing the |V|-wide logits first would copy them.
+    errors = record.errors(top_k)
+    # A document holding any non-finite value the log would store is left out whole.
+    poisoned = torch.bincount(segments[keep & ~_finite_positions(record, errors).flatten()], minlength=count) > 0
+    keep = (keep & ~poisoned[segments]).view_as(labels)
+    # One copy to the host for the lengths and the count of non-finite documents (no extra synchronisation).
+    lengths, poisoned = torch.stack([torch.bincount(segments[keep.flatten()], minlength=count),
+                                     poisoned.long()]).cpu()
+    kept_sequences = lengths > 0
+    poisoned = int(poisoned.sum())
+    if not kept_sequences.any():
+        return _Packed(None, keep, poisoned)
+    if record.kind == "encoder_decoder":
+        source_mask = (
+            record.input_mask.bool() if record.input_mask is not None
+            else torch.ones(record.input_states.shape[:2], dtype=torch.bool, device=keep.device)
+        ) & keep.any(-1)[:, None]
+        input_states, input_lengths = record.input_states[source_mask], source_mask.sum(-1)[kept_sequences]
+    else:
+        input_states, input_lengths = record.input_states[keep], None
+    errors = errors.map(lambda tensor: tensor[keep])
+    entry = _Entry(
+        step=int(step),
+        input_states=store(input_states, storage_dtype),
+        hidden_states=store(record.hidden_states[keep], storage_dtype),
+        labels=store(errors.labels, torch.int32),
+        ids=store(errors.ids, torch.int32),
+        probs=store(errors.probs, storage_dtype),
+        lengths=lengths[kept_sequences],
+        input_lengths=None if input_lengths is None else input_lengths.cpu(),
+        label_probs=store(errors.label_probs, storage_dtype),
+    )
+    return _Packed(entry, keep, poisoned)
 
 
 class MistakeLog:
@@ -205,51 +316,15 @@ class MistakeLog:
                 f"This Mistake Log holds a {self.kind} Pilot's errors with {self.vocab_size} logits and width "
                 f"{self.hidden_size}; the new record has (kind, logits, width) = {shape}. Use one log per Pilot."
             )
-        labels = record.next_token_labels()
-        # One logged sequence per document: a row, or each document of a packed row (encoder-decoder: a row).
-        segments = record.document_starts().flatten().cumsum(0) - 1
-        count = int(segments[-1]) + 1
-        position = torch.arange(len(segments), device=segments.device)
-        labelled = labels.flatten() != IGNORE_INDEX
-        last_label = torch.full((count,), -1, device=segments.device).scatter_reduce(
-            0, segments[labelled], position[labelled], "amax")
-        keep = record.token_mask().flatten() & (position <= last_label[segments])
-        # On the full (batch, positions) grid, then select: indexing the |V|-wide logits first would copy them.
-        errors = record.errors(self.top_k)
-        # A document holding any non-finite value the log would store is left out whole.
-        poisoned = torch.bincount(segments[keep & ~_finite_positions(record, errors).flatten()], minlength=count) > 0
-        keep = (keep & ~poisoned[segments]).view_as(labels)
-        # One copy to the host for the lengths and the count of non-finite documents (no extra synchronisation).
-        lengths, poisoned = torch.stack([torch.bincount(segments[keep.flatten()], minlength=count),
-                                         poisoned.long()]).cpu()
-        if poisoned.any():
-            self._skip("non_finite_sequences", int(poisoned.sum()), (
+        packed = _pack(record, self.top_k, step, self._store, self.storage_dtype)
+        if packed.poisoned:
+            self._skip("non_finite_sequences", packed.poisoned, (
                 "A Pilot forward gave non-finite logits or states (NaN/inf) for {count} sequence(s) so far; they are "
                 "left out of the Mistake Log so that they cannot poison the Copilot (copilot_skipped_sequences in "
                 "the logs). The Pilot's own training is not changed."))
-        kept_sequences = lengths > 0
-        if not kept_sequences.any():
+        entry = packed.entry
+        if entry is None:
             return
-        if record.kind == "encoder_decoder":
-            source_mask = (
-                record.input_mask.bool() if record.input_mask is not None
-                else torch.ones(record.input_states.shape[:2], dtype=torch.bool, device=keep.device)
-            ) & keep.any(-1)[:, None]
-            input_states, input_lengths = record.input_states[source_mask], source_mask.sum(-1)[kept_sequences]
-        else:
-            input_states, input_lengths = record.input_states[keep], None
-        errors = errors.map(lambda tensor: tensor[keep])
-        entry = _Entry(
-            step=int(step),
-            input_states=self._store(input_states, self.storage_dtype),
-            hidden_states=self._store(record.hidden_states[keep], self.storage_dtype),
-            labels=self._store(errors.labels, torch.int32),
-            ids=self._store(errors.ids, torch.int32),
-            probs=self._store(errors.probs, self.storage_dtype),
-            lengths=lengths[kept_sequences],
-            input_lengths=None if input_lengths is None else input_lengths.cpu(),
-            label_probs=self._store(errors.label_probs, self.storage_dtype),
-        )
         if entry.nbytes > self.max_bytes:
             self._skip("oversized_records", 1, (
                 f"A Pilot forward needed {entry.nbytes} bytes of Mistake Log, more than max_bytes={self.max_bytes}; "
@@ -323,40 +398,7 @@ class MistakeLog:
         others = torch.randperm(len(table) - 1, generator=generator)[: batch_size - 1].tolist()
         chosen = [table[first]] + [table[j + (j >= first)] for j in others]
 
-        pieces = {name: [] for name in ("input_states", "hidden_states", "labels", "ids", "probs", "label_probs")}
-        for entry, index in chosen:
-            start, end = entry.spans[index]
-            source_start, source_end = entry.input_spans[index]
-            pieces["input_states"].append(entry.input_states[source_start:source_end])
-            for name in ("hidden_states", "labels", "ids", "probs"):
-                pieces[name].append(getattr(entry, name)[start:end])
-            # a format-1 entry does not know the label's probability: 0, as that format represented it
-            label_probs = entry.label_probs if entry.label_probs is not None else torch.zeros_like(entry.probs[:, 0])
-            pieces["label_probs"].append(label_probs[start:end])
-
-        def padded(name, value, cast):
-            moved = [piece.to(device, non_blocking=True).to(cast) for piece in pieces[name]]
-            return pad_sequence(moved, batch_first=True, padding_value=value)
-
-        def mask(lengths):
-            lengths = torch.tensor(lengths, device=device)
-            return (torch.arange(int(lengths.max()), device=device) < lengths[:, None]).long()
-
-        errors = CompactErrors(
-            labels=padded("labels", IGNORE_INDEX, torch.long),
-            ids=padded("ids", 0, torch.long),
-            probs=padded("probs", 0.0, dtype),
-            label_probs=padded("label_probs", 0.0, dtype),
-        )
-        encoder_decoder = self.kind == "encoder_decoder"
-        return MistakeBatch(
-            pilot_input_states=padded("input_states", 0.0, dtype),
-            pilot_hidden_states=padded("hidden_states", 0.0, dtype),
-            attention_mask=mask([len(piece) for piece in pieces["hidden_states"]]),
-            errors=errors,
-            steps=torch.tensor([entry.step for entry, _ in chosen], device=device),
-            pilot_input_mask=mask([len(piece) for piece in pieces["input_states"]]) if encoder_decoder else None,
-        )
+        return MistakeBatch.of_sequences(chosen, self.kind, device, dtype)
 
     def stats(self) -> dict:
         """Size of the log and how large the errors in it are.

@@ -422,14 +422,13 @@ class CopilotModel(CopilotPreTrainedModel):
                 pilot_top_ids = pilot_top_ids[:, -corrections_to_keep:]
                 pilot_top_probs = pilot_top_probs[:, -corrections_to_keep:]
         hidden = self.norm(hidden)
+        corrections = None
         if self.config.correction == "rerank":
             candidate_ids, values, log_q = self._rerank(hidden, pilot_top_ids, pilot_top_probs)
-            corrections = (hidden.new_zeros(*hidden.shape[:2], self.config.vocab_size, dtype=torch.float32)
-                           .scatter(-1, candidate_ids, values).to(hidden.dtype) if return_corrections else None)
-        elif self.config.correction == "logit_residual":
-            corrections = self._residual_corrections(hidden, pilot_logits) if return_corrections else None
-        else:
-            corrections = self.correction_head(hidden) if return_corrections else None
+            if return_corrections:
+                corrections = _scattered(hidden, candidate_ids, values, self.config.vocab_size)
+        elif return_corrections:
+            corrections = self.corrections(hidden, pilot_logits)
         if cache is not None:
             cache.seq_length = past + new
 
@@ -504,6 +503,20 @@ class CopilotModel(CopilotPreTrainedModel):
                 cross = (target_rows * hidden).sum(-1)
             target_norm = target.squared_norm() if isinstance(target, CompactErrors) else target.float().pow(2).sum(-1)
             return prediction_norm - 2.0 * cross + target_norm
+
+    def corrections(self, hidden: torch.Tensor, pilot_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The corrections f the head makes of ``hidden`` (a forward's ``last_hidden_state``, (batch, positions,
+        d)): W h for the vocabulary head; softmax(z + W h) − softmax(z) for the logit residual, which needs
+        ``pilot_logits`` z (batch, ≥ positions, |V|); for the re-ranking head, the re-ranked top candidates of z."""
+        if self.config.correction == "vocabulary":
+            return self.correction_head(hidden)
+        if self.config.correction == "logit_residual":
+            return self._residual_corrections(hidden, pilot_logits)
+        if pilot_logits is None:
+            raise ValueError("A Copilot with correction='rerank' needs pilot_logits to find the Pilot's candidates.")
+        top = torch.softmax(pilot_logits[:, -hidden.shape[1]:].float(), dim=-1).topk(self.config.rerank_top_k, dim=-1)
+        candidate_ids, values, _ = self._rerank(hidden, top.indices, top.values)
+        return _scattered(hidden, candidate_ids, values, self.config.vocab_size)
 
     def _residual_corrections(self, hidden: torch.Tensor, pilot_logits: torch.Tensor | None) -> torch.Tensor:
         """f = softmax(z + g) − softmax(z) with g = W h, at the positions of ``hidden`` (the last ones of
@@ -762,6 +775,11 @@ class CopilotModel(CopilotPreTrainedModel):
                 self.error_projection.weight.copy_(whole(embeddings.weight))
                 copied.append("error_projection.weight")
         return copied
+
+
+def _scattered(hidden: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """|V|-wide corrections holding ``values`` at ``ids`` and 0 elsewhere, in the dtype of ``hidden``."""
+    return hidden.new_zeros(*ids.shape[:-1], vocab_size, dtype=torch.float32).scatter(-1, ids, values).to(hidden.dtype)
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

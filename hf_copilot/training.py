@@ -103,10 +103,12 @@ class CopilotUpdater:
         self.updates = 0
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
         self.tokens = 0  # real (non-padding) positions the Copilot has trained on, for throughput reports
+        self.last_zero_loss = math.nan  # the all-zero predictor's loss on the last update's batch
 
     def step(self, mistake_log) -> float:
-        """Draws a batch from ``mistake_log``, takes one optimizer step, returns the loss. A step whose loss or
-        gradients are not finite leaves the weights and the optimizer's moments as they were (counted in
+        """Draws a batch from ``mistake_log``, takes one optimizer step, returns the loss (and sets
+        :attr:`last_zero_loss`, the all-zero predictor's on the same batch). A step whose loss or gradients are not
+        finite leaves the weights and the optimizer's moments as they were (counted in
         :attr:`skipped_updates`, warned once)."""
         device = next(self.copilot.parameters()).device
         batch = mistake_log.sample(self.config.batch_size, generator=self.generator, device=device)
@@ -126,8 +128,12 @@ class CopilotUpdater:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        self.tokens += int(batch.attention_mask.sum())
-        loss, skipped = torch.stack([loss.detach().float(), skipped]).tolist()  # the step's one host copy
+        with torch.no_grad():  # the all-zero predictor's RMSE on the same tokens, the mark the loss must get below
+            labelled = batch.errors.valid & batch.attention_mask.bool()
+            zero_loss = ((batch.errors.squared_norm().float() * labelled).sum() / labelled.sum().clamp(min=1)).sqrt()
+        loss, skipped, self.last_zero_loss, tokens = torch.stack([  # the step's one host copy
+            loss.detach().float(), skipped, zero_loss, batch.attention_mask.sum().float()]).tolist()
+        self.tokens += int(tokens)
         if skipped:
             self.skipped_updates += 1
             if self.skipped_updates == 1:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import VOCAB, qa_examples, qa_tokenizer, tiny_pilot
 
-from hf_copilot import CopilotConfig, CopilotLogitsProcessor, CopilotModel
+from hf_copilot import CopilotConfig, CopilotLogitsProcessor, CopilotMetrics, CopilotModel
 from hf_copilot.recipes import scoring
 from hf_copilot.recipes.diagnostics import (ErrorRatios, first_error_ranks, heldout_error_ratio, heldout_error_ratios,
-                                            record_mistake_log)
+                                            record_mistake_log, teacher_forced_records)
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings, generate_answers
 from hf_copilot.recipes.finetune import finetune
 from hf_copilot.recipes.prompts import encode_example
@@ -134,13 +134,21 @@ def test_evaluate_decodings_counts_fixed_and_broken_against_the_pilot_alone(trai
 @torch.no_grad()
 def reference_errors(pilot, copilot, tokenizer, examples):
     """Σ‖f − ℓ‖², Σ‖ℓ‖² and the token count, one unpadded example at a time, with dense errors throughout."""
+    scores = reference_scores(pilot, copilot, tokenizer, examples)
+    return scores["squared_error"], scores["squared_norm"], scores["tokens"]
+
+
+@torch.no_grad()
+def reference_scores(pilot, copilot, tokenizer, examples, lam=1.0, space="probs"):
+    """reference_errors, and the answer tokens whose label is the argmax of the Pilot's logits and of the fused
+    scores (softmax(z) + λf, or z + λf), one unpadded example at a time."""
     captured = {}
     hooks = [pilot.model.embed_tokens.register_forward_hook(lambda m, a, out: captured.__setitem__("x", out))]
     for index, layer in enumerate(pilot.model.layers):
         hooks.append(layer.register_forward_hook(
             lambda m, a, out, index=index: captured.__setitem__(index, out[0] if isinstance(out, tuple) else out)))
-    squared_error = squared_norm = 0.0
-    tokens = 0
+    scores = dict.fromkeys(("squared_error", "squared_norm", "tokens", "pilot_right", "rectified_right", "fixed",
+                            "broken"), 0)
     try:
         for example in examples:
             prompt = word_ids(tokenizer, FMT.prompt(example))
@@ -159,13 +167,22 @@ def reference_errors(pilot, copilot, tokenizer, examples):
             corrections = copilot(pilot_hidden_states=h_mean, pilot_input_states=captured["x"],
                                   input_errors=shifted[None].float(),
                                   pilot_logits=logits[None].float()).corrections[0].double()
-            squared_error += float((corrections - errors)[valid].pow(2).sum())
-            squared_norm += float(errors[valid].pow(2).sum())
-            tokens += int(valid.sum())
+            scores["squared_error"] += float((corrections - errors)[valid].pow(2).sum())
+            scores["squared_norm"] += float(errors[valid].pow(2).sum())
+            scores["tokens"] += int(valid.sum())
+            for t in valid.nonzero().flatten().tolist():
+                fused = (torch.softmax(logits[t], -1) + lam * corrections[t] if space == "probs"
+                         else logits[t] + lam * corrections[t])
+                pilot_right = int(logits[t].argmax()) == int(ids[0, t + 1])
+                rectified_right = int(fused.argmax()) == int(ids[0, t + 1])
+                scores["pilot_right"] += pilot_right
+                scores["rectified_right"] += rectified_right
+                scores["fixed"] += rectified_right and not pilot_right
+                scores["broken"] += pilot_right and not rectified_right
     finally:
         for hook in hooks:
             hook.remove()
-    return squared_error, squared_norm, tokens
+    return scores
 
 
 def noisy_copilot(pilot, copilot, scale):
@@ -250,6 +267,34 @@ def test_heldout_error_ratio_of_a_logit_residual_copilot_matches_a_dense_recompu
     assert result["tokens"] == tokens
     assert result["ratio"] == pytest.approx((squared_error / squared_norm) ** 0.5, rel=1e-5)
     assert abs(result["ratio"] - 1) > 1e-3
+
+
+@pytest.mark.parametrize("correction, space", [("vocabulary", "probs"), ("vocabulary", "logits"),
+                                               ("logit_residual", "probs")])
+def test_copilot_metrics_match_a_dense_recomputation(trained, tokenizer, correction, space):
+    """Every measure of CopilotMetrics, from padded teacher-forced batches and compact errors, equals the dense
+    one-example-at-a-time recount, with a Copilot noisy enough to both fix and break tokens."""
+    pilot, copilot = trained
+    noisy = noisy_copilot(pilot, copilot, 0.3)
+    if correction != "vocabulary":
+        noisy = CopilotModel(CopilotConfig(**dict(noisy.config.to_dict(), correction=correction))).eval()
+        noisy.load_state_dict(noisy_copilot(pilot, copilot, 3.0).state_dict())
+    examples = qa_examples(7, start=20)
+    metrics = CopilotMetrics(noisy, lam=0.7, space=space, top_k=VOCAB)
+    for record in teacher_forced_records(pilot, tokenizer, examples, FMT, batch_size=3):
+        metrics.add(record)
+    result = metrics.results()
+    reference = reference_scores(pilot, noisy, tokenizer, examples, lam=0.7, space=space)
+    tokens = reference["tokens"]
+    assert result["tokens"] == tokens
+    assert result["heldout_ratio"] == pytest.approx((reference["squared_error"] / reference["squared_norm"]) ** 0.5,
+                                                    rel=1e-5)
+    assert result["loss"] == pytest.approx((reference["squared_error"] / tokens) ** 0.5, rel=1e-5)
+    assert result["zero_loss"] == pytest.approx((reference["squared_norm"] / tokens) ** 0.5, rel=1e-5)
+    assert result["pilot_accuracy"] == reference["pilot_right"] / tokens
+    assert result["rectified_accuracy"] == reference["rectified_right"] / tokens
+    assert (result["tokens_fixed"], result["tokens_broken"]) == (reference["fixed"], reference["broken"])
+    assert reference["fixed"] + reference["broken"] > 0 and reference["pilot_right"] > 0
 
 
 def test_recording_a_mistake_log_can_score_a_copilot_in_the_same_pass(trained, tokenizer):

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import torch
 
+from ..copilot_metrics import CopilotMetrics
 from ..errors import DEFAULT_TOP_K, IGNORE_INDEX
 from ..mistake_log import MistakeLog
 from ..pilot import PilotRecord, PilotTap
@@ -92,37 +93,24 @@ class ErrorRatios:
     """
 
     def __init__(self, copilots: dict, *, top_k: int = DEFAULT_TOP_K):
-        self.copilots, self.top_k = copilots, top_k
-        self.totals = {name: [0.0, 0.0, 0] for name in copilots}  # squared error, squared norm, tokens
+        self.metrics = {name: CopilotMetrics(copilot, top_k=top_k) for name, copilot in copilots.items()}
         for copilot in copilots.values():
             copilot.eval()
 
-    @torch.no_grad()
     def add(self, record: PilotRecord) -> None:
-        batches = {}  # the record's errors, compacted once per device the Copilots sit on
-        for name, copilot in self.copilots.items():
-            device = next(copilot.parameters()).device
-            if device not in batches:
-                log = MistakeLog(max_rounds=1, top_k=self.top_k, storage_dtype=torch.float32, device=device)
-                log.add(record, step=0)
-                batches[device] = log.sample(record.labels.shape[0], device=device)
-            batch = batches[device]
-            valid = batch.errors.valid & batch.attention_mask.bool()
-            inputs = dict(batch.copilot_inputs(), target_errors=None)
-            hidden = copilot(**inputs, return_corrections=False).last_hidden_state
-            self.totals[name][0] += float(copilot.squared_errors(hidden, batch.errors)[valid].sum())
-            self.totals[name][1] += float(batch.errors.squared_norm()[valid].sum())
-            self.totals[name][2] += int(valid.sum())
+        for metrics in self.metrics.values():
+            metrics.add(record)
 
     def results(self) -> dict[str, dict]:
-        """One result per Copilot name: ``copilot_rmse``, ``zero_rmse``, their ``ratio`` and the ``tokens`` scored."""
+        """One result per Copilot name: ``copilot_rmse``, ``zero_rmse``, their ``ratio`` and the ``tokens`` scored
+        (:attr:`metrics` holds each Copilot's fuller :class:`~hf_copilot.CopilotMetrics`)."""
         results = {}
-        for name, (squared_error, squared_norm, tokens) in self.totals.items():
-            if tokens == 0:
+        for name, metrics in self.metrics.items():
+            measured = metrics.results()
+            if not measured:
                 raise ValueError("The examples have no answer tokens to score (every target was empty or masked).")
-            results[name] = {"copilot_rmse": (squared_error / tokens) ** 0.5,
-                             "zero_rmse": (squared_norm / tokens) ** 0.5,
-                             "ratio": (squared_error / squared_norm) ** 0.5, "tokens": tokens}
+            results[name] = {"copilot_rmse": measured["loss"], "zero_rmse": measured["zero_loss"],
+                             "ratio": measured["heldout_ratio"], "tokens": measured["tokens"]}
         return results
 
 

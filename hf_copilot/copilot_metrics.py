@@ -1,0 +1,97 @@
+"""CopilotMetrics: how a Copilot does on Pilot forwards it did not train on, measured from forwards that ran anyway
+(a Trainer's evaluation, a recipe's teacher-forced pass), so that a user learns early whether it can help."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .errors import DEFAULT_TOP_K
+from .generation import FUSION_SPACES, check_lam, fuse_scores
+from .mistake_log import MistakeBatch
+from .pilot import PilotRecord
+
+SUMS = ("squared_error", "zero_squared_error", "tokens", "pilot_right", "rectified_right", "fixed", "broken")
+
+
+class CopilotMetrics:
+    """Teacher-forced measures of ``copilot``, summed record by record over the labelled tokens of each
+    :class:`~hf_copilot.PilotRecord` (the positions a Mistake Log would keep; each document of a packed row apart).
+
+    :meth:`results` gives:
+
+    - ``heldout_ratio``: √(Σ‖f − ℓ‖² / Σ‖ℓ‖²), the Copilot's RMSE over the all-zero predictor's. Below 1 it
+      predicts these errors better than predicting nothing, the prerequisite for any gain; at or above 1 no λ helps.
+    - ``loss`` and ``zero_loss``: the RMSE of Eq. 7 over these tokens, of the Copilot and of the all-zero predictor.
+    - ``pilot_accuracy`` and ``rectified_accuracy``: the share of tokens whose label is the top token of the Pilot's
+      logits, and of the fused scores at ``lam`` and ``space`` (as :class:`~hf_copilot.CopilotLogitsProcessor`
+      fuses them); ``tokens_fixed`` / ``tokens_broken``: tokens the rectification turned right / wrong; ``tokens``.
+
+    Teacher-forced: the Pilot reads the reference prefix and the Copilot reads the Pilot's true errors on it, as in
+    training. In ``generate()`` the Copilot reads its own earlier corrections instead, so decoded accuracy can
+    differ; ``hf-copilot eval`` measures that. The errors are compacted to ``top_k`` probabilities as in the log;
+    the accuracies use the full logits. Sums stay on the Copilot's device until :meth:`results` (no host
+    synchronisation per record).
+    """
+
+    def __init__(self, copilot, *, lam: float = 1.0, space: str = "probs", top_k: int = DEFAULT_TOP_K):
+        if space not in FUSION_SPACES:
+            raise ValueError(f"space must be one of {FUSION_SPACES}; got {space!r}.")
+        self.copilot, self.lam, self.space, self.top_k = copilot, check_lam(lam), space, top_k
+        self.reset()
+
+    def reset(self) -> None:
+        device = next(self.copilot.parameters()).device
+        self.sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, record: PilotRecord) -> None:
+        """Adds the labelled tokens of ``record`` (a forward with labels and its logits; others add nothing)."""
+        if record.labels is None or record.logits is None:
+            return
+        copilot = self.copilot
+        device = self.sums.device
+        batch, kept = MistakeBatch.from_record(record, self.top_k, device=device)
+        if batch is None:
+            return
+        hidden = copilot(**dict(batch.copilot_inputs(), target_errors=None), return_corrections=False).last_hidden_state
+        errors = batch.errors
+        valid = errors.valid & batch.attention_mask.bool()
+        # The record's positions that hold these labelled tokens, in the same order as `valid` picks them.
+        scored = kept.clone()
+        scored[kept] = valid[batch.attention_mask.bool()].to(kept.device)
+        logits = record.logits[scored].to(device).float()
+        labels = errors.labels[valid]
+        corrections = copilot.corrections(hidden[valid][None], logits[None])[0]
+        fused = fuse_scores(logits, corrections, self.lam, self.space)
+        pilot_right = logits.argmax(-1) == labels
+        rectified_right = fused.argmax(-1) == labels
+        self.sums += torch.stack([
+            copilot.squared_errors(hidden, errors)[valid].double().sum(),
+            errors.squared_norm()[valid].double().sum(),
+            valid.sum().double(),
+            pilot_right.sum().double(),
+            rectified_right.sum().double(),
+            (rectified_right & ~pilot_right).sum().double(),
+            (pilot_right & ~rectified_right).sum().double(),
+        ])
+
+    def results(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """The measures so far (empty when no labelled token was added); ``reduce`` sums the totals over
+        processes first (e.g. ``accelerate.utils.reduce(..., reduction="sum")``)."""
+        sums = self.sums if reduce is None else reduce(self.sums.clone())
+        squared_error, zero_squared_error, tokens, pilot_right, rectified_right, fixed, broken = sums.tolist()
+        if tokens == 0:
+            return {}
+        return {
+            "heldout_ratio": math.sqrt(squared_error / zero_squared_error) if zero_squared_error > 0 else math.nan,
+            "loss": math.sqrt(squared_error / tokens),
+            "zero_loss": math.sqrt(zero_squared_error / tokens),
+            "pilot_accuracy": pilot_right / tokens,
+            "rectified_accuracy": rectified_right / tokens,
+            "tokens_fixed": int(fixed),
+            "tokens_broken": int(broken),
+            "tokens": int(tokens),
+        }
