@@ -143,7 +143,8 @@ class CopilotCallback(TrainerCallback):
         self._release_tap(interrupted=True)
         self.copilot.to(args.device)
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        total_updates = math.ceil(state.max_steps / self.config.update_every) * self.config.updates_per_step
+        # Updates come after the steps numbered n, 2n, ...: the schedule ends with the last of them.
+        total_updates = state.max_steps // self.config.update_every * self.config.updates_per_step
         self.updater = CopilotUpdater(self.copilot, self.config, total_updates, autocast_dtype=autocast)
         self.mistake_log = MistakeLog(**self._log_options)  # a new run never mixes in an earlier run's rounds
         self._losses.clear()

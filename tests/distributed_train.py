@@ -1,6 +1,9 @@
 """Joint training under torchrun (2 processes, gloo on CPU): a run that writes a checkpoint at step 2, then a fresh
 run resumed from that checkpoint. Each rank saves both final Copilots, to compare with each other and across ranks.
 
+Both runs evaluate every 2 steps on 8 rows (4 per rank) and keep the best Copilot: each rank saves its evaluation
+log entries, to compare across ranks and with the rows' labelled tokens.
+
 Launched by tests/test_integrations.py:  torchrun --nproc_per_node 2 tests/distributed_train.py OUTPUT_DIR ENGINE
 with ENGINE one of ddp, zero2, zero3 (DeepSpeed with DS_ACCELERATOR=cpu).
 """
@@ -31,6 +34,7 @@ def zero(stage):
 
 def train(run, resume=None):
     args = trainer_args(f"{output}/{run}", max_steps=4, save_strategy="steps", save_steps=2, ddp_backend="gloo",
+                        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
                         deepspeed=zero(int(engine[-1])) if engine.startswith("zero") else None)
     torch.manual_seed(0)
     # Built after the arguments: under ZeRO-3 transformers then partitions the Pilot as it is created.
@@ -42,9 +46,12 @@ def train(run, resume=None):
     rank = dist.get_rank()
     if rank == 0:
         torch.save({key: tensor.clone() for key, tensor in copilot.state_dict().items()}, f"{output}/{run}_start.pt")
-    callback = CopilotCallback(copilot, batch_size=4, save_mistake_log=True, resume_from=resume)
-    Trainer(model=pilot, args=args, train_dataset=pattern_dataset(), callbacks=[callback]).train(
-        resume_from_checkpoint=resume)
+    callback = CopilotCallback(copilot, batch_size=4, save_mistake_log=True, resume_from=resume, load_best_at_end=True)
+    trainer = Trainer(model=pilot, args=args, train_dataset=pattern_dataset(), eval_dataset=pattern_dataset(8, seed=1),
+                      callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    with open(f"{output}/{run}_rank{rank}_evaluations.json", "w") as file:
+        json.dump([entry for entry in trainer.state.log_history if "eval_loss" in entry], file)
     torch.save(copilot.state_dict(), f"{output}/{run}_rank{rank}.pt")
     with open(f"{output}/{run}_rank{rank}.json", "w") as file:
         json.dump({"vocab_size": copilot.config.vocab_size, "copied_layer_0": copied}, file)

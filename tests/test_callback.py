@@ -360,3 +360,16 @@ def test_two_named_copilots_on_one_run_each_train_as_if_alone(tmp_path):
     assert (tmp_path / "both" / "small" / "model.safetensors").exists()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all("big_loss" in entry and "small_loss" in entry and "copilot_loss" not in entry for entry in logged)
+
+
+@pytest.mark.parametrize("update_every, max_steps", [(3, 7), (2, 6), (1, 5)])
+def test_the_copilot_schedule_ends_with_its_last_update(tmp_path, update_every, max_steps):
+    """Updates come after steps update_every, 2·update_every, ...: the cosine schedule is sized to that count, so
+    the last update is the schedule's last step and the learning rate ends at 0."""
+    callback = CopilotCallback(CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2), batch_size=4,
+                               update_every=update_every, lr_scheduler_type="cosine", warmup_ratio=0.0)
+    run(tmp_path, callback, args=trainer_args(tmp_path, max_steps=max_steps))
+    updates = max_steps // update_every
+    assert callback.updater.updates == updates
+    assert callback.updater.scheduler.last_epoch == updates
+    assert callback.updater.learning_rate == pytest.approx(0.0, abs=1e-12)

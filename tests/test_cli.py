@@ -278,3 +278,33 @@ def test_answer_style_option_changes_how_choices_are_answered(user_files):
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--copilot", "c", "--data", str(data), "--output", "o",
                            "--answer-style", "letters"])
+
+
+def test_train_measures_the_copilot_after_each_epoch_on_held_out_items(user_files, tmp_path, capsys):
+    """A validation slice held out of the training file, evaluated after each epoch: one printed line and one
+    run.json entry per epoch, and the plain warning exactly when the last held-out ratio is not below 1."""
+    model_dir, data = user_files
+    out = tmp_path / "run"
+    assert main(train_args(model_dir, data, out, lora_rank=0) + ["--epochs", "2", "--validation-size", "3"]) == 0
+    printed = capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert (run["train_examples"], run["validation_examples"]) == (5, 3)
+    assert [entry["epoch"] for entry in run["evaluations"]] == [1, 2]
+    assert all(entry["eval_copilot_tokens"] > 0 for entry in run["evaluations"])
+    lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and f"held-out ratio {run['evaluations'][-1]['eval_copilot_heldout_ratio']:.3f}" in lines[1]
+    warned = "it is unlikely to help this Pilot" in printed
+    assert warned == (run["evaluations"][-1]["eval_copilot_heldout_ratio"] >= 1)
+
+    # Validation items from a file of their own; the whole training file trains.
+    other = tmp_path / "other"
+    assert main(train_args(model_dir, data, other, lora_rank=0) + ["--eval-data", str(data)]) == 0
+    run = json.loads((other / "run.json").read_text())
+    assert (run["train_examples"], run["validation_examples"], len(run["evaluations"])) == (8, 8, 1)
+
+
+def test_a_validation_slice_that_leaves_nothing_to_train_is_refused(user_files, tmp_path, capsys):
+    model_dir, data = user_files
+    assert main(train_args(model_dir, data, tmp_path / "run", lora_rank=0) + ["--validation-size", "8"]) == 1
+    assert "--validation-size 8 leaves no training example out of 8" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

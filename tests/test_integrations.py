@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, tiny_pilot, word_tokenizer
+from test_callback import SEQ
 from datasets import Dataset
 from transformers import DataCollatorWithFlattening, Trainer
 
-from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotModel, MistakeLog
+from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotMetrics, CopilotModel, MistakeLog
 from hf_copilot.errors import IGNORE_INDEX
 from hf_copilot.pilot import PilotTap
 
@@ -91,7 +92,7 @@ def assert_same_sequences(log, reference, copilot):
                                        msg=lambda message, name=name, key=key: f"{name} of {key}: {message}")
 
 
-def sft_trainer(tmp_path, style, pilot, callback, **config):
+def sft_trainer(tmp_path, style, pilot, callback, eval_dataset=None, **config):
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = word_tokenizer()
@@ -100,8 +101,8 @@ def sft_trainer(tmp_path, style, pilot, callback, **config):
                      report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
                      completion_only_loss=style == "completion_only", assistant_only_loss=style == "assistant_only",
                      **config)
-    return SFTTrainer(model=pilot, args=args, train_dataset=sft_dataset(style), processing_class=tokenizer,
-                      callbacks=[callback])
+    return SFTTrainer(model=pilot, args=args, train_dataset=sft_dataset(style), eval_dataset=eval_dataset,
+                      processing_class=tokenizer, callbacks=[callback])
 
 
 def sft_documents(tmp_path, style):
@@ -125,6 +126,30 @@ def test_sft_trainer_logs_each_document_as_an_unpacked_recompute(tmp_path, style
         assert len(callback.mistake_log) == 1 and callback.mistake_log.stats()["sequences"] == 16
     reference = reference_log(tiny_pilot("llama").train(), sft_documents(tmp_path, style))
     assert_same_sequences(callback.mistake_log, reference, fresh_copilot(pilot))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_trainer_evaluations_measure_each_document_as_alone(tmp_path, packing):
+    """SFTTrainer evaluations (fused LM head, packed rows when packing) report the Copilot metrics of each
+    document run alone through a plain forward."""
+    pilot = tiny_pilot("llama")
+    copilot = fresh_copilot(pilot)
+    callback = CopilotCallback(copilot, top_k=TOP_K, batch_size=4)
+    trainer = sft_trainer(tmp_path / "run", "completion_only", pilot, callback, packing=packing, max_length=64,
+                          eval_dataset=sft_dataset("completion_only"), eval_strategy="epoch",
+                          per_device_eval_batch_size=8)
+    trainer.train()
+    (entry,) = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    expected = CopilotMetrics(copilot, top_k=TOP_K)
+    with PilotTap(pilot, mode="generate") as tap:
+        for ids, labels in sft_documents(tmp_path, "completion_only"):
+            with torch.no_grad():
+                pilot(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            expected.add(*tap.pop_records())
+    expected = expected.results()
+    assert entry["eval_copilot_tokens"] == expected["tokens"]
+    for name, value in expected.items():
+        assert entry[f"eval_copilot_{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
 def test_fused_lm_head_forward_records_what_a_plain_forward_records():
@@ -227,6 +252,17 @@ def test_two_processes_resume_to_the_copilot_of_an_uninterrupted_run(tmp_path, e
         for key, tensor in copilot.items():
             torch.testing.assert_close(tensor, copilots["full_rank0"][key], atol=1e-6, rtol=1e-5,
                                        msg=lambda message, name=name, key=key: f"{name} {key}: {message}")
+    # Evaluation metrics are summed over both ranks (8 rows of SEQ - 3 labelled tokens), the same on each, and a
+    # resumed run reports at step 4 what the uninterrupted one did.
+    evaluations = {name: [{key: value for key, value in entry.items() if key == "step" or "copilot" in key}
+                          for entry in json.loads((tmp_path / f"{name}_evaluations.json").read_text())]
+                   for name in copilots}
+    full = evaluations["full_rank0"]
+    assert [entry["step"] for entry in full] == [2, 4]
+    assert all(entry["eval_copilot_tokens"] == 8 * (SEQ - 3) for entry in full)
+    assert evaluations["full_rank1"] == full
+    for name in ("resumed_rank0", "resumed_rank1"):  # the step-2 entry came with the checkpoint's log history
+        assert evaluations[name][-1] == pytest.approx(full[1], rel=1e-5), name
     initial = torch.load(tmp_path / "full_start.pt")
     assert any(not torch.equal(copilots["full_rank0"][key], initial[key]) for key in initial)  # it did train
     assert (tmp_path / "full" / "checkpoint-2" / "copilot" / "mistake_log_rank1").is_dir()
@@ -363,3 +399,6 @@ def test_rectified_decoding_in_the_evaluations_during_training(tmp_path):
     # The updater leaves the Copilot in eval mode between updates, so the recipe raises no train-mode warning.
     assert not [w for w in caught if "train mode" in str(w.message)]
     assert len(processor.tap.records) <= 2  # and it kept none of the training forwards in between
+    # The callback measured the Copilot in both evaluations, from the loss forwards (generate()'s carry no labels).
+    entries = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["eval_copilot_tokens"] for entry in entries] == [4 * 8, 4 * 8]

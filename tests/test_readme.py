@@ -1,7 +1,8 @@
 """The Python blocks of the README, docs/model.md and docs/evaluation.md run as written, on a tiny Pilot built
 from a config.
 
-A block may use the names a reader already has in hand (``pilot``, ``copilot``, ``args``, ``ds``, ``inputs``, and in
+A block may use the names a reader already has in hand (``pilot``, ``copilot``, ``args``, ``ds``, ``held_out``,
+``inputs``, and in
 the model's reference ``batch``, ``ids``, ``h_mean``, ``x_tilde``, ``mask``, ``pilot_logits``,
 ``next_token_labels``): each block gets them fresh. ``args.output_dir`` holds a finished joint run with its Mistake
 Log saved, so blocks that load one find it.
@@ -35,9 +36,9 @@ def python_blocks(path: Path) -> list[tuple[Path, str]]:
 BLOCKS = [block for document in DOCUMENTS for block in python_blocks(document)]
 
 
-def counting_rows(count: int = 16, length: int = 12) -> list[dict]:
+def counting_rows(count: int = 16, length: int = 12, seed: int = 0) -> list[dict]:
     """Rows that count upwards from a random start: something a tiny Pilot can learn in a few steps."""
-    starts = torch.randint(3, 80, (count,), generator=torch.Generator().manual_seed(0))
+    starts = torch.randint(3, 80, (count,), generator=torch.Generator().manual_seed(seed))
     rows = []
     for start in starts.tolist():
         ids = torch.arange(start, start + length)
@@ -80,6 +81,7 @@ def test_block_runs(document, block, trained_run, tmp_path, monkeypatch):
         "copilot": CopilotModel.from_pilot(pilot),
         "args": training_args(trained_run),
         "ds": counting_rows(),
+        "held_out": counting_rows(8, seed=1),
         "inputs": {"input_ids": prompts, "attention_mask": (prompts != 0).long()},
         "batch": {"input_ids": ids, "labels": ids},
         "ids": ids,

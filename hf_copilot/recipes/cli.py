@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shlex
 import sys
 import tempfile
@@ -39,6 +40,9 @@ from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
 from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, TEST_SIZES, load_examples_file, load_task
 
+MAX_VALIDATION = 200
+MIN_EXAMPLES_FOR_VALIDATION = 20
+"""Below this many training examples, train holds none out by default (each one matters more for the Pilot)."""
 DEMO_TASK = "basic_arithmetic"
 DEMO_TRAIN = ("--task", DEMO_TASK, "--epochs", "1")
 """The demo's own ``train`` options; train's parser fills in every other one. One epoch, so that the demo finishes
@@ -152,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--copilot-learning-rate", type=POSITIVE_NUMBER, default=5e-4)
     train.add_argument("--copilot-batch-size", type=POSITIVE_INT, default=8)
     train.add_argument("--seed", type=int, default=0)
+    validation = train.add_mutually_exclusive_group()
+    validation.add_argument("--validation-size", type=NON_NEGATIVE_INT, default=None,
+                            help="training examples held out (drawn with --seed) to measure the Copilot on after each "
+                                 f"epoch (default: 10%%, at most {MAX_VALIDATION}, none below "
+                                 f"{MIN_EXAMPLES_FOR_VALIDATION} examples); 0 = none")
+    validation.add_argument("--eval-data", type=Path, default=None,
+                            help="JSONL or CSV file of validation items to measure the Copilot on after each epoch, "
+                                 "instead of holding out training examples")
 
     evaluate = commands.add_parser("eval", help="Pilot alone vs Pilot + Copilot over a λ grid")
     evaluate.add_argument("--model", required=True, help="the fine-tuned Pilot folder (train's <output>/pilot)")
@@ -214,6 +226,7 @@ def run_train(args) -> Path:
     set_seed(args.seed)
     _check_output_folder(args.output)
     examples, task_format = _examples(args, "train")
+    examples, validation = _validation_split(args, examples, task_format)
     model_dir = resolve_model(args.model)
     config = AutoConfig.from_pretrained(model_dir)  # read once: the checks below need it before the weights
     depth = config.get_text_config().num_hidden_layers
@@ -221,7 +234,7 @@ def run_train(args) -> Path:
         raise ValueError(f"--copilot-layers {args.copilot_layers} is deeper than the Pilot ({depth} layers), whose "
                          f"layers the Copilot copies: pass {max(depth, 2)} or fewer, or 'all'.")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
-    _check_fits(examples, tokenizer, task_format, args.max_length)
+    _check_fits(examples + validation, tokenizer, task_format, args.max_length)
     pilot = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
     rank = args.copilot_lora_rank
     lora = dict(PAPER_LORA, r=rank, lora_alpha=2 * rank) if rank else None
@@ -230,23 +243,57 @@ def run_train(args) -> Path:
                                       loss=args.copilot_loss, lora=lora)
     if args.lora_rank:
         pilot = add_lora(pilot, args.lora_rank)
-    print(f"Fine-tuning {model_dir} on {len(examples)} examples; Copilot {copilot.num_parameters() / 1e6:.1f}M "
-          f"parameters ({copilot.num_parameters(only_trainable=True) / 1e6:.1f}M trained).", flush=True)
+    print(f"Fine-tuning {model_dir} on {len(examples)} examples ({len(validation)} validation items); Copilot "
+          f"{copilot.num_parameters() / 1e6:.1f}M parameters ({copilot.num_parameters(only_trainable=True) / 1e6:.1f}M "
+          "trained).", flush=True)
     started = time.perf_counter()
     trainer = finetune(
         pilot, tokenizer, examples, task_format, args.output, copilot=copilot, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         copilot_options=dict(learning_rate=args.copilot_learning_rate, batch_size=args.copilot_batch_size),
+        eval_examples=validation,
     )
     save_pilot(pilot, tokenizer, args.output / "pilot")
+    evaluations = [entry for entry in trainer.state.log_history if "eval_copilot_heldout_ratio" in entry]
     summary = {"model": str(model_dir), "task": args.task, "data": str(args.data.resolve()) if args.data else None,
                "split": None if args.data else _split(args), "train_examples": len(examples),
+               "validation_examples": len(validation), "evaluations": evaluations,
                "seconds": time.perf_counter() - started, "log_history": trainer.state.log_history,
                "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     atomic_write_text(args.output / "run.json", json.dumps(summary, indent=2))
     print(f"Saved the Pilot to {args.output / 'pilot'} and the Copilot to {args.output / 'copilot'} "
           f"({summary['seconds'] / 60:.1f} min).", flush=True)
+    for entry in evaluations:
+        print(describe_evaluation(entry), flush=True)
+    if evaluations and not evaluations[-1]["eval_copilot_heldout_ratio"] < 1:
+        print(f"The Copilot predicts unseen errors worse than zero (held-out ratio "
+              f"{evaluations[-1]['eval_copilot_heldout_ratio']:.3f} >= 1): it is unlikely to help this Pilot.",
+              flush=True)
     return args.output
+
+
+def _validation_split(args, examples: list, task_format) -> tuple[list, list]:
+    """(training examples, validation items): ``--eval-data``'s items, or a seeded slice held out of training."""
+    if args.eval_data is not None:
+        return examples, load_examples_file(args.eval_data, task_format)
+    size = args.validation_size
+    if size is None:
+        size = 0 if len(examples) < MIN_EXAMPLES_FOR_VALIDATION else min(MAX_VALIDATION, round(0.1 * len(examples)))
+    if size >= len(examples):
+        raise ValueError(f"--validation-size {size} leaves no training example out of {len(examples)}: pass a smaller "
+                         "one, or 0 for none.")
+    held_out = set(random.Random(args.seed).sample(range(len(examples)), size))
+    return ([example for i, example in enumerate(examples) if i not in held_out],
+            [example for i, example in enumerate(examples) if i in held_out])
+
+
+def describe_evaluation(entry: dict) -> str:
+    """One plain line for an evaluation's Copilot metrics (see :class:`~hf_copilot.CopilotMetrics`)."""
+    return (f"epoch {entry.get('epoch', 0):g}: held-out ratio {entry['eval_copilot_heldout_ratio']:.3f} (below 1: "
+            f"the Copilot predicts unseen errors better than zero); next-token accuracy "
+            f"{100 * entry['eval_copilot_pilot_accuracy']:.1f}% -> {100 * entry['eval_copilot_rectified_accuracy']:.1f}% "
+            f"rectified at lambda 1 ({entry['eval_copilot_tokens_fixed']} tokens fixed, "
+            f"{entry['eval_copilot_tokens_broken']} broken, of {entry['eval_copilot_tokens']})")
 
 
 def _check_unseen(args) -> None:

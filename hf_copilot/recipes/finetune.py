@@ -48,31 +48,35 @@ def add_lora(model, rank: int, dropout: float = 0.0):
 def finetune(pilot, tokenizer, examples: list[Example], task_format: TaskFormat, output_dir: str | Path, *,
              copilot=None, epochs: float = 1.0, max_steps: int = -1, learning_rate: float = 2e-4,
              batch_size: int = 8, max_length: int = 256, seed: int = 0, progress: bool = True,
-             copilot_options: dict | None = None, callbacks=(), save_each_epoch: bool = False) -> Trainer:
+             copilot_options: dict | None = None, callbacks=(), save_each_epoch: bool = False,
+             eval_examples: list[Example] = ()) -> Trainer:
     """Fine-tune ``pilot`` (a plain or peft model) on ``examples``; train ``copilot`` alongside when given.
 
     ``callbacks`` join the Trainer's (e.g. more :class:`CopilotCallback` s with their own ``name``, to train
     Copilots of several sizes beside one Pilot). ``save_each_epoch`` writes a checkpoint
     (Pilot, tokenizer, Copilots) after every epoch and resumes from the newest one found in ``output_dir``, so an
-    interrupted run continues where it stopped. Returns the finished Trainer (its ``state.log_history`` holds the
+    interrupted run continues where it stopped. ``eval_examples`` are evaluated after every epoch, which adds the
+    Copilots' metrics to the log (see :class:`~hf_copilot.CopilotMetrics`). Returns the finished Trainer (its ``state.log_history`` holds the
     Pilot and Copilot losses). The Pilot's own training is identical with and without Copilots.
     """
     if not examples:
         raise ValueError("No training examples.")
     prepare_tokenizer(tokenizer)
-    rows = [encode_example(example, tokenizer, task_format, max_length) for example in examples]
-    dataset = Dataset.from_list(rows)
+    def dataset(items):
+        return Dataset.from_list([encode_example(example, tokenizer, task_format, max_length) for example in items])
+
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=batch_size, num_train_epochs=epochs,
         max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.03,
         weight_decay=0.0, logging_steps=10, save_strategy="epoch" if save_each_epoch else "no", report_to=[],
+        eval_strategy="epoch" if eval_examples else "no", per_device_eval_batch_size=batch_size,
         seed=seed, data_seed=seed,
         train_sampling_strategy="group_by_length", disable_tqdm=not progress, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=pilot, args=args, train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer)
+    trainer = Trainer(model=pilot, args=args, train_dataset=dataset(examples), data_collator=collator,
+                      eval_dataset=dataset(eval_examples) if eval_examples else None, processing_class=tokenizer)
     for callback in callbacks:
         if isinstance(callback, CopilotCallback):
             callback.attach(trainer)  # ahead of the reporters, as the Copilot's metrics need
