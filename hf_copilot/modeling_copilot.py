@@ -471,9 +471,11 @@ class CopilotModel(CopilotPreTrainedModel):
                 self._feedback_cache = (key, (head.float().T @ projection.float()).to(head.dtype))
         return self._feedback_cache[1]
 
-    def squared_errors(self, hidden: torch.Tensor, target: Errors, sparse=None) -> torch.Tensor:
+    def squared_errors(self, hidden: torch.Tensor, target: Errors, sparse=None,
+                       corrections: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position ‖f − ℓ‖² of the corrections the head makes of ``hidden`` (a forward's
-        ``last_hidden_state``) against the true errors ``target``, without building the |V|-wide f.
+        ``last_hidden_state``) against the true errors ``target``, without building the |V|-wide f. When the
+        vocabulary head's ``corrections`` at these positions are at hand anyway, ‖f‖² and ⟨f, ℓ⟩ are read from them.
 
         Vocabulary head f = W h: ‖f‖² − 2⟨f, ℓ⟩ + ‖ℓ‖², exactly, with ‖f‖² = hᵀ(WᵀW)h through the d×d Gram matrix
         (|V|·d² once per batch instead of |V|·d per position) and ⟨f, ℓ⟩ = ⟨ℓ W, h⟩, a lookup of k + 1 rows of W for
@@ -496,6 +498,11 @@ class CopilotModel(CopilotPreTrainedModel):
                 at_ids = (target.values_at(ids) if isinstance(target, CompactErrors)
                           else target.float().gather(-1, ids))
                 prediction_norm, cross = values.pow(2).sum(-1), (values * at_ids).sum(-1)
+            elif corrections is not None:
+                corrections = corrections.float()
+                prediction_norm = corrections.pow(2).sum(-1)
+                cross = (target.dot(corrections) if isinstance(target, CompactErrors)
+                         else (target.float() * corrections).sum(-1))
             else:
                 weight = self.correction_head.weight.float()
                 prediction_norm = ((hidden @ _Gram.apply(weight)) * hidden).sum(-1)

@@ -469,3 +469,19 @@ def test_pipeline_and_streamer_see_the_rectified_tokens(llama):
     with CopilotLogitsProcessor(copilot, pilot) as processor:
         out = text_generation("w5 w6 w7", logits_processor=[processor], return_full_text=False, **settings)
     assert out[0]["generated_text"] == tokenizer.decode(direct, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("space", ["probs", "logits"])
+def test_fused_choice_is_the_first_token_of_fuse_scores(space):
+    """The cheap argmax CopilotMetrics uses picks what the processor's fusion ranks first, banned tokens included."""
+    from hf_copilot.generation import fuse_scores, fused_choice
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, VOCAB, generator=generator) * 3
+    scores[:, :5] = float("-inf")  # banned, e.g. by a min-length processor
+    corrections = torch.randn(64, VOCAB, generator=generator)
+    corrections[:, :5] = 5.0  # a correction pushing banned tokens up must not unban them
+    for lam in (0.0, 0.3, 1.0, 4.0):
+        expected = fuse_scores(scores.clone(), corrections, lam, space).argmax(-1)
+        assert torch.equal(fused_choice(scores.clone(), corrections, lam, space), expected), lam
+        assert (expected >= 5).all()

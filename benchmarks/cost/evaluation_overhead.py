@@ -4,10 +4,12 @@ Launch (one process alternates the two settings, so they share the machine's sta
 
     python -m benchmarks.cost.evaluation_overhead --pilot tiny --repeats 5
     python -m benchmarks.cost.evaluation_overhead --pilot smollm2 --repeats 5 --rows 32
+    python -m benchmarks.cost.evaluation_overhead --pilot smollm2 --repeats 5 --rows 32 --labelled 0.25
 
 Each run trains one step (learning rate 0) and evaluates twice on the same rows of random tokens, every position
 labelled (the worst case: every position is scored): once before the first step (``eval_on_start``, dropped as
-warm-up) and once after it. The time is Trainer's own ``eval_runtime``, which includes the Copilot's work in each
+warm-up) and once after it. ``--labelled f`` labels only the last fraction f of each row, as fine-tuning data
+with its prompts masked is. The time is Trainer's own ``eval_runtime``, which includes the Copilot's work in each
 prediction step; the table reports its median over repeats.
 
 r_inf is measured, not estimated: the matmul FLOPs of the Copilot's metrics on one evaluation batch (its
@@ -70,18 +72,23 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default: 128 tiny, 256 smollm2)")
     parser.add_argument("--correction", default="vocabulary", help="the Copilot's correction head")
+    parser.add_argument("--labelled", type=float, default=1.0, help="fraction of each row labelled, at its end")
     args = parser.parse_args()
     args.seq = args.seq or SEQUENCE_LENGTH[args.pilot]
 
     pilot = load_pilot(args.pilot)
     data = random_token_rows(args.rows, args.seq, pilot.config.vocab_size)
+    for row in data:  # the prompt: unlabelled
+        row["labels"] = row["labels"].clone()
+        row["labels"][:round(args.seq * (1 - args.labelled))] = -100
     times = {setting: [] for setting in SETTINGS}
     for _ in range(args.repeats):
         for setting, with_metrics in SETTINGS.items():
             times[setting].append(evaluation_seconds(args, pilot, data, with_metrics))
     r = r_inf(args, pilot, data)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Pilot {args.pilot}, {args.rows} evaluation rows of {args.seq} tokens, batch {args.batch}, "
+    print(f"Pilot {args.pilot}, {args.rows} evaluation rows of {args.seq} tokens ({args.labelled:.0%} labelled), "
+          f"batch {args.batch}, "
           f"{args.correction} head, {device}, median of {args.repeats} repeats\n")
     print("| setting | evaluation (s) | ratio | r_inf | 1 + 1.05 r_inf |\n|---|---|---|---|---|")
     base = statistics.median(times["without metrics"])
