@@ -102,6 +102,9 @@ class CopilotCallback(TrainerCallback):
         if eval_space not in FUSION_SPACES:
             raise ValueError(f"CopilotCallback(eval_space={eval_space!r}): pick one of {FUSION_SPACES}.")
         self.eval_metrics, self.eval_lam, self.eval_space = eval_metrics, check_lam(eval_lam), eval_space
+        if load_best_at_end and not eval_metrics:
+            raise ValueError("CopilotCallback(load_best_at_end=True) picks the best Copilot by its evaluation metrics: "
+                             "keep eval_metrics=True (and give the Trainer an eval_dataset and eval_strategy).")
         self.best = BestCopilot(best_metric, name) if load_best_at_end else None
         self.tap: PilotTap | None = None
         self.evaluation: CopilotMetrics | None = None  # the current evaluation's sums, while eval_metrics measures

@@ -120,7 +120,22 @@ def test_bad_options_are_refused_before_training():
     copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
     with pytest.raises(ValueError, match="best_metric='accuracy'"):
         CopilotCallback(copilot, best_metric="accuracy", load_best_at_end=True)
+    with pytest.raises(ValueError, match="keep eval_metrics=True"):
+        CopilotCallback(copilot, eval_metrics=False, load_best_at_end=True)
     with pytest.raises(ValueError, match="eval_space"):
         CopilotCallback(copilot, eval_space="log")
     with pytest.raises(ValueError, match="lam"):
         CopilotCallback(copilot, eval_lam=-1)
+
+
+def test_keeping_the_best_without_any_evaluation_warns_and_keeps_the_last_state(tmp_path, tokenizer):
+    pilot = tiny_pilot("llama")
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2)
+    callback = CopilotCallback(copilot, batch_size=4, load_best_at_end=True)
+    trainer = trainer_for(tmp_path, tokenizer, callback, pilot, eval_strategy="no")
+    with pytest.warns(RuntimeWarning, match="no evaluation of this run reported eval_copilot_heldout_ratio"):
+        trainer.train()
+    saved = load_file(tmp_path / "copilot" / "model.safetensors")
+    for key, tensor in copilot.state_dict().items():
+        torch.testing.assert_close(saved[key], tensor)
+    assert copilot.correction_head.weight.abs().sum() > 0  # it trained, and that last state is what was kept
