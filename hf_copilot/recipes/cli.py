@@ -289,8 +289,8 @@ def _validation_split(args, examples: list, task_format) -> tuple[list, list]:
 
 def describe_evaluation(entry: dict) -> str:
     """One plain line for an evaluation's Copilot metrics (see :class:`~hf_copilot.CopilotMetrics`)."""
-    return (f"epoch {entry.get('epoch', 0):g}: held-out ratio {entry['eval_copilot_heldout_ratio']:.3f} (below 1: "
-            f"the Copilot predicts unseen errors better than zero); next-token accuracy "
+    return (f"epoch {entry.get('epoch', 0):g}: held-out ratio {entry['eval_copilot_heldout_ratio']:.3f} (below 1 "
+            f"when the Copilot predicts unseen errors better than zero); next-token accuracy "
             f"{100 * entry['eval_copilot_pilot_accuracy']:.1f}% -> {100 * entry['eval_copilot_rectified_accuracy']:.1f}% "
             f"rectified at lambda 1 ({entry['eval_copilot_tokens_fixed']} tokens fixed, "
             f"{entry['eval_copilot_tokens_broken']} broken, of {entry['eval_copilot_tokens']})")
