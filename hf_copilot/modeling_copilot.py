@@ -358,7 +358,6 @@ class CopilotModel(CopilotPreTrainedModel):
         use_cache: bool = False,
         corrections_to_keep: int = 0,
         return_corrections: bool = True,
-        **kwargs,
     ) -> CopilotOutput:
         r"""
         Args:

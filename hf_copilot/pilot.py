@@ -1,5 +1,5 @@
-"""Reading a Pilot: the one module that knows how Hugging Face models are wrapped, where their layers are, and (in
-:class:`PilotTap`) how to capture their states through forward hooks."""
+"""Reading a Pilot: :class:`PilotTap` captures its states, logits and labels through forward hooks, the only reader
+of a Pilot's forward (:mod:`~hf_copilot.pilot_shape` knows how models are wrapped and where their layers are)."""
 
 from __future__ import annotations
 

@@ -539,3 +539,10 @@ def test_wrong_input_shapes_fail_clearly():
     for layers in (0, -1):  # an encoder-decoder Copilot may have one layer, but not none
         with pytest.raises(ValueError, match="num_hidden_layers >= 1"):
             CopilotModel.from_pilot(tiny_pilot("t5"), num_hidden_layers=layers)
+
+
+def test_a_misspelt_forward_argument_is_refused_not_dropped():
+    copilot = CopilotModel.from_pilot(tiny_pilot("llama"), num_hidden_layers=2)
+    with pytest.raises(TypeError, match="pilot_hiden_states"):
+        copilot(pilot_hidden_states=torch.randn(1, 3, WIDTH), pilot_input_states=torch.randn(1, 3, WIDTH),
+                pilot_hiden_states=torch.randn(1, 3, WIDTH))
