@@ -35,6 +35,14 @@ from .pilot import PilotRecord, PilotTap
 
 FUSION_SPACES = ("probs", "logits")
 
+CONTINUOUS_BATCHING = (
+    "A CopilotLogitsProcessor is open on this Pilot, but continuous batching (generate_batch, "
+    "init_continuous_batching, transformers serve) does not run user logits processors, so the Copilot cannot "
+    "rectify these requests. Generate with pilot.generate(..., logits_processor=[processor]), or close() the "
+    "processor to generate without the Copilot."
+)
+"""Continuous batching passes paged-attention arguments (``block_table``, ``logits_indices``) to each forward."""
+
 UNSUPPORTED_DECODING = (
     "Assisted, speculative and prompt-lookup decoding (assistant_model=..., prompt_lookup_num_tokens=...) are not "
     "supported by CopilotLogitsProcessor: they run the processor on a draft model and verify several positions per "
@@ -81,6 +89,8 @@ class CopilotLogitsProcessor(LogitsProcessor):
     last two kept); close it when done.
     """
 
+    supports_continuous_batching = False  # it follows each sequence's Copilot state from one call to the next
+
     def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0,
                  gate: float | None = None):
         copilot.check_pilot(pilot)
@@ -100,6 +110,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
         # holds while the Pilot runs other forwards (evaluation) between generate() calls. Training forwards are
         # never recorded in this mode.
         self.tap = PilotTap(pilot, mode="generate", max_records=2).attach()
+        self._refusal = self.tap.model.register_forward_pre_hook(_refuse_continuous_batching, with_kwargs=True)
         self._state: _DecodingState | None = None
 
     @property
@@ -113,6 +124,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
 
     def close(self) -> None:
         """Removes the hooks from the Pilot and forgets the decoding state."""
+        self._refusal.remove()
         self.tap.detach()
         self.tap.pop_records()
         self._state = None
@@ -324,6 +336,11 @@ def fused_choice(scores: torch.Tensor, corrections: torch.Tensor, lam: float, sp
         return scores.add_(corrections.to(scores.dtype), alpha=lam).max(-1).indices
     fused = torch.softmax(scores, dim=-1).add_(corrections.to(scores.dtype), alpha=lam)
     return fused.masked_fill_(torch.isneginf(scores), float("-inf")).max(-1).indices
+
+
+def _refuse_continuous_batching(module, args, kwargs):
+    if "block_table" in kwargs or "logits_indices" in kwargs:
+        raise RuntimeError(CONTINUOUS_BATCHING)
 
 
 def _prompt_mask(record: PilotRecord, input_ids: torch.Tensor) -> torch.Tensor:

@@ -485,3 +485,19 @@ def test_fused_choice_is_the_first_token_of_fuse_scores(space):
         expected = fuse_scores(scores.clone(), corrections, lam, space).argmax(-1)
         assert torch.equal(fused_choice(scores.clone(), corrections, lam, space), expected), lam
         assert (expected >= 5).all()
+
+
+def test_continuous_batching_is_refused_while_a_processor_is_open():
+    """generate_batch never runs user processors: its requests fail saying why instead of coming back unrectified,
+    and run normally once the processor is closed."""
+    from transformers import GenerationConfig
+
+    pilot = tiny_pilot("llama")
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2)
+    config = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=2, pad_token_id=0)
+    assert CopilotLogitsProcessor.supports_continuous_batching is False
+    with CopilotLogitsProcessor(copilot, pilot):
+        (refused,) = pilot.generate_batch([[5, 6, 7]], generation_config=config).values()
+    assert not refused.generated_tokens and "continuous batching" in refused.error
+    (served,) = pilot.generate_batch([[5, 6, 7]], generation_config=config).values()
+    assert len(served.generated_tokens) == 2 and not served.error
