@@ -490,14 +490,16 @@ def test_fused_choice_is_the_first_token_of_fuse_scores(space):
 def test_continuous_batching_is_refused_while_a_processor_is_open():
     """generate_batch never runs user processors: its requests fail saying why instead of coming back unrectified,
     and run normally once the processor is closed."""
-    from transformers import GenerationConfig
+    from transformers import ContinuousBatchingConfig, GenerationConfig
 
     pilot = tiny_pilot("llama")
     copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=2)
     config = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=2, pad_token_id=0)
+    small = dict(continuous_batching_config=ContinuousBatchingConfig(page_size=16, num_blocks=8, max_batch_tokens=64),
+                 warmup=False)  # a cache sized from the machine's memory takes seconds to set up
     assert CopilotLogitsProcessor.supports_continuous_batching is False
     with CopilotLogitsProcessor(copilot, pilot):
-        (refused,) = pilot.generate_batch([[5, 6, 7]], generation_config=config).values()
+        (refused,) = pilot.generate_batch([[5, 6, 7]], generation_config=config, **small).values()
     assert not refused.generated_tokens and "continuous batching" in refused.error
-    (served,) = pilot.generate_batch([[5, 6, 7]], generation_config=config).values()
+    (served,) = pilot.generate_batch([[5, 6, 7]], generation_config=config, **small).values()
     assert len(served.generated_tokens) == 2 and not served.error
