@@ -183,7 +183,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             return self._start(input_ids, record)
 
         if not torch.equal(parents, torch.arange(len(parents), device=parents.device)):
-            state.cache.reorder(parents)
+            state.cache.reorder_cache(parents)
             state.attention_mask = state.attention_mask[parents]
             state.feedback = state.feedback[parents]
         state.attention_mask = torch.nn.functional.pad(state.attention_mask, (0, 1), value=1)

@@ -77,9 +77,10 @@ class CopilotOutput(ModelOutput):
 
 
 class CopilotCache:
-    """Keys/values of past positions for incremental decoding.
+    """Keys/values of past positions for incremental decoding, with the method names of transformers'
+    ``DynamicCache`` (``update``, ``get_seq_length``, ``reorder_cache``).
 
-    Per layer and attention type it keeps the keys/values of the *stream* (one entry per past position: the
+    Per layer and attention kind it keeps the keys/values of the *stream* (one entry per past position: the
     Copilot's states for self-attention, the Pilot memory items for cross-attention) and, for an
     encoder-decoder Pilot, the keys/values of the encoder output, computed once.
     """
@@ -90,23 +91,26 @@ class CopilotCache:
         self.encoder_mask: torch.Tensor | None = None
         self.seq_length = 0
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Past positions held (the same for every layer)."""
         return self.seq_length
 
-    def append(self, layer: int, kind: str, key: torch.Tensor, value: torch.Tensor):
-        """Appends the new positions' keys/values and returns those of all positions so far."""
-        if (layer, kind) in self.stream:
-            past_key, past_value = self.stream[layer, kind]
-            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
-        self.stream[layer, kind] = (key, value)
-        return key, value
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kind: str = "self"):
+        """Appends the new positions' keys/values of layer ``layer_idx``'s ``kind`` (``"self"`` or ``"cross"``)
+        attention and returns those of all positions so far, as ``DynamicCache.update`` does."""
+        if (layer_idx, kind) in self.stream:
+            past_key, past_value = self.stream[layer_idx, kind]
+            key_states = torch.cat([past_key, key_states], dim=2)
+            value_states = torch.cat([past_value, value_states], dim=2)
+        self.stream[layer_idx, kind] = (key_states, value_states)
+        return key_states, value_states
 
-    def reorder(self, index: torch.LongTensor):
-        """Selects batch rows ``index`` everywhere (beam search: each beam follows its parent)."""
-        self.stream = {k: (key[index], value[index]) for k, (key, value) in self.stream.items()}
-        self.encoder = {k: (key[index], value[index]) for k, (key, value) in self.encoder.items()}
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Selects batch rows ``beam_idx`` everywhere (beam search: each beam follows its parent)."""
+        self.stream = {k: (key[beam_idx], value[beam_idx]) for k, (key, value) in self.stream.items()}
+        self.encoder = {k: (key[beam_idx], value[beam_idx]) for k, (key, value) in self.encoder.items()}
         if self.encoder_mask is not None:
-            self.encoder_mask = self.encoder_mask[index]
+            self.encoder_mask = self.encoder_mask[beam_idx]
 
 
 class ErrorProjection(nn.Module):
@@ -204,7 +208,7 @@ class CopilotBlock(nn.Module):
         if self.kind in ("self", "self+cross"):
             key, value = self.self_attn.project_keys_values(normed, memory.query_rotary)
             if cache is not None:
-                key, value = cache.append(self.layer_idx, "self", key, value)
+                key, value = cache.update(key, value, self.layer_idx, "self")
             hidden = hidden + self.self_attn(normed, key, value, memory.self_mask, memory.query_rotary)
             if self.kind == "self+cross":
                 normed = self.cross_attention_layernorm(hidden)
@@ -229,7 +233,7 @@ class _Memory:
     def keys_values(self, attention: CopilotAttention, cache: CopilotCache | None):
         key, value = attention.project_keys_values(self.stream, self.stream_rotary)
         if cache is not None:
-            key, value = cache.append(attention.layer_idx, "cross", key, value)
+            key, value = cache.update(key, value, attention.layer_idx, "cross")
         if cache is not None and attention.layer_idx in cache.encoder:
             enc_key, enc_value = cache.encoder[attention.layer_idx]
         elif self.encoder is not None:

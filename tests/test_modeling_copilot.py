@@ -546,3 +546,22 @@ def test_a_misspelt_forward_argument_is_refused_not_dropped():
     with pytest.raises(TypeError, match="pilot_hiden_states"):
         copilot(pilot_hidden_states=torch.randn(1, 3, WIDTH), pilot_input_states=torch.randn(1, 3, WIDTH),
                 pilot_hiden_states=torch.randn(1, 3, WIDTH))
+
+
+def test_the_copilot_cache_speaks_dynamic_caches_language():
+    from transformers import DynamicCache
+
+    from hf_copilot import CopilotCache
+
+    for method in ("update", "get_seq_length", "reorder_cache"):
+        assert callable(getattr(DynamicCache, method)) and callable(getattr(CopilotCache, method))
+    cache = CopilotCache()
+    first, second = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 2, 4)
+    key, value = cache.update(first, -first, layer_idx=1)
+    key, value = cache.update(second, -second, layer_idx=1)
+    torch.testing.assert_close(key, torch.cat([first, second], dim=2))
+    torch.testing.assert_close(value, -key)
+    cache.update(first, first, layer_idx=1, kind="cross")  # a layer's cross-attention stream is kept apart
+    assert cache.stream[1, "cross"][0].shape[2] == 3
+    cache.reorder_cache(torch.tensor([1, 1]))
+    torch.testing.assert_close(cache.stream[1, "self"][0], torch.cat([first, second], dim=2)[[1, 1]])
