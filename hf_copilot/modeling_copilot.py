@@ -406,13 +406,7 @@ class CopilotModel(CopilotPreTrainedModel):
                 f"attention_mask must cover past and new positions: expected shape {(batch, past + new)}, got "
                 f"{tuple(attention_mask.shape)}."
             )
-        dtype = self.correction_head.weight.dtype
-        if input_errors is None or not self.config.read_errors:
-            hidden = torch.zeros(batch, new, self.config.hidden_size, dtype=dtype, device=device)
-        elif isinstance(input_errors, OwnCorrections):
-            hidden = input_errors.states.to(dtype) @ self._feedback_map()
-        else:
-            hidden = self.error_projection(input_errors)
+        hidden = self._error_inputs(input_errors, batch, new, device)
         memory = self._memory(pilot_hidden_states, pilot_input_states, attention_mask, pilot_input_mask, past, cache)
         for layer in self.layers:
             hidden = layer(hidden, memory, cache)
@@ -425,35 +419,47 @@ class CopilotModel(CopilotPreTrainedModel):
                 pilot_top_ids = pilot_top_ids[:, -corrections_to_keep:]
                 pilot_top_probs = pilot_top_probs[:, -corrections_to_keep:]
         hidden = self.norm(hidden)
-        corrections = None
+        corrections = reranked = None
         if self.config.correction == "rerank":
-            candidate_ids, values, log_q = self._rerank(hidden, pilot_top_ids, pilot_top_probs)
+            reranked = self._rerank(hidden, pilot_top_ids, pilot_top_probs)
             if return_corrections:
-                corrections = _scattered(hidden, candidate_ids, values, self.config.vocab_size)
+                corrections = _scattered(hidden, *reranked[:2], self.config.vocab_size)
         elif return_corrections:
             corrections = self.corrections(hidden, pilot_logits)
         if cache is not None:
             cache.seq_length = past + new
-
-        loss = None
-        if target_errors is not None:
-            labelled = attention_mask[:, past:].bool()
-            if isinstance(target_errors, CompactErrors):
-                labelled = labelled & target_errors.valid
-            else:
-                labelled = labelled & (target_errors != 0).any(-1)
-            if self.config.loss == "cross_entropy":
-                if not isinstance(target_errors, CompactErrors):
-                    raise ValueError("loss='cross_entropy' needs target_errors as CompactErrors (they carry the labels).")
-                hit = candidate_ids == target_errors.labels.unsqueeze(-1)
-                labelled = labelled & hit.any(-1)  # a label outside the candidates cannot be re-ranked up
-                loss = -(log_q * hit).sum(-1)[labelled].sum() / labelled.sum().clamp(min=1)
-            else:
-                sparse = (candidate_ids, values) if self.config.correction == "rerank" else None
-                squared = self.squared_errors(hidden, target_errors, sparse)
-                loss = ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
+        loss = None if target_errors is None else self._loss(hidden, target_errors, attention_mask[:, past:], reranked)
         return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None,
                              last_hidden_state=hidden)
+
+    def _error_inputs(self, input_errors, batch: int, new: int, device) -> torch.Tensor:
+        """The block input of each new position: the projected error sequence (or the Copilot's own fed-back
+        corrections), zeros when there is none."""
+        dtype = self.correction_head.weight.dtype
+        if input_errors is None or not self.config.read_errors:
+            return torch.zeros(batch, new, self.config.hidden_size, dtype=dtype, device=device)
+        if isinstance(input_errors, OwnCorrections):
+            return input_errors.states.to(dtype) @ self._feedback_map()
+        return self.error_projection(input_errors)
+
+    def _loss(self, hidden: torch.Tensor, target_errors: Errors, attention_mask: torch.Tensor,
+              reranked=None) -> torch.Tensor:
+        """The config's loss over the new positions that carry a label and are not padding: the RMSE (Eq. 7), or the
+        re-ranked candidates' cross-entropy (``reranked``: the re-ranking head's candidates, values, log-probs)."""
+        labelled = attention_mask.bool()
+        if isinstance(target_errors, CompactErrors):
+            labelled = labelled & target_errors.valid
+        else:
+            labelled = labelled & (target_errors != 0).any(-1)
+        if self.config.loss == "cross_entropy":
+            if not isinstance(target_errors, CompactErrors):
+                raise ValueError("loss='cross_entropy' needs target_errors as CompactErrors (they carry the labels).")
+            candidate_ids, _, log_q = reranked
+            hit = candidate_ids == target_errors.labels.unsqueeze(-1)
+            labelled = labelled & hit.any(-1)  # a label outside the candidates cannot be re-ranked up
+            return -(log_q * hit).sum(-1)[labelled].sum() / labelled.sum().clamp(min=1)
+        squared = self.squared_errors(hidden, target_errors, reranked[:2] if reranked is not None else None)
+        return ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
 
     def _feedback_map(self) -> torch.Tensor:
         """W_headᵀ W_in (d×d): the error projection of the head's output, for :class:`OwnCorrections`.
