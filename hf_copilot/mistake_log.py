@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .errors import DEFAULT_TOP_K, IGNORE_INDEX, CompactErrors
 from .pilot import PilotRecord
+from .pilot_shape import PilotSignature
 from .safe_io import DamagedFileError, atomic_write_text, fsync_file, sha256_of, staging_folder
 
 FORMAT_VERSION = 2
@@ -285,9 +286,7 @@ class MistakeLog:
         self.storage_dtype = storage_dtype
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cpu" and torch.cuda.is_available()
-        self.kind: str | None = None
-        self.vocab_size: int | None = None
-        self.hidden_size: int | None = None
+        self.signature: PilotSignature | None = None  # of the Pilot whose errors the log holds, once it holds some
         self.bytes = 0
         self._entries: deque[_Entry] = deque()
         # What add() left out: sequences with non-finite values, records larger than max_bytes.
@@ -310,12 +309,10 @@ class MistakeLog:
     def add(self, record: PilotRecord, step: int) -> None:
         """Stores the compact errors and states of ``record`` (a training forward with labels) as recorded at
         ``step``, then evicts the oldest entries until the log is within ``max_rounds`` and ``max_bytes``."""
-        shape = (record.kind, record.vocab_size, record.hidden_states.shape[-1])
-        if self.kind is not None and shape != (self.kind, self.vocab_size, self.hidden_size):
-            raise ValueError(
-                f"This Mistake Log holds a {self.kind} Pilot's errors with {self.vocab_size} logits and width "
-                f"{self.hidden_size}; the new record has (kind, logits, width) = {shape}. Use one log per Pilot."
-            )
+        signature = PilotSignature(record.kind, record.vocab_size, record.hidden_states.shape[-1])
+        if self.signature is not None and signature != self.signature:
+            raise ValueError("This Mistake Log holds another Pilot's errors: " + "; ".join(signature.mismatches(
+                self.signature, "the new record's Pilot", "the log")) + ". Use one log per Pilot.")
         packed = _pack(record, self.top_k, step, self._store, self.storage_dtype)
         if packed.poisoned:
             self._skip("non_finite_sequences", packed.poisoned, (
@@ -332,7 +329,7 @@ class MistakeLog:
                 "the Pilot's training goes on. Raise max_bytes (see the MistakeLog docstring for the bytes per "
                 "token) or lower top_k to keep them."))
             return
-        self.kind, self.vocab_size, self.hidden_size = shape
+        self.signature = signature
         self._entries.append(entry)
         self.bytes += entry.nbytes
         while len(self._entries) > 1 and (self.rounds > self.max_rounds or self.bytes > self.max_bytes):
@@ -364,7 +361,7 @@ class MistakeLog:
         if max_rounds < 1 or every < 1:
             raise ValueError(f"max_rounds and every must be positive, got {max_rounds} and {every}.")
         view = MistakeLog(max_rounds, self.max_bytes, self.top_k, self.storage_dtype, self.device)
-        view.kind, view.vocab_size, view.hidden_size = self.kind, self.vocab_size, self.hidden_size
+        view.signature = self.signature
         entries = [entry for entry in self._entries if entry.step <= step]
         if not entries:
             raise ValueError(f"The Mistake Log has no round at or before step {step} (its steps: {self.steps[:5]}...).")
@@ -398,7 +395,7 @@ class MistakeLog:
         others = torch.randperm(len(table) - 1, generator=generator)[: batch_size - 1].tolist()
         chosen = [table[first]] + [table[j + (j >= first)] for j in others]
 
-        return MistakeBatch.of_sequences(chosen, self.kind, device, dtype)
+        return MistakeBatch.of_sequences(chosen, self.signature.kind, device, dtype)
 
     def stats(self) -> dict:
         """Size of the log and how large the errors in it are.
@@ -431,18 +428,9 @@ class MistakeLog:
                              f"Log keeps only {self.top_k} per token: record it with top_k >= "
                              f"{config.rerank_top_k} (CopilotCallback(top_k=...)), or build the Copilot with "
                              f"rerank_top_k <= {self.top_k}.")
-        if self.kind is None:  # an empty log fits any other Copilot
+        if self.signature is None:  # an empty log fits any other Copilot
             return
-        problems = []
-        if self.kind != config.pilot_kind:
-            problems.append(f"the log holds a {self.kind} Pilot's errors but the Copilot serves a "
-                            f"{config.pilot_kind} Pilot")
-        if self.vocab_size != config.vocab_size:
-            problems.append(f"the log's errors span {self.vocab_size} tokens but the Copilot's vocabulary is "
-                            f"{config.vocab_size}")
-        if self.hidden_size != config.pilot_hidden_size:
-            problems.append(f"the log's Pilot states have width {self.hidden_size} but the Copilot expects "
-                            f"{config.pilot_hidden_size}")
+        problems = self.signature.mismatches(PilotSignature.of_copilot(config), "the log's Pilot", "the Copilot")
         if problems:
             raise ValueError(
                 "This Mistake Log does not fit the Copilot: " + "; ".join(problems) + ". It was recorded from "
@@ -465,9 +453,7 @@ class MistakeLog:
             fsync_file(staging / TENSORS_FILE)
             metadata = {
                 "format_version": FORMAT_VERSION,
-                "kind": self.kind,
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
+                **{field: getattr(self.signature, field, None) for field in ("kind", "vocab_size", "hidden_size")},
                 "top_k": self.top_k,
                 "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
                 "max_rounds": self.max_rounds,
@@ -494,7 +480,8 @@ class MistakeLog:
         metadata = _read_metadata(metadata_path)
         log = cls(max_rounds=metadata["max_rounds"], max_bytes=metadata["max_bytes"], top_k=metadata["top_k"],
                   storage_dtype=getattr(torch, metadata["storage_dtype"]), device=device)
-        log.kind, log.vocab_size, log.hidden_size = metadata["kind"], metadata["vocab_size"], metadata["hidden_size"]
+        if metadata["kind"] is not None:
+            log.signature = PilotSignature(metadata["kind"], metadata["vocab_size"], metadata["hidden_size"])
         if copilot is not None:
             log.check_compatible(copilot)
         tensors_path = directory / TENSORS_FILE

@@ -33,7 +33,8 @@ from transformers.utils import ModelOutput
 from .configuration_copilot import CopilotConfig
 from .errors import CompactErrors
 from .model_card import write_model_card
-from .pilot_shape import decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot, whole
+from .pilot_shape import (PilotSignature, decoder_layers, gathered_parameters, logits_width, pilot_kind, unwrap_pilot,
+                          whole)
 from .random_streams import separate_random_stream
 from .safe_io import VerifiedCheckpointMixin
 
@@ -683,21 +684,12 @@ class CopilotModel(CopilotPreTrainedModel):
     def check_pilot(self, pilot) -> None:
         """Raises a ValueError naming the mismatch when this Copilot was not built for ``pilot``."""
         model = unwrap_pilot(pilot)
-        kind = pilot_kind(model)
-        width = model.config.get_text_config().hidden_size
-        vocab = logits_width(model)
-        problems = []
+        problems = PilotSignature.of_pilot(model).mismatches(PilotSignature.of_copilot(self), "the Pilot",
+                                                             "the Copilot")
         built_for = self.config.pilot_model_type
         if built_for is not None and model.config.model_type != built_for:
-            problems.append(f"the Pilot is a {model.config.model_type!r} model but the Copilot was built for a "
-                            f"{built_for!r} one")
-        if kind != self.config.pilot_kind:
-            problems.append(f"the Pilot is {kind} but the Copilot was built for a {self.config.pilot_kind} Pilot")
-        if width != self.config.pilot_hidden_size:
-            problems.append(f"the Pilot's width is {width} but the Copilot expects {self.config.pilot_hidden_size}")
-        if vocab != self.config.vocab_size:
-            problems.append(f"the Pilot emits {vocab} logits per token but the Copilot's vocabulary is "
-                            f"{self.config.vocab_size}")
+            problems.insert(0, f"the Pilot is a {model.config.model_type!r} model but the Copilot was built for a "
+                               f"{built_for!r} one")
         if problems:
             raise ValueError(
                 "This Copilot does not fit the Pilot: " + "; ".join(problems) + ". Build a matching one with "

@@ -5,6 +5,7 @@ logits width. Shared by the Pilot reader (:mod:`hf_copilot.pilot`) and by ``Copi
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -100,3 +101,31 @@ def whole(parameter: torch.Tensor) -> torch.Tensor:
     ``full_tensor()`` gathers the shards: a collective, so every rank must ask for the same parameters in the same
     order (each rank builds its own Copilot, so they do)."""
     return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+
+
+@dataclass(frozen=True)
+class PilotSignature:
+    """What a Copilot and a Mistake Log must share with the Pilot they serve: its kind, the logits it emits per
+    token and its width. One value, so that every "does this fit" check asks the same question."""
+
+    kind: str
+    vocab_size: int
+    hidden_size: int
+
+    @classmethod
+    def of_pilot(cls, model: nn.Module) -> PilotSignature:
+        model = unwrap_pilot(model)
+        return cls(pilot_kind(model), logits_width(model), model.config.get_text_config().hidden_size)
+
+    @classmethod
+    def of_copilot(cls, copilot) -> PilotSignature:
+        """The signature of the Pilot a Copilot (or its config) was built for."""
+        config = getattr(copilot, "config", copilot)
+        return cls(config.pilot_kind, config.vocab_size, config.pilot_hidden_size)
+
+    def mismatches(self, expected: PilotSignature, subject: str, expecting: str) -> list[str]:
+        """One phrase per field where ``subject`` (this signature's holder, e.g. "the Pilot") differs from what
+        ``expecting`` (e.g. "the Copilot") expects."""
+        phrases = (("kind", "{} is {}"), ("vocab_size", "{} emits {} logits per token"), ("hidden_size", "{} has width {}"))
+        return [f"{template.format(subject, getattr(self, name))} where {expecting} expects {getattr(expected, name)}"
+                for name, template in phrases if getattr(self, name) != getattr(expected, name)]

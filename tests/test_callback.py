@@ -315,7 +315,7 @@ def test_seq2seq_trainer_with_a_t5_pilot(tmp_path):
     args = Seq2SeqTrainingArguments(**trainer_args(tmp_path).to_dict() | {"output_dir": str(tmp_path)})
     callback = CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=2), batch_size=4)
     Seq2SeqTrainer(model=pilot, args=args, train_dataset=rows, callbacks=[callback]).train()
-    assert len(callback.mistake_log) == 6 and callback.mistake_log.kind == "encoder_decoder"
+    assert len(callback.mistake_log) == 6 and callback.mistake_log.signature.kind == "encoder_decoder"
     assert callback.updater.updates == 6
 
 

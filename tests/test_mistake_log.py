@@ -16,6 +16,7 @@ from hf_copilot.errors import IGNORE_INDEX, CompactErrors
 from hf_copilot.mistake_log import MistakeLog
 from hf_copilot.safe_io import sha256_of
 from hf_copilot.pilot import PilotRecord, PilotTap
+from hf_copilot.pilot_shape import PilotSignature
 
 WIDTH, VOCAB, TOP_K = 16, 50, 4
 BF16 = 2  # bytes
@@ -264,7 +265,7 @@ def test_save_load_round_trip(tmp_path, kind):
     loaded = MistakeLog.load(target)
     assert (loaded.max_rounds, loaded.max_bytes, loaded.top_k, loaded.storage_dtype) == (7, 10**6, TOP_K,
                                                                                         torch.bfloat16)
-    assert (loaded.kind, loaded.vocab_size, loaded.hidden_size) == (kind, VOCAB, WIDTH)
+    assert loaded.signature == PilotSignature(kind, VOCAB, WIDTH)
     assert loaded.steps == [10, 11, 12] and loaded.bytes == log.bytes
     for saved, restored in zip(log._entries, loaded._entries):
         assert saved.tensors().keys() == restored.tensors().keys()
@@ -304,13 +305,13 @@ def test_load_refuses_a_log_of_another_pilot(tmp_path):
     log.add(synthetic_record([5]), step=0)
     log.save(tmp_path / "log")
     fits = CopilotConfig(vocab_size=VOCAB, hidden_size=32, pilot_hidden_size=WIDTH, num_attention_heads=4)
-    assert MistakeLog.load(tmp_path / "log", copilot=fits).vocab_size == VOCAB
+    assert MistakeLog.load(tmp_path / "log", copilot=fits).signature.vocab_size == VOCAB
     wrong_vocab = CopilotConfig(vocab_size=VOCAB + 4, hidden_size=32, pilot_hidden_size=WIDTH, num_attention_heads=4)
-    with pytest.raises(ValueError, match=rf"span {VOCAB} tokens but the Copilot's vocabulary is {VOCAB + 4}.*"
-                                         "record a new log"):
+    with pytest.raises(ValueError, match=rf"log's Pilot emits {VOCAB} logits per token where the Copilot expects "
+                                         rf"{VOCAB + 4}.*record a new log"):
         MistakeLog.load(tmp_path / "log", copilot=wrong_vocab)
     wrong_width = CopilotConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4)
-    with pytest.raises(ValueError, match=f"width {WIDTH} but the Copilot expects 32"):
+    with pytest.raises(ValueError, match=f"has width {WIDTH} where the Copilot expects 32"):
         MistakeLog.load(tmp_path / "log", copilot=wrong_width)
     with pytest.raises(FileNotFoundError, match="MistakeLog.save"):
         MistakeLog.load(tmp_path / "nothing")
@@ -353,3 +354,12 @@ def test_tap_to_log_to_copilot(make_pilot):
     labelled = batch.errors.valid & batch.attention_mask.bool()
     expected = batch.errors.to_dense(96).pow(2).sum(-1)[labelled].mean().sqrt()
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_a_record_of_another_pilot_is_refused_with_what_differs():
+    log = MistakeLog(top_k=TOP_K)
+    log.add(synthetic_record([5]), step=0)
+    with pytest.raises(ValueError, match="the new record's Pilot is encoder_decoder where the log expects "
+                                         "decoder_only.*Use one log per Pilot"):
+        log.add(synthetic_record([3], kind="encoder_decoder", source_lengths=[4]), step=1)
+    assert len(log) == 1

@@ -505,10 +505,10 @@ def test_check_pilot_names_every_mismatch():
     with pytest.raises(ValueError, match="encoder_decoder.*decoder_only.*from_pilot"):
         copilot.check_pilot(tiny_pilot("t5"))
     other = tiny_pilot("llama", vocab_size=VOCAB + 4)
-    with pytest.raises(ValueError, match=f"emits {VOCAB + 4} logits.*vocabulary is {VOCAB}"):
+    with pytest.raises(ValueError, match=f"emits {VOCAB + 4} logits per token where the Copilot expects {VOCAB}"):
         copilot.check_pilot(other)
     wider = CopilotModel(small_config(pilot_hidden_size=2 * WIDTH))
-    with pytest.raises(ValueError, match=f"width is {WIDTH} but the Copilot expects {2 * WIDTH}"):
+    with pytest.raises(ValueError, match=f"has width {WIDTH} where the Copilot expects {2 * WIDTH}"):
         wider.check_pilot(tiny_pilot("llama"))
     # Same widths, same vocabulary, another architecture: its states mean something else.
     with pytest.raises(ValueError, match="'qwen2' model but the Copilot was built for a 'llama' one"):
