@@ -9,7 +9,7 @@ import itertools
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -23,9 +23,10 @@ HEAD_BLOCK_BYTES = 64 * 2**20
 """fp32 logits the tap builds at once when it has to run the Pilot's LM head itself (TRL's fused head)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class PilotRecord:
-    """What one Pilot forward showed the Copilot, all tensors detached and on the Pilot's device.
+    """What one Pilot forward showed the Copilot, all tensors detached and on the Pilot's device. Frozen: a record
+    is built once, with its final fields (``dataclasses.replace`` derives another).
 
     Nothing is selected or masked here: the hooks keep references (so they stay cheap and shape-static under
     ``torch.compile``); :meth:`next_token_labels`, :meth:`token_mask` and :meth:`errors` do that work later,
@@ -68,8 +69,8 @@ class PilotRecord:
     use_cache: bool | None = None
 
     def __post_init__(self):
-        if self.logits is not None:
-            self.vocab_size = self.logits.shape[-1]
+        if self.logits is not None:  # the logits' own width wins over the config's
+            object.__setattr__(self, "vocab_size", self.logits.shape[-1])
 
     def next_token_labels(self) -> torch.Tensor:
         """The target of each logits position (B, T): labels shifted left for a causal LM, ``IGNORE_INDEX`` where
@@ -164,7 +165,7 @@ class PilotTap:
     logits, computed in the hook right after the forward: the |V|-wide logits (B·T·|V|·4 bytes, 400 MB for SmolLM2
     at 8×256) are then free before the backward runs, instead of being held through it. Joint training
     (:class:`~hf_copilot.CopilotCallback`) uses this. A forward that returns no logits (TRL's fused LM head) is
-    read through its LM head's input instead (see :meth:`_logits_from_head`); a packed row keeps its
+    read through its LM head's input instead (see :meth:`_errors_from_head`); a packed row keeps its
     ``position_ids`` so that the Mistake Log can split it into its documents.
 
     With ``max_pending=n`` a forward that finds ``n`` records not yet popped drops them all and detaches the tap
@@ -297,6 +298,26 @@ class PilotTap:
         forward, self._open = self._open, None
         if forward is None:
             return
+        record = self._record(module, forward, output)
+        compact = self.errors_top_k is not None and record.labels is not None
+        if compact or record.logits is None:
+            # Timed in eager mode only: a clock read would break a torch.compile graph (there the time counts as
+            # the Pilot's forward).
+            timed = not torch.compiler.is_compiling()
+            started = time.perf_counter() if timed else 0.0
+            if compact:
+                record = self._compacted(module, forward, record)
+            else:  # TRL's fused head, and no compaction asked for: the logits themselves, from the head's input
+                record = replace(record, logits=self._head_logits(module)(forward.final_states.detach()))
+            if timed:
+                self.seconds += time.perf_counter() - started
+        if self.max_pending is not None and len(self.records) >= self.max_pending:
+            self._abandon()
+            return
+        self.records.append(record)
+
+    def _record(self, module, forward: _OpenForward, output) -> PilotRecord:
+        """The record of the forward that just ended, as the Pilot returned it (its logits, when it returned any)."""
         logits = getattr(output, "logits", None)
         if logits is None and forward.final_states is None:
             raise RuntimeError(
@@ -313,7 +334,7 @@ class PilotTap:
                 f"PilotTap could not read the input representation or the decoder layers of "
                 f"{type(module).__name__} during this forward. Please open an issue naming the model class."
             )
-        record = PilotRecord(
+        return PilotRecord(
             kind=self.kind,
             input_states=forward.input_states.detach(),
             hidden_states=forward.hidden_sum / forward.layers_seen,
@@ -327,22 +348,15 @@ class PilotTap:
             use_cache=forward.use_cache,
             cu_seq_lens=forward.cu_seq_lens,
         )
-        if logits is None or (self.errors_top_k is not None and record.labels is not None):
-            # Timed in eager mode only: a clock read would break a torch.compile graph (there the time counts as
-            # the Pilot's forward).
-            timed = not torch.compiler.is_compiling()
-            started = time.perf_counter() if timed else 0.0
-            if logits is None:
-                self._logits_from_head(module, forward.final_states.detach(), record)
-            else:
-                record.compact_errors = record.errors(self.errors_top_k)  # from detached logits: no graph is built
-                record.logits = None
-            if timed:
-                self.seconds += time.perf_counter() - started
-        if self.max_pending is not None and len(self.records) >= self.max_pending:
-            self._abandon()
-            return
-        self.records.append(record)
+
+    def _compacted(self, module, forward: _OpenForward, record: PilotRecord) -> PilotRecord:
+        """``record`` with compact top-k errors in place of its logits (from the LM head's input when the forward
+        returned none), so that the |V|-wide logits are free before the backward."""
+        if record.logits is not None:
+            errors = record.errors(self.errors_top_k)  # from detached logits: no graph is built
+        else:
+            errors = self._errors_from_head(module, forward.final_states.detach(), record)
+        return replace(record, logits=None, compact_errors=errors)
 
     def _abandon(self) -> None:
         """Nobody collects the records any more (the loop that popped them stopped, e.g. an interrupted
@@ -355,8 +369,8 @@ class PilotTap:
         self.detach()
 
     @torch.no_grad()
-    def _logits_from_head(self, module, states, record: PilotRecord) -> None:
-        """Fills ``record`` from the LM head's input when the forward returned no logits.
+    def _errors_from_head(self, module, states, record: PilotRecord) -> CompactErrors:
+        """The compact errors of a forward that returned no logits, from its LM head's input.
 
         TRL's trainers (SFTTrainer, DPO, GRPO, ...) patch the Pilot's forward with a fused LM head
         (``trl.trainer.utils.add_fused_lm_head``) that returns per-token log-probabilities of the labels only, and
@@ -367,6 +381,20 @@ class PilotTap:
         token and no backward: for SmolLM2-135M (d = 576, |V| = 49,152) 57 MFLOPs against about 6 × 135M = 810
         MFLOPs for the training step itself, about 7%.
         """
+        logits_of = self._head_logits(module)
+        labels = record.next_token_labels()
+        flat_states, flat_labels = states.reshape(-1, states.shape[-1]), labels.reshape(-1)
+        block = max(1, HEAD_BLOCK_BYTES // (4 * record.vocab_size))
+        pieces = [CompactErrors.from_logits(logits_of(flat_states[i:i + block]), flat_labels[i:i + block],
+                                            self.errors_top_k) for i in range(0, len(flat_labels), block)]
+        ids, probs = (torch.cat([getattr(piece, name) for piece in pieces]).view(*labels.shape, -1)
+                      for name in ("ids", "probs"))
+        return CompactErrors(labels, ids, probs, torch.cat([piece.label_probs for piece in pieces]).view(labels.shape))
+
+    @staticmethod
+    def _head_logits(module):
+        """The Pilot's logits as a function of its LM head's input (fp32, soft-capped as the model caps them);
+        refuses a model that scales its logits in a way this does not reproduce."""
         text_config = module.config.get_text_config()
         scaled = [name for name in LOGIT_SCALES if getattr(text_config, name, None) not in (None, 1, 1.0)]
         if scaled:
@@ -378,19 +406,9 @@ class PilotTap:
         head = module.get_output_embeddings()
         softcap = getattr(text_config, "final_logit_softcapping", None)
 
+        @torch.no_grad()
         def logits_of(block):
             logits = head(block).float()
             return torch.tanh(logits / softcap) * softcap if softcap else logits
 
-        if self.errors_top_k is None or record.labels is None:
-            record.logits = logits_of(states)
-            return
-        labels = record.next_token_labels()
-        flat_states, flat_labels = states.reshape(-1, states.shape[-1]), labels.reshape(-1)
-        block = max(1, HEAD_BLOCK_BYTES // (4 * record.vocab_size))
-        pieces = [CompactErrors.from_logits(logits_of(flat_states[i:i + block]), flat_labels[i:i + block],
-                                            self.errors_top_k) for i in range(0, len(flat_labels), block)]
-        ids, probs = (torch.cat([getattr(piece, name) for piece in pieces]).view(*labels.shape, -1)
-                      for name in ("ids", "probs"))
-        record.compact_errors = CompactErrors(labels, ids, probs,
-                                              torch.cat([piece.label_probs for piece in pieces]).view(labels.shape))
+        return logits_of
