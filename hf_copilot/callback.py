@@ -11,37 +11,28 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from accelerate.utils import reduce
 from transformers import TrainerCallback
-from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .best_copilot import BestCopilot
+from .copilot_checkpoint import read_training_state, usable_copilot_state, write_training_state
 from .copilot_metrics import CopilotMetrics
 from .errors import DEFAULT_TOP_K
 from .generation import FUSION_SPACES, check_lam
-from .mistake_log import METADATA_FILE, TENSORS_FILE, MistakeLog
+from .mistake_log import MistakeLog
 from .pilot import PilotTap
-from .safe_io import (DamagedFileError, atomic_write, non_finite_parameters, torch_load_checked, verify_manifest,
-                      write_manifest)
+from .safe_io import non_finite_parameters
 from .training import CopilotTrainingConfig, CopilotUpdater
 
 logger = logging.getLogger(__name__)
 
-TRAINING_STATE_NAME = "copilot_training_state_rank{rank}.pt"
-STATE_MANIFEST_NAME = "checksums_rank{rank}.json"  # the training state (and, rank 0, the log) a rank wrote
 MAX_PENDING_RECORDS = 8  # uncollected records that tell the tap train() was interrupted
 EVALUATION_RECORDS = 4  # forwards of one evaluation step kept for the metrics (generate() adds unlabelled ones)
-MISTAKE_LOG_NAME = "mistake_log_rank{rank}"
-"""Each rank records its own micro-batches, so a checkpoint holds one Mistake Log per rank, like the state.
-Written by the callback in ``on_save``: Trainer writes its checkpoints itself, not through accelerate's
-``save_state``, so state registered with ``accelerator.register_for_checkpointing`` would never reach them."""
 
 
 class CopilotCallback(TrainerCallback):
@@ -322,44 +313,24 @@ class CopilotCallback(TrainerCallback):
                           "Pilot's training goes on. A resume falls back to the newest complete Copilot state.",
                           RuntimeWarning, stacklevel=2)
             return
-        rank = args.process_index
-        written = []
         if state.is_world_process_zero:
             self.copilot.save_pretrained(folder)
             if self.save_mistake_log and not with_training_state:  # the final Copilot: rank 0's log beside it
                 self.mistake_log.save(os.path.join(folder, "mistake_log"))
         if with_training_state:
-            name = TRAINING_STATE_NAME.format(rank=rank)
-            atomic_write(os.path.join(folder, name), lambda path: torch.save(self.updater.state_dict(), path))
-            written.append(name)
-            if self.best is not None and state.is_world_process_zero and (best_file := self.best.save(folder)):
-                written.append(best_file)
-            if self.save_mistake_log:
-                log_name = MISTAKE_LOG_NAME.format(rank=rank)
-                self.mistake_log.save(os.path.join(folder, log_name))
-                written += [f"{log_name}/{file}" for file in (TENSORS_FILE, METADATA_FILE)]
-            # Written last: a checkpoint whose manifest is missing or disagrees with its files was cut short.
-            write_manifest(folder, written, STATE_MANIFEST_NAME.format(rank=rank))
+            write_training_state(folder, args.process_index, self.updater,
+                                 self.mistake_log if self.save_mistake_log else None,
+                                 self.best if state.is_world_process_zero else None)
 
     def _resume(self, args, state):
-        folder = self._usable_copilot_state(args, state)  # every rank's files checked against their checksums
-        rank = args.process_index
-        training_state = os.path.join(folder, TRAINING_STATE_NAME.format(rank=rank))
-        # Straight into the existing module: from_pretrained would build a second Copilot, which under DeepSpeed
-        # ZeRO-3 is partitioned on load and no longer fits this one's full-size parameters.
-        self.copilot.load_state_dict(load_file(os.path.join(folder, SAFE_WEIGHTS_NAME)))
-        # On the CPU: under torchrun args.device reads "cpu:0", which torch.load refuses; the optimizer moves its
-        # state to the parameters' device itself, and the sampling generator's state must stay on the CPU.
-        self.updater.load_state_dict(torch_load_checked(training_state, map_location="cpu", weights_only=False))
+        checkpoint = Path(self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        # Every rank's files are checked against their checksums, so that all ranks take the same decision.
+        folder = usable_copilot_state(checkpoint, self.name, args.world_size, state.global_step)
+        log = read_training_state(folder, args.process_index, self.copilot, self.updater, self.mistake_log.device)
+        if log is not None:
+            self.mistake_log = log
         if self.best is not None:
             self.best.load(folder)
-        log_folder = os.path.join(folder, MISTAKE_LOG_NAME.format(rank=rank))
-        if os.path.isdir(log_folder):
-            self.mistake_log = MistakeLog.load(log_folder, copilot=self.copilot, device=self.mistake_log.device)
-        else:
-            logger.warning("Copilot resumed from %s without its Mistake Log (the checkpoint was saved with "
-                           "save_mistake_log=False): it goes on from an empty log, so it will differ a little from an "
-                           "uninterrupted run. Pass save_mistake_log=True for an exact resume.", folder)
         logger.info("Copilot resumed from %s (%d updates so far)", folder, self.updater.updates)
 
     def _claim_name(self, state) -> None:
@@ -371,37 +342,6 @@ class CopilotCallback(TrainerCallback):
                              f"the same folder and report the same metrics. Give each its own name, e.g. "
                              f"CopilotCallback(copilot, name='copilot_small').")
 
-    def _usable_copilot_state(self, args, state) -> str:
-        """The ``copilot`` folder to resume from: the checkpoint's own when complete and intact, else (with a
-        warning) the newest complete one of an earlier checkpoint beside it; raises saying what to do when none is."""
-        checkpoint = Path(self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        saved = _saved_ranks(checkpoint / self.name)
-        if saved and len(saved) != args.world_size:
-            raise ValueError(
-                f"{checkpoint / self.name} holds the Copilot state of {len(saved)} process(es), but this run has "
-                f"{args.world_size}: each process resumes its own Mistake Log and sampling state. Resume with "
-                f"{len(saved)} process(es), or train a new Copilot beside the resumed Pilot with "
-                "CopilotCallback(resume_from=False).")
-        problem = _copilot_state_problem(checkpoint / self.name, args.world_size)
-        if problem is None:
-            return str(checkpoint / self.name)
-        older = sorted(((int(match.group(1)), path) for path in checkpoint.parent.glob("checkpoint-*")
-                        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path != checkpoint),
-                       reverse=True)
-        for step, path in older:
-            if step <= state.global_step and _copilot_state_problem(path / self.name, args.world_size) is None:
-                warnings.warn(
-                    f"The Copilot state of {checkpoint} is not usable ({problem}). The Pilot resumes from step "
-                    f"{state.global_step}; the Copilot resumes from {path} (step {step}), losing its updates since.",
-                    RuntimeWarning, stacklevel=2)
-                return str(path / self.name)
-        raise DamagedFileError(
-            f"Training resumes at step {state.global_step}, but the Copilot state in {checkpoint / self.name} is not "
-            f"usable ({problem}) and no earlier checkpoint beside it holds a complete one. Resume from a checkpoint "
-            "whose copilot/ is complete, pass CopilotCallback(resume_from=<a checkpoint folder with one>), or train "
-            "a new Copilot beside the resumed Pilot with CopilotCallback(resume_from=False)."
-        )
-
 
 def _evaluation_prefix(logs: dict) -> str | None:
     """The metric prefix of an evaluation's log entry (``eval``, ``eval_<dataset>``), or None for another entry:
@@ -411,24 +351,4 @@ def _evaluation_prefix(logs: dict) -> str | None:
             prefix = key.removesuffix("_samples_per_second")
             if f"{prefix}_runtime" in logs:
                 return prefix
-    return None
-
-
-def _saved_ranks(folder: Path) -> set[int]:
-    """The ranks whose training state ``folder`` (a checkpoint's ``copilot``) holds."""
-    pattern = re.escape(TRAINING_STATE_NAME).replace(re.escape("{rank}"), r"(\d+)")
-    return {int(match.group(1)) for path in folder.glob("*") if (match := re.fullmatch(pattern, path.name))}
-
-
-def _copilot_state_problem(folder: Path, world_size: int) -> str | None:
-    """Why ``folder`` (a checkpoint's ``copilot``) cannot be resumed from, or None when the files of every rank are
-    complete and match the checksums saved with them (so that all ranks take the same decision)."""
-    if not folder.is_dir():
-        return f"{folder} does not exist"
-    try:
-        verify_manifest(folder)
-        for rank in range(world_size):
-            verify_manifest(folder, STATE_MANIFEST_NAME.format(rank=rank))
-    except DamagedFileError as error:
-        return str(error)
     return None

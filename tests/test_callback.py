@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import DEVICES, VOCAB, tiny_pilot
@@ -7,6 +5,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import (PAPER_LORA, CopilotCallback, CopilotModel, CopilotTrainingConfig, CopilotUpdater, MistakeLog,
                         train_copilot)
+from hf_copilot.copilot_checkpoint import usable_copilot_state
 
 SEQ = 16
 
@@ -228,11 +227,9 @@ def test_a_resume_with_another_number_of_processes_says_so(tmp_path):
 
     run(tmp_path, callback(), args=trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
     saved = tmp_path / "checkpoint-2" / "copilot"
-    resumed = callback()
-    # Saved by one process, resumed by two: what rank 1 of a two-process run would ask for.
-    two_processes = SimpleNamespace(output_dir=str(tmp_path), world_size=2, process_index=1)
+    # Saved by one process, resumed by two: what each rank of a two-process run would ask for.
     with pytest.raises(ValueError, match=r"holds the Copilot state of 1 process\(es\), but this run has 2"):
-        resumed._usable_copilot_state(two_processes, SimpleNamespace(global_step=2))
+        usable_copilot_state(tmp_path / "checkpoint-2", "copilot", world_size=2, global_step=2)
     # Saved by two processes (a second rank's files beside the first's), resumed by one.
     for name in ("copilot_training_state_rank{}.pt", "checksums_rank{}.json"):
         (saved / name.format(1)).write_bytes((saved / name.format(0)).read_bytes())

@@ -26,7 +26,7 @@ from test_generation import generate, noisy_copilot
 from transformers import Trainer, TrainerCallback
 
 from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotModel, CopilotUpdater, MistakeLog, PilotTap
-from hf_copilot.callback import MISTAKE_LOG_NAME, STATE_MANIFEST_NAME, TRAINING_STATE_NAME
+from hf_copilot.copilot_checkpoint import MISTAKE_LOG_NAME, STATE_MANIFEST_NAME, TRAINING_STATE_NAME
 from hf_copilot.recipes.cli import main
 from hf_copilot.recipes.scoring import Decoding, evaluate_decodings
 from hf_copilot.recipes.tasks import DEFAULT_FORMAT, load_examples_file
@@ -181,8 +181,8 @@ def test_a_micro_batch_over_the_log_budget_is_skipped_not_raised(tmp_path):
 SAVE_STAGES = {  # what is interrupted, at its 2nd call: the save of checkpoint-4 (checkpoint-2 is complete)
     "copilot weights": "hf_copilot.safe_io.replace_folder_files",
     "mistake log": "hf_copilot.mistake_log.save_file",
-    "training state": "hf_copilot.callback.atomic_write",
-    "checksums": "hf_copilot.callback.write_manifest",
+    "training state": "hf_copilot.copilot_checkpoint.atomic_write",
+    "checksums": "hf_copilot.copilot_checkpoint.write_manifest",
 }
 
 
