@@ -308,3 +308,19 @@ def test_a_validation_slice_that_leaves_nothing_to_train_is_refused(user_files, 
     assert main(train_args(model_dir, data, tmp_path / "run", lora_rank=0) + ["--validation-size", "8"]) == 1
     assert "--validation-size 8 leaves no training example out of 8" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_takes_its_defaults_from_the_library():
+    """The options that the library also has take the library's defaults (fine-tuning, the Copilot's updates), so
+    the command and the Python API cannot drift apart."""
+    import inspect
+
+    from hf_copilot import CopilotTrainingConfig
+    from hf_copilot.recipes.finetune import finetune
+
+    args = build_parser().parse_args(["train", "--model", "m", "--task", "basic_arithmetic", "--output", "o"])
+    library = inspect.signature(finetune).parameters
+    for option in ("learning_rate", "batch_size", "max_length"):
+        assert getattr(args, option) == library[option].default, option
+    assert (args.copilot_learning_rate, args.copilot_batch_size) == (CopilotTrainingConfig().learning_rate,
+                                                                     CopilotTrainingConfig().batch_size)

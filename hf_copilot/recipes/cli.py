@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from ..configuration_copilot import CORRECTIONS, LOSSES, PAPER_LORA, CopilotConf
 from ..generation import FUSION_SPACES, MAX_LAM
 from ..modeling_copilot import CopilotModel
 from ..safe_io import atomic_write_text, check_model_type
+from ..training import CopilotTrainingConfig
 from .assets import resolve_model
 from .diagnostics import heldout_error_ratio
 from .finetune import add_lora, check_pilot_folder, finetune, load_pilot, load_pilot_config, save_pilot
@@ -40,6 +42,9 @@ from .scoring import Decoding, evaluate_decodings
 from .significance import ALPHA, PairedComparison, format_change, format_p, verdict
 from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, TEST_SIZES, load_examples_file, load_task
 
+FINETUNE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(finetune).parameters.items()}
+COPILOT_DEFAULTS = CopilotTrainingConfig()
+"""The library's own defaults, which train's options take rather than repeat."""
 MAX_VALIDATION = 200
 MIN_EXAMPLES_FOR_VALIDATION = 20
 """Below this many training examples, train holds none out by default (each one matters more for the Pilot)."""
@@ -137,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=POSITIVE_NUMBER, default=3.0,
                        help="passes over the training rows (default 3, as in the paper: one pass leaves small Pilots "
                             "undertrained; docs/results.md has the per-epoch accuracy)")
-    train.add_argument("--learning-rate", type=POSITIVE_NUMBER, default=2e-4)
-    train.add_argument("--batch-size", type=POSITIVE_INT, default=8)
-    train.add_argument("--max-length", type=POSITIVE_INT, default=256)
+    train.add_argument("--learning-rate", type=POSITIVE_NUMBER, default=FINETUNE_DEFAULTS["learning_rate"])
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=FINETUNE_DEFAULTS["batch_size"])
+    train.add_argument("--max-length", type=POSITIVE_INT, default=FINETUNE_DEFAULTS["max_length"])
     train.add_argument("--lora-rank", type=NON_NEGATIVE_INT, default=32,
                        help="LoRA rank of the Pilot; 0 = full fine-tuning")
     train.add_argument("--copilot-layers", type=_layers, default=2,
@@ -153,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "errors the paper's head cannot; rerank (experimental): re-rank the Pilot's top candidates")
     train.add_argument("--copilot-loss", choices=LOSSES, default="rmse",
                        help="cross_entropy needs --copilot-correction rerank")
-    train.add_argument("--copilot-learning-rate", type=POSITIVE_NUMBER, default=5e-4)
-    train.add_argument("--copilot-batch-size", type=POSITIVE_INT, default=8)
+    train.add_argument("--copilot-learning-rate", type=POSITIVE_NUMBER, default=COPILOT_DEFAULTS.learning_rate)
+    train.add_argument("--copilot-batch-size", type=POSITIVE_INT, default=COPILOT_DEFAULTS.batch_size)
     train.add_argument("--seed", type=int, default=0)
     validation = train.add_mutually_exclusive_group()
     validation.add_argument("--validation-size", type=NON_NEGATIVE_INT, default=None,
