@@ -26,6 +26,7 @@ def test_build_copilot(tmp_path):
 
 @pytest.mark.slow
 def test_train_with_copilot(tmp_path):
-    out = run_example("train_with_copilot.py", "--output_dir", str(tmp_path / "joint"), "--max_steps", "10")
-    assert "copilot loss" in out
+    out = run_example("train_with_copilot.py", "--output_dir", str(tmp_path / "joint"), "--max_steps", "20")
+    assert "copilot loss" in out and "fit ratio" in out
+    assert "step   20: held-out ratio" in out
     assert (tmp_path / "joint" / "copilot" / "model.safetensors").is_file()
