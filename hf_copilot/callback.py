@@ -85,7 +85,6 @@ class CopilotCallback(TrainerCallback):
             log_options["max_bytes"] = log_max_bytes
         self._log_options = log_options
         self.mistake_log = MistakeLog(**log_options)
-        self.mistake_log.check_compatible(copilot)  # the options the log was given, before any training
         self.save_dir = save_dir
         self.save_mistake_log = save_mistake_log
         self.resume_from = resume_from
@@ -218,7 +217,7 @@ class CopilotCallback(TrainerCallback):
             metrics["train_loss"] = self._run_losses[0] / self._run_losses[1]
         elif not final and self._losses:
             metrics["loss"] = sum(self._losses) / len(self._losses)
-            if self.copilot.config.loss == "rmse" and sum(self._zero_losses) > 0:
+            if sum(self._zero_losses) > 0:
                 metrics["fit_ratio"] = sum(self._losses) / sum(self._zero_losses)
             self._losses.clear()
             self._zero_losses.clear()

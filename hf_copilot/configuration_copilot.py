@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .errors import DEFAULT_TOP_K
-
 PILOT_KINDS = ("decoder_only", "encoder_decoder")
-CORRECTIONS = ("vocabulary", "logit_residual", "rerank")
+CORRECTIONS = ("vocabulary", "logit_residual")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The projections of a Llama-style block that LoRA adapts: the Copilot's blocks (and the Pilot's, in the recipes)."""
 PAPER_LORA = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.08}
 """The paper's Copilot adapter (App. E): rank 32, alpha 64, dropout 0.08, on every block projection."""
-LOSSES = ("rmse", "cross_entropy")
+RETIRED_AT = "f854242"
+"""The last commit with the experimental options retired after they measured no gain (docs/results.md)."""
+RETIRED_FIELDS = {"rerank_top_k": None, "loss": "rmse", "read_errors": True}
+"""Config fields of those options, with the one value a saved config may still carry (None: any value)."""
 
 
 class CopilotConfig(PreTrainedConfig):
@@ -20,8 +21,7 @@ class CopilotConfig(PreTrainedConfig):
 
     The Copilot is a small pre-norm Transformer decoder (RMSNorm, rotary self-attention, SwiGLU feed-forward: the
     Llama block) that reads the Pilot's states through the paper's modified cross-attention. The defaults are the
-    paper's; the options marked experimental were added to test hypotheses about why a Copilot does or does not
-    help, and may change.
+    paper's.
 
     Args:
         vocab_size: the Pilot's output vocabulary (width of the errors the Copilot reads and predicts).
@@ -49,26 +49,12 @@ class CopilotConfig(PreTrainedConfig):
             rank-d_C vector into a peaked distribution; f is exactly 0 at g = 0 and ``p̂ + λ f`` a distribution for
             λ ≤ 1. It needs the Pilot's logits at generation time (the processor passes them) and, in training, the
             compact errors of the Mistake Log (docs/model.md, "The logit-residual correction").
-            ``"rerank"`` (experimental): a residual re-ranking of the Pilot's own top ``rerank_top_k``
-            candidates, ``f = softmax(log p̂_top + δ) · Σp̂_top − p̂_top`` on those tokens and 0 elsewhere, with
-            ``δ_j = ⟨h_i, w_{token j}⟩`` read from the same (|V|, d) head matrix. It is exactly 0 when δ = 0, keeps
-            ``p̂ + f`` a distribution, and costs k instead of |V| dot products per position. It exists to test
-            whether a Copilot that starts from the Pilot's own distribution learns a correction that transfers.
-        rerank_top_k: (experimental) candidates re-ranked by ``correction="rerank"`` (at most the Mistake Log's
-            ``top_k``).
-        loss: ``"rmse"`` (the paper's Eq. 7) or, with ``correction="rerank"``, ``"cross_entropy"`` (experimental):
-            the negative log-likelihood of the label under the re-ranked candidate distribution (positions whose
-            label is not among the candidates are skipped).
         lora: ``None`` (every weight trains) or LoRA settings for the blocks, as in the paper's Copilot: a dict of
             ``r``, ``lora_alpha``, ``lora_dropout`` and optionally ``target_modules`` (default: every attention
             and feed-forward projection). The blocks' own weights are then frozen (they are the pretrained Pilot
             layers ``from_pilot`` copied in) and only the adapters train; everything outside the blocks (error
             projection, alignment, norms, correction head) is new and always trains. The adapters are part of the
             model's state dict, so ``save_pretrained`` / ``from_pretrained`` round-trip them in one folder.
-        read_errors: whether the Copilot reads the error sequence (the paper: true errors ℓ_<i in training, its own
-            corrections f_<i in generation). ``False`` (experimental) feeds zeros instead, in training and
-            generation alike, so the Copilot sees the same kind of input in both (no exposure bias) and relies on
-            the Pilot's states.
     """
 
     model_type = "copilot"
@@ -97,9 +83,6 @@ class CopilotConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
         correction: str = "vocabulary",
-        rerank_top_k: int = DEFAULT_TOP_K,
-        loss: str = "rmse",
-        read_errors: bool = True,
         lora: dict | None = None,
         **kwargs,
     ):
@@ -118,15 +101,13 @@ class CopilotConfig(PreTrainedConfig):
                 f"hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}); "
                 "change one of them or pass head_dim explicitly."
             )
+        if correction == "rerank":
+            raise ValueError(_retired("correction='rerank'"))
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}.")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
-        if loss == "cross_entropy" and correction != "rerank":
-            raise ValueError("loss='cross_entropy' needs correction='rerank' (a vocabulary-wide correction has no "
-                             "distribution of its own to score the label with).")
-        if rerank_top_k < 2:
-            raise ValueError(f"rerank_top_k must be >= 2 (one candidate cannot be re-ranked), got {rerank_top_k}.")
+        for field, kept in RETIRED_FIELDS.items():  # a config saved before they were retired carries them
+            if field in kwargs and (value := kwargs.pop(field)) != kept and kept is not None:
+                raise ValueError(_retired(f"{field}={value!r}"))
         if lora is not None:
             lora = _lora_settings(lora)
         num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -157,9 +138,6 @@ class CopilotConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         self.correction = correction
-        self.rerank_top_k = rerank_top_k
-        self.loss = loss
-        self.read_errors = read_errors
         self.lora = lora
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -173,6 +151,12 @@ class CopilotConfig(PreTrainedConfig):
         if self.is_decoder_only_pilot:
             return ["self" if i % 2 == 0 else "cross" for i in range(self.num_hidden_layers)]
         return ["self+cross"] * self.num_hidden_layers
+
+
+def _retired(option: str) -> str:
+    return (f"{option} was an experimental option, retired after it measured no gain (docs/results.md, \"Every "
+            f"hypothesis\"); hf_copilot at commit {RETIRED_AT} is the last that has it. Use correction='vocabulary' "
+            "(the paper's) or 'logit_residual'.")
 
 
 def _lora_settings(lora) -> dict:

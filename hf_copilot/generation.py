@@ -71,9 +71,6 @@ class CopilotLogitsProcessor(LogitsProcessor):
             the attribute is set later.
         space: ``"probs"`` (paper Eq. 8: ``softmax(scores) + λ f``, clamped positive, renormalised, returned as log)
             or ``"logits"`` (``scores + λ f``).
-        gate: (experimental) when set (0 < gate ≤ 1), fuse only where the Pilot is unsure: rows whose highest Pilot
-            probability is below ``gate`` are rectified, the others keep the Pilot's scores (default: every step is
-            rectified). It tests whether the Pilot's own confidence tells where a correction is worth applying.
         top_analysis: when ``n > 0``, :attr:`analysis` holds one dict per step of the current ``generate()`` call
             with the top-n tokens of the fused scores (``token_ids``) and, for those tokens, the Pilot's scores
             (``pilot_scores``), the Copilot's corrections (``corrections``) and the fused scores (``fused_scores``),
@@ -91,16 +88,12 @@ class CopilotLogitsProcessor(LogitsProcessor):
 
     supports_continuous_batching = False  # it follows each sequence's Copilot state from one call to the next
 
-    def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0,
-                 gate: float | None = None):
+    def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0):
         copilot.check_pilot(pilot)
         if space not in FUSION_SPACES:
             raise ValueError(f"space must be one of {FUSION_SPACES}; got {space!r}.")
         if isinstance(top_analysis, bool) or not isinstance(top_analysis, int) or top_analysis < 0:
             raise ValueError(f"top_analysis must be an int >= 0 (0 disables the analysis); got {top_analysis!r}.")
-        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1):
-            raise ValueError(f"gate must be None or a Pilot probability in (0, 1]; got {gate!r}.")
-        self.gate = gate
         self.copilot = copilot
         self.lam = lam
         self.space = space
@@ -138,7 +131,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         corrections = self.step_corrections(input_ids)
-        fused = fuse_scores(scores, corrections, self.lam, self.space, self.gate)
+        fused = fuse_scores(scores, corrections, self.lam, self.space)
         if self.top_analysis:
             self._analyse(scores, corrections, fused)
         return fused
@@ -247,22 +240,10 @@ class CopilotLogitsProcessor(LogitsProcessor):
         return OwnCorrections(feedback) if self.copilot.config.correction == "vocabulary" else feedback
 
     def _pilot_distribution(self, record: PilotRecord) -> dict:
-        """What the correction reads of the Pilot's own prediction, at the positions the Pilot computed logits for
-        (the last ones): its raw logits for a logit-residual Copilot (as in training, before any other processor
-        or beam search's log-softmax); its top tokens for a re-ranking Copilot, where other positions get
-        probability 0, hence no correction (their corrections are never used)."""
-        if self.copilot.config.correction == "logit_residual":
-            return {"pilot_logits": record.logits}
-        if self.copilot.config.correction != "rerank":
-            return {}
-        rows, new = record.hidden_states.shape[:2]
-        k = self.copilot.config.rerank_top_k
-        top = torch.softmax(record.logits.float(), dim=-1).topk(k, dim=-1)
-        known = top.values.shape[1]
-        ids = torch.zeros(rows, new, k, dtype=torch.long, device=top.indices.device)
-        probs = torch.zeros(rows, new, k, device=top.values.device)
-        ids[:, new - known:], probs[:, new - known:] = top.indices, top.values
-        return {"pilot_top_ids": ids, "pilot_top_probs": probs}
+        """What the correction reads of the Pilot's own prediction: for a logit-residual Copilot, its raw logits at
+        the positions it computed them for (the last ones; as in training, before any other processor or beam
+        search's log-softmax)."""
+        return {"pilot_logits": record.logits} if self.copilot.config.correction == "logit_residual" else {}
 
     @staticmethod
     def _parents(input_ids: torch.Tensor, state: _DecodingState) -> torch.Tensor | None:
@@ -298,10 +279,9 @@ def check_lam(lam) -> float:
     return float(lam)
 
 
-def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs",
-                gate: float | None = None) -> torch.Tensor:
+def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs") -> torch.Tensor:
     """The Pilot's next-token scores rectified by λ × the Copilot's corrections (see
-    :class:`CopilotLogitsProcessor` for the two spaces and the gate); tokens scored ``-inf`` stay banned.
+    :class:`CopilotLogitsProcessor` for the two spaces); tokens scored ``-inf`` stay banned.
 
     Works in place on one fresh (rows, |V|) tensor: with many rows (beam search over a batch) every extra pass and
     allocation over the vocabulary is a visible share of a generated token's cost.
@@ -309,21 +289,12 @@ def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, spa
     if lam == 0:
         return scores
     corrections = corrections.to(scores.dtype)
-    unsure = None
     if space == "logits":
-        fused = torch.add(scores, corrections, alpha=lam)  # a banned token's -inf stays -inf
-    else:
-        probs = torch.softmax(scores, dim=-1)
-        if gate is not None:
-            unsure = probs.amax(-1, keepdim=True) < gate
-        probs.add_(corrections, alpha=lam).clamp_(min=torch.finfo(probs.dtype).tiny)
-        probs.masked_fill_(scores == float("-inf"), 0.0)  # banned by an earlier processor (min-length, bad words)
-        fused = probs.div_(probs.sum(-1, keepdim=True)).log_()
-    if gate is None:
-        return fused
-    if unsure is None:
-        unsure = torch.softmax(scores, dim=-1).amax(-1, keepdim=True) < gate
-    return torch.where(unsure, fused, scores)
+        return torch.add(scores, corrections, alpha=lam)  # a banned token's -inf stays -inf
+    probs = torch.softmax(scores, dim=-1)
+    probs.add_(corrections, alpha=lam).clamp_(min=torch.finfo(probs.dtype).tiny)
+    probs.masked_fill_(scores == float("-inf"), 0.0)  # banned by an earlier processor (min-length, bad words)
+    return probs.div_(probs.sum(-1, keepdim=True)).log_()
 
 
 def fused_choice(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs") -> torch.Tensor:

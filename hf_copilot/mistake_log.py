@@ -61,8 +61,6 @@ class MistakeBatch:
             attention_mask=self.attention_mask,
             pilot_input_mask=self.pilot_input_mask,
             target_errors=self.errors,
-            pilot_top_ids=self.errors.ids,
-            pilot_top_probs=self.errors.probs,
         )
 
     @classmethod
@@ -423,11 +421,6 @@ class MistakeLog:
         """Raises a ValueError naming the mismatch when this log was not recorded from a Pilot that ``copilot``
         (a :class:`~hf_copilot.CopilotModel` or its config) serves."""
         config = getattr(copilot, "config", copilot)
-        if config.correction == "rerank" and self.top_k < config.rerank_top_k:
-            raise ValueError(f"The Copilot re-ranks the Pilot's top {config.rerank_top_k} candidates, but the Mistake "
-                             f"Log keeps only {self.top_k} per token: record it with top_k >= "
-                             f"{config.rerank_top_k} (CopilotCallback(top_k=...)), or build the Copilot with "
-                             f"rerank_top_k <= {self.top_k}.")
         if self.signature is None:  # an empty log fits any other Copilot
             return
         problems = self.signature.mismatches(PilotSignature.of_copilot(config), "the log's Pilot", "the Copilot")

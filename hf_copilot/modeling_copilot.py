@@ -62,8 +62,7 @@ class CopilotOutput(ModelOutput):
     """Output of :class:`CopilotModel`.
 
     Args:
-        loss: when ``target_errors`` were given, the config's ``loss``: the RMSE (Eq. 7), or for ``"cross_entropy"``
-            the re-ranked candidates' negative log-likelihood of the label.
+        loss: when ``target_errors`` were given, the RMSE (Eq. 7).
         corrections: the predicted errors ``f^C`` (batch, new positions, |V|), added to the Pilot's prediction;
             ``None`` when the forward was called with ``return_corrections=False``.
         cache: the :class:`CopilotCache` to pass back for incremental decoding.
@@ -356,8 +355,6 @@ class CopilotModel(CopilotPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pilot_input_mask: torch.Tensor | None = None,
         target_errors: Errors | None = None,
-        pilot_top_ids: torch.Tensor | None = None,
-        pilot_top_probs: torch.Tensor | None = None,
         pilot_logits: torch.Tensor | None = None,
         cache: CopilotCache | None = None,
         use_cache: bool = False,
@@ -378,36 +375,23 @@ class CopilotModel(CopilotPreTrainedModel):
             target_errors: the true errors ℓ at the new positions; when given, ``loss`` is the RMSE (Eq. 7)
                 ``sqrt(Σ_i ‖f_i − ℓ_i‖² / N)`` over the N positions that carry a label and are not padding (a
                 dense target row of zeros means "no label", like ``IGNORE_INDEX`` in the compact form).
-            pilot_top_ids / pilot_top_probs: the Pilot's most probable tokens and their probabilities at the new
-                positions, (batch, new positions, ≥ rerank_top_k), sorted by probability; needed by
-                ``correction="rerank"`` only (positions whose candidates are unknown carry probabilities 0 and
-                get no correction).
             pilot_logits: the Pilot's logits z at the positions corrections are computed for (the last
                 ``corrections_to_keep`` new positions, or every new one), (batch, ≥ those positions, |V|); the last
                 ones are used. Needed by ``correction="logit_residual"`` to return corrections
                 ``softmax(z + g) − softmax(z)``; its loss needs only ``target_errors``.
             cache / use_cache: incremental decoding; outputs equal those of one full-sequence forward.
-            corrections_to_keep: when n > 0, corrections are computed for the last n new positions only (like
-                ``logits_to_keep``: reading a prompt in generate() needs the last one, and the |V|-wide head is
-                the most expensive part of the Copilot). Not with ``target_errors``.
+            corrections_to_keep: n > 0 computes corrections for the last n new positions only, like
+                ``logits_to_keep`` (generate() needs the last one of a prompt); not with ``target_errors``.
             return_corrections: ``False`` skips building the |V|-wide corrections when only the loss is needed
                 (Copilot training): the loss never needs them (see :meth:`squared_errors`), so a training step
                 costs O(d² + k·d) per position in its output layer instead of O(|V|·d), and no (batch, positions,
                 |V|) tensor is allocated.
         """
         batch, new = self._check_inputs(pilot_hidden_states, pilot_input_states, input_errors, cache)
-        if use_cache and cache is None:
-            cache = CopilotCache()
+        cache = CopilotCache() if use_cache and cache is None else cache
         past = cache.get_seq_length() if cache is not None else 0
-        device = pilot_hidden_states.device
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + new, dtype=torch.long, device=device)
-        if attention_mask.shape != (batch, past + new):
-            raise ValueError(
-                f"attention_mask must cover past and new positions: expected shape {(batch, past + new)}, got "
-                f"{tuple(attention_mask.shape)}."
-            )
-        hidden = self._error_inputs(input_errors, batch, new, device)
+        attention_mask = _full_mask(attention_mask, batch, past + new, pilot_hidden_states.device)
+        hidden = self._error_inputs(input_errors, batch, new, pilot_hidden_states.device)
         memory = self._memory(pilot_hidden_states, pilot_input_states, attention_mask, pilot_input_mask, past, cache)
         for layer in self.layers:
             hidden = layer(hidden, memory, cache)
@@ -416,20 +400,11 @@ class CopilotModel(CopilotPreTrainedModel):
                 raise ValueError("corrections_to_keep cannot be combined with target_errors: the loss needs the "
                                  "corrections of every position.")
             hidden = hidden[:, -corrections_to_keep:]
-            if pilot_top_ids is not None and pilot_top_probs is not None:
-                pilot_top_ids = pilot_top_ids[:, -corrections_to_keep:]
-                pilot_top_probs = pilot_top_probs[:, -corrections_to_keep:]
         hidden = self.norm(hidden)
-        corrections = reranked = None
-        if self.config.correction == "rerank":
-            reranked = self._rerank(hidden, pilot_top_ids, pilot_top_probs)
-            if return_corrections:
-                corrections = _scattered(hidden, *reranked[:2], self.config.vocab_size)
-        elif return_corrections:
-            corrections = self.corrections(hidden, pilot_logits)
+        corrections = self.corrections(hidden, pilot_logits) if return_corrections else None
         if cache is not None:
             cache.seq_length = past + new
-        loss = None if target_errors is None else self._loss(hidden, target_errors, attention_mask[:, past:], reranked)
+        loss = None if target_errors is None else self._loss(hidden, target_errors, attention_mask[:, past:])
         return CopilotOutput(loss=loss, corrections=corrections, cache=cache if use_cache else None,
                              last_hidden_state=hidden)
 
@@ -437,29 +412,20 @@ class CopilotModel(CopilotPreTrainedModel):
         """The block input of each new position: the projected error sequence (or the Copilot's own fed-back
         corrections), zeros when there is none."""
         dtype = self.correction_head.weight.dtype
-        if input_errors is None or not self.config.read_errors:
+        if input_errors is None:
             return torch.zeros(batch, new, self.config.hidden_size, dtype=dtype, device=device)
         if isinstance(input_errors, OwnCorrections):
             return input_errors.states.to(dtype) @ self._feedback_map()
         return self.error_projection(input_errors)
 
-    def _loss(self, hidden: torch.Tensor, target_errors: Errors, attention_mask: torch.Tensor,
-              reranked=None) -> torch.Tensor:
-        """The config's loss over the new positions that carry a label and are not padding: the RMSE (Eq. 7), or the
-        re-ranked candidates' cross-entropy (``reranked``: the re-ranking head's candidates, values, log-probs)."""
+    def _loss(self, hidden: torch.Tensor, target_errors: Errors, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The RMSE (Eq. 7) over the new positions that carry a label and are not padding."""
         labelled = attention_mask.bool()
         if isinstance(target_errors, CompactErrors):
             labelled = labelled & target_errors.valid
         else:
             labelled = labelled & (target_errors != 0).any(-1)
-        if self.config.loss == "cross_entropy":
-            if not isinstance(target_errors, CompactErrors):
-                raise ValueError("loss='cross_entropy' needs target_errors as CompactErrors (they carry the labels).")
-            candidate_ids, _, log_q = reranked
-            hit = candidate_ids == target_errors.labels.unsqueeze(-1)
-            labelled = labelled & hit.any(-1)  # a label outside the candidates cannot be re-ranked up
-            return -(log_q * hit).sum(-1)[labelled].sum() / labelled.sum().clamp(min=1)
-        squared = self.squared_errors(hidden, target_errors, reranked[:2] if reranked is not None else None)
+        squared = self.squared_errors(hidden, target_errors)
         return ((squared * labelled).sum() / labelled.sum().clamp(min=1)).clamp(min=1e-12).sqrt()
 
     def _feedback_map(self) -> torch.Tensor:
@@ -481,7 +447,7 @@ class CopilotModel(CopilotPreTrainedModel):
                 self._feedback_cache = (key, (head.float().T @ projection.float()).to(head.dtype))
         return self._feedback_cache[1]
 
-    def squared_errors(self, hidden: torch.Tensor, target: Errors, sparse=None,
+    def squared_errors(self, hidden: torch.Tensor, target: Errors,
                        corrections: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position ‖f − ℓ‖² of the corrections the head makes of ``hidden`` (a forward's
         ``last_hidden_state``) against the true errors ``target``, without building the |V|-wide f. When the
@@ -490,25 +456,13 @@ class CopilotModel(CopilotPreTrainedModel):
         Vocabulary head f = W h: ‖f‖² − 2⟨f, ℓ⟩ + ‖ℓ‖², exactly, with ‖f‖² = hᵀ(WᵀW)h through the d×d Gram matrix
         (|V|·d² once per batch instead of |V|·d per position) and ⟨f, ℓ⟩ = ⟨ℓ W, h⟩, a lookup of k + 1 rows of W for
         compact errors. Logit-residual head: the Brier score of softmax(z + g) (see :meth:`_residual_brier`).
-        Re-ranking head: f is ``values`` on the ``ids`` of ``sparse`` (default: re-ranked from ``target``'s top-k)
-        and 0 elsewhere. Computed in fp32, outside autocast.
+        Computed in fp32, outside autocast.
         """
-        if self.config.correction == "rerank" and sparse is None:
-            if not isinstance(target, CompactErrors):
-                raise ValueError("A re-ranking Copilot scores against CompactErrors (they hold the candidates).")
-            candidate_ids, values, _ = self._rerank(hidden, target.ids, target.probs)
-            sparse = (candidate_ids, values)
         with torch.autocast(hidden.device.type, enabled=False):
             hidden = hidden.float()
             if self.config.correction == "logit_residual":
                 return self._residual_brier(hidden, target)
-            if sparse is not None:
-                ids, values = sparse
-                values = values.float()
-                at_ids = (target.values_at(ids) if isinstance(target, CompactErrors)
-                          else target.float().gather(-1, ids))
-                prediction_norm, cross = values.pow(2).sum(-1), (values * at_ids).sum(-1)
-            elif corrections is not None:
+            if corrections is not None:
                 corrections = corrections.float()
                 prediction_norm = corrections.pow(2).sum(-1)
                 cross = (target.dot(corrections) if isinstance(target, CompactErrors)
@@ -524,16 +478,10 @@ class CopilotModel(CopilotPreTrainedModel):
     def corrections(self, hidden: torch.Tensor, pilot_logits: torch.Tensor | None = None) -> torch.Tensor:
         """The corrections f the head makes of ``hidden`` (a forward's ``last_hidden_state``, (batch, positions,
         d)): W h for the vocabulary head; softmax(z + W h) − softmax(z) for the logit residual, which needs
-        ``pilot_logits`` z (batch, ≥ positions, |V|); for the re-ranking head, the re-ranked top candidates of z."""
+        ``pilot_logits`` z (batch, ≥ positions, |V|)."""
         if self.config.correction == "vocabulary":
             return self.correction_head(hidden)
-        if self.config.correction == "logit_residual":
-            return self._residual_corrections(hidden, pilot_logits)
-        if pilot_logits is None:
-            raise ValueError("A Copilot with correction='rerank' needs pilot_logits to find the Pilot's candidates.")
-        top = torch.softmax(pilot_logits[:, -hidden.shape[1]:].float(), dim=-1).topk(self.config.rerank_top_k, dim=-1)
-        candidate_ids, values, _ = self._rerank(hidden, top.indices, top.values)
-        return _scattered(hidden, candidate_ids, values, self.config.vocab_size)
+        return self._residual_corrections(hidden, pilot_logits)
 
     def _residual_corrections(self, hidden: torch.Tensor, pilot_logits: torch.Tensor | None) -> torch.Tensor:
         """f = softmax(z + g) − softmax(z) with g = W h, at the positions of ``hidden`` (the last ones of
@@ -578,26 +526,6 @@ class CopilotModel(CopilotPreTrainedModel):
         label_q = (q * (ids == errors.labels.unsqueeze(-1))).sum(-1)
         squared[valid] = 1.0 - 2.0 * label_q + q.pow(2).sum(-1)
         return squared
-
-    def _rerank(self, hidden: torch.Tensor, top_ids: torch.Tensor | None, top_probs: torch.Tensor | None):
-        """The residual re-ranking correction (see ``CopilotConfig.correction``) as its candidate ids and values,
-        and the re-ranked log-distribution over the candidates (for the cross-entropy loss)."""
-        k = self.config.rerank_top_k
-        if top_ids is None or top_probs is None:
-            raise ValueError("A Copilot with correction='rerank' needs pilot_top_ids and pilot_top_probs (the Pilot's "
-                             "top candidates at each position; MistakeBatch.copilot_inputs() provides them).")
-        if top_ids.shape != top_probs.shape or top_ids.shape[:2] != hidden.shape[:2] or top_ids.shape[-1] < k:
-            raise ValueError(f"pilot_top_ids/pilot_top_probs must both be (batch, new positions, >= {k}) matching "
-                             f"the new positions {tuple(hidden.shape[:2])}; got {tuple(top_ids.shape)} and "
-                             f"{tuple(top_probs.shape)}. Record the Mistake Log with top_k >= rerank_top_k.")
-        ids, probs = top_ids[..., :k], top_probs[..., :k].float()
-        scores = torch.einsum("btd,btkd->btk", hidden, self.correction_head.weight[ids]).float()
-        # p_j · (ratio_j − 1) with ratio_j = e^δ_j · Σp / Σ p e^δ: written so that δ = 0 gives exactly 0.
-        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-        ratio = weights * probs.sum(-1, keepdim=True) / (probs * weights).sum(-1, keepdim=True).clamp(
-            min=torch.finfo(probs.dtype).tiny)
-        log_q = torch.log_softmax(probs.clamp(min=torch.finfo(probs.dtype).tiny).log() + scores, dim=-1)
-        return ids, probs * (ratio - 1), log_q
 
     def _check_inputs(self, hidden_states, input_states, input_errors, cache):
         config = self.config
@@ -785,9 +713,14 @@ class CopilotModel(CopilotPreTrainedModel):
         return copied
 
 
-def _scattered(hidden: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """|V|-wide corrections holding ``values`` at ``ids`` and 0 elsewhere, in the dtype of ``hidden``."""
-    return hidden.new_zeros(*ids.shape[:-1], vocab_size, dtype=torch.float32).scatter(-1, ids, values).to(hidden.dtype)
+def _full_mask(attention_mask: torch.Tensor | None, batch: int, positions: int, device) -> torch.Tensor:
+    """The (batch, past + new positions) padding mask: all ones when none is given, else checked."""
+    if attention_mask is None:
+        return torch.ones(batch, positions, dtype=torch.long, device=device)
+    if attention_mask.shape != (batch, positions):
+        raise ValueError(f"attention_mask must cover past and new positions: expected shape {(batch, positions)}, got "
+                         f"{tuple(attention_mask.shape)}.")
+    return attention_mask
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

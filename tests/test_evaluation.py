@@ -202,8 +202,7 @@ def test_screened_greedy_decodings_equal_a_full_rectified_generate(trained, toke
     pilot, copilot = trained
     noisy = noisy_copilot(pilot, copilot, 0.1)
     examples = qa_examples(8, start=12) + qa_examples(4)
-    decodings = [Decoding(1.0, "logits"), Decoding(0.3, "logits"), Decoding(0.5, "probs"),
-                 Decoding(2.0, "logits", gate=0.6)]
+    decodings = [Decoding(1.0, "logits"), Decoding(0.3, "logits"), Decoding(0.5, "probs"), Decoding(2.0, "logits")]
     regenerated = []
     real_generate_answers = scoring.generate_answers
 

@@ -534,8 +534,8 @@ def train_argv(root, *extra, output=None):
 
 @pytest.mark.parametrize("extra, message", [
     (["--copilot-layers", "1"], "argument --copilot-layers: '1' is not 'all' or a layer count of 2 or more"),
-    (["--copilot-loss", "cross_entropy"], "--copilot-loss cross_entropy needs --copilot-correction rerank"),
-], ids=["one layer", "cross_entropy without rerank"])
+    (["--copilot-correction", "rerank"], "argument --copilot-correction: invalid choice: 'rerank'"),
+], ids=["one layer", "a retired correction"])
 def test_bad_train_option_combinations_are_refused_while_parsing(user_files, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_:
         main(train_argv(user_files, *extra))

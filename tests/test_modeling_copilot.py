@@ -113,95 +113,25 @@ def test_no_leak_from_future_positions(kind):
     assert not torch.allclose(after[:, cut + 1:], before[:, cut + 1:])
 
 
-def test_rerank_correction_matches_a_reference_built_from_the_vocabulary_head():
-    """correction="rerank" re-scores the Pilot's top candidates by the same head a vocabulary Copilot applies to
-    every token: f = softmax(log p_top + head scores of those tokens) · Σp_top − p_top, zero elsewhere."""
-    vocabulary = trained_looking(CopilotModel(small_config()))
-    rerank = CopilotModel(small_config(correction="rerank", rerank_top_k=5)).eval()
-    rerank.load_state_dict(vocabulary.state_dict())
-    logits, _, errors = random_errors(top_k=8)
-    top = logits.softmax(-1).topk(8, dim=-1)
-    common = dict(**inputs("decoder_only"), input_errors=errors.shift_right())
-    with torch.no_grad():
-        head_scores = vocabulary(**common).corrections
-        out = rerank(**common, pilot_top_ids=top.indices, pilot_top_probs=top.values).corrections
-    expected = torch.zeros(B, T, VOCAB)
-    for b in range(B):
-        for t in range(T):
-            ids, p = top.indices[b, t, :5], top.values[b, t, :5]
-            expected[b, t, ids] = torch.softmax(p.log() + head_scores[b, t, ids], -1) * p.sum() - p
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.sum(-1), torch.zeros(B, T), atol=1e-6, rtol=0)  # mass moves, none is created
-    assert (out.gather(-1, top.indices[..., :5]) + top.values[..., :5] >= 0).all()  # p̂ + f stays a distribution
-    assert out.abs().sum() > 0.1
-
-
-def test_rerank_copilot_starts_at_zero_and_trains_from_a_mistake_batch():
-    copilot = CopilotModel(small_config(correction="rerank", rerank_top_k=4))
-    logits, labels, errors = random_errors(top_k=8)
-    top = logits.softmax(-1).topk(8, dim=-1)
-    x = inputs("decoder_only")
-    out = copilot(**x, input_errors=errors.shift_right(), target_errors=errors, pilot_top_ids=top.indices,
-                  pilot_top_probs=top.values)
-    assert torch.equal(out.corrections, torch.zeros(B, T, VOCAB))
-    out.loss.backward()
-    grad = copilot.correction_head.weight.grad
-    touched = torch.zeros(VOCAB, dtype=torch.bool)
-    touched[top.indices[..., :4][errors.valid]] = True
-    assert grad[touched].abs().sum() > 0 and torch.equal(grad[~touched], torch.zeros_like(grad[~touched]))
-    with pytest.raises(ValueError, match="needs pilot_top_ids"):
-        copilot(**x)
-    with pytest.raises(ValueError, match="top_k >= rerank_top_k"):
-        copilot(**x, pilot_top_ids=top.indices[..., :3], pilot_top_probs=top.values[..., :3])
+def test_retired_options_are_refused_but_old_configs_with_their_defaults_load():
+    """The experimental options that measured no gain are gone: asking for one names the last commit that had it;
+    a config saved before (it carries their default values) still loads."""
+    for options, named in ((dict(correction="rerank"), "correction='rerank'"), (dict(read_errors=False),
+                           "read_errors=False"), (dict(loss="cross_entropy"), "loss='cross_entropy'")):
+        with pytest.raises(ValueError, match=f"{named} was an experimental option.*f854242"):
+            small_config(**options)
+    old = small_config(read_errors=True, loss="rmse", rerank_top_k=32)
+    assert not any(hasattr(old, field) for field in ("read_errors", "loss", "rerank_top_k"))
     with pytest.raises(ValueError, match="correction must be one of"):
         small_config(correction="topk")
 
 
-def test_rerank_cross_entropy_loss_matches_a_per_position_reference():
-    vocabulary = trained_looking(CopilotModel(small_config()))
-    rerank = CopilotModel(small_config(correction="rerank", rerank_top_k=6, loss="cross_entropy")).eval()
-    rerank.load_state_dict(vocabulary.state_dict())
-    logits, labels, errors = random_errors(top_k=8)
-    top = logits.softmax(-1).topk(8, dim=-1)
-    labels[1, 3] = top.indices[1, 3, 2]  # make sure some labels are among the candidates
-    labels[2, 5] = top.indices[2, 5, 0]
-    errors = CompactErrors(labels, errors.ids, errors.probs)
-    common = dict(**inputs("decoder_only"), input_errors=errors.shift_right())
-    with torch.no_grad():
-        head_scores = vocabulary(**common).corrections
-        loss = rerank(**common, target_errors=errors, pilot_top_ids=top.indices, pilot_top_probs=top.values).loss
-    terms = []
-    for b in range(B):
-        for t in range(T):
-            ids, p = top.indices[b, t, :6], top.values[b, t, :6]
-            if labels[b, t] in ids.tolist():
-                q = torch.softmax(p.log() + head_scores[b, t, ids], -1)
-                terms.append(-q[ids.tolist().index(int(labels[b, t]))].log())
-    assert len(terms) >= 2
-    torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="needs correction='rerank'"):
-        small_config(loss="cross_entropy")
-
-
-def test_a_copilot_that_does_not_read_errors_ignores_them():
-    copilot = trained_looking(CopilotModel(small_config(read_errors=False)))
-    reading = trained_looking(CopilotModel(small_config()))
-    _, _, errors = random_errors()
-    x = inputs("decoder_only")
-    with torch.no_grad():
-        blind = copilot(**x, input_errors=errors.shift_right()).corrections
-        torch.testing.assert_close(blind, copilot(**x).corrections, atol=0, rtol=0)
-        reading.load_state_dict(copilot.state_dict())
-        assert not torch.allclose(reading(**x, input_errors=errors.shift_right()).corrections, blind)
-
-
-@pytest.mark.parametrize("correction", ["vocabulary", "logit_residual", "rerank"])
+@pytest.mark.parametrize("correction", ["vocabulary", "logit_residual"])
 def test_corrections_to_keep_gives_the_last_positions_of_a_full_forward(correction):
-    copilot = trained_looking(CopilotModel(small_config(correction=correction, rerank_top_k=4)))
+    copilot = trained_looking(CopilotModel(small_config(correction=correction)))
     logits, _, errors = random_errors(top_k=8)
-    top = logits.softmax(-1).topk(8, dim=-1)
     common = dict(**inputs("decoder_only"), input_errors=errors.shift_right(), attention_mask=left_padded_mask(),
-                  pilot_top_ids=top.indices, pilot_top_probs=top.values, pilot_logits=logits)
+                  pilot_logits=logits)
     with torch.no_grad():
         full = copilot(**common).corrections
         last_two = copilot(**common, corrections_to_keep=2).corrections
@@ -223,14 +153,11 @@ def test_encoder_padding_is_invisible():
     assert not torch.allclose(copilot(**pilot).corrections[1, 0], before[1, 0])
 
 
-@pytest.mark.parametrize("correction", ["vocabulary", "rerank"])
-def test_compact_and_dense_errors_agree(correction):
-    copilot = trained_looking(CopilotModel(small_config(correction=correction, rerank_top_k=6)))
-    logits, _, errors = random_errors()
-    top = logits.softmax(-1).topk(8, dim=-1)
+def test_compact_and_dense_errors_agree():
+    copilot = trained_looking(CopilotModel(small_config()))
+    _, _, errors = random_errors()
     dense = errors.to_dense(VOCAB)
-    pilot = dict(**inputs("decoder_only"), attention_mask=left_padded_mask(), pilot_top_ids=top.indices,
-                 pilot_top_probs=top.values)
+    pilot = dict(**inputs("decoder_only"), attention_mask=left_padded_mask())
     compact_out = copilot(**pilot, input_errors=shift_right(errors), target_errors=errors)
     dense_out = copilot(**pilot, input_errors=shift_right(dense), target_errors=dense)
     torch.testing.assert_close(compact_out.corrections, dense_out.corrections, atol=1e-5, rtol=1e-5)
@@ -264,14 +191,12 @@ def test_own_corrections_equal_the_dense_corrections_they_stand_for():
     assert copilot.error_projection.weight.grad.abs().sum() > 0
 
 
-def test_own_corrections_are_refused_by_a_rerank_copilot_and_checked_for_width():
+def test_own_corrections_are_refused_by_a_logit_residual_copilot_and_checked_for_width():
     with pytest.raises(ValueError, match=f"OwnCorrections input_errors must have {WIDTH} entries per position"):
         CopilotModel(small_config())(**inputs("decoder_only"), input_errors=OwnCorrections(torch.zeros(B, T, 5)))
-    copilot = CopilotModel(small_config(correction="rerank", rerank_top_k=6))
-    top = torch.rand(B, T, 8).sort(-1, descending=True)
+    copilot = CopilotModel(small_config(correction="logit_residual"))
     with pytest.raises(ValueError, match="OwnCorrections need correction='vocabulary'"):
-        copilot(**inputs("decoder_only"), input_errors=OwnCorrections(torch.zeros(B, T, WIDTH)),
-                pilot_top_ids=top.indices, pilot_top_probs=top.values)
+        copilot(**inputs("decoder_only"), input_errors=OwnCorrections(torch.zeros(B, T, WIDTH)))
 
 
 def test_compact_form_reconstructs_dense_errors():
@@ -302,16 +227,13 @@ def test_errors_read_in_small_chunks_match_dense_errors(monkeypatch, device, dty
     torch.testing.assert_close(compact.to_dense(VOCAB).cpu(), reference, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("correction", ["vocabulary", "rerank"])
-def test_loss_is_rmse_over_labelled_positions(correction):
+def test_loss_is_rmse_over_labelled_positions():
     """The training loss, computed without the |V|-wide corrections, equals a slow per-token RMSE of the dense
     corrections against the dense errors, in value and in gradient."""
-    copilot = trained_looking(CopilotModel(small_config(correction=correction, rerank_top_k=6)))
-    logits, labels, errors = random_errors()
-    top = logits.softmax(-1).topk(8, dim=-1)
+    copilot = trained_looking(CopilotModel(small_config()))
+    _, labels, errors = random_errors()
     mask = left_padded_mask()
-    common = dict(**inputs("decoder_only"), input_errors=shift_right(errors), attention_mask=mask,
-                  pilot_top_ids=top.indices, pilot_top_probs=top.values)
+    common = dict(**inputs("decoder_only"), input_errors=shift_right(errors), attention_mask=mask)
     out = copilot(**common, target_errors=errors, return_corrections=False)
     assert out.corrections is None
     corrections = copilot(**common).corrections

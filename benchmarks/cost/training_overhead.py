@@ -36,7 +36,6 @@ SETTINGS = {
     "joint, update every 4 steps": dict(update_every=4),
     "joint, Copilot batch 4": dict(batch_size=4),
     "joint, logit-residual correction": dict(correction="logit_residual"),
-    "joint, rerank correction": dict(correction="rerank"),
     # The paper's Copilot: every Pilot layer copied, adapted with LoRA (r 32, alpha 64, dropout 0.08).
     "joint, paper Copilot (every layer, LoRA)": dict(num_hidden_layers="all", lora=PAPER_LORA),
 }

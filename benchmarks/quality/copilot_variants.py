@@ -1,6 +1,6 @@
 """Compare Copilot variants on one real Pilot run, without retraining the Pilot for each.
 
-    python -m benchmarks.quality.copilot_variants --tasks basic_arithmetic --seeds 0 --variants paper,rerank
+    python -m benchmarks.quality.copilot_variants --tasks basic_arithmetic --seeds 0 --variants paper,paper_x8
     python -m benchmarks.quality.copilot_variants --tasks arc_easy --seeds 0 --screen   # held-out diagnostic only
 
 The Pilot's training is identical whatever the Copilot does, so each variant replays the Mistake Log that
@@ -8,7 +8,9 @@ The Pilot's training is identical whatever the Copilot does, so each variant rep
 joint training would have shown it, then is scored like the benchmark: the held-out diagnostic (Copilot RMSE ÷
 all-zero RMSE on teacher-forced test items, and on 200 training items) and test accuracy at fixed λ values.
 One JSON per (task, seed, variant) under ``--runs``; the table goes to
-``benchmarks/quality/results/copilot_variants.md``.
+``benchmarks/quality/results/copilot_variants.md``. The variants built on the retired experimental options
+(re-ranking, its cross-entropy loss, a Copilot that reads no errors, the confidence gate) keep their recorded
+results and legend here (``--report-only``); they run at commit f854242.
 """
 
 from __future__ import annotations
@@ -45,41 +47,40 @@ class Variant:
     log_every: int = 1
 
 
-RERANK_CE = {"correction": "rerank", "loss": "cross_entropy"}
 VARIANTS = {
     "paper": Variant({}, {}, "the paper's Copilot: |V|-wide linear head, RMSE, one update per Pilot step"),
-    "rerank": Variant({"correction": "rerank"}, {}, "residual re-ranking of the Pilot's top-32 candidates"),
-    "rerank_ce": Variant(RERANK_CE, {}, "re-ranking trained with cross-entropy on the label instead of RMSE"),
-    "rerank_ce_lr4": Variant(RERANK_CE, {"learning_rate": 2e-3}, "rerank_ce with a 4x higher Copilot learning rate"),
     "paper_x8": Variant({}, {"updates_per_step": 8},
                         "the paper's Copilot with 8 updates per Pilot step (replaying the log: 8x the training)"),
-    "rerank_ce_x8": Variant(RERANK_CE, {"updates_per_step": 8}, "rerank_ce with 8 updates per Pilot step"),
-    "paper_blind": Variant({"read_errors": False}, {},
-                           "the paper's Copilot reading no error sequence (no exposure bias)"),
-    "rerank_ce_blind": Variant({**RERANK_CE, "read_errors": False}, {}, "rerank_ce reading no error sequence"),
     "paper_recent8": Variant({}, {}, "the paper's Copilot learning only from the newest 8 rounds (fresh errors)",
                              log_rounds=8),
-    "rerank_ce_recent8": Variant(RERANK_CE, {}, "rerank_ce learning only from the newest 8 rounds", log_rounds=8),
     "paper_eps4": Variant({}, {"adam_epsilon": 1e-4},
                           "the paper's Copilot with AdamW epsilon 1e-4 (rows with tiny gradients barely move)"),
     "paper_eps5": Variant({}, {"adam_epsilon": 1e-5}, "the paper's Copilot with AdamW epsilon 1e-5"),
-    "rerank_ce_eps4": Variant(RERANK_CE, {"adam_epsilon": 1e-4}, "rerank_ce with AdamW epsilon 1e-4"),
     "paper_lr1e4": Variant({}, {"learning_rate": 1e-4}, "the paper's Copilot with a 5x lower learning rate (1e-4)"),
-    "rerank_ce_lr1e4": Variant(RERANK_CE, {"learning_rate": 1e-4}, "rerank_ce with a 5x lower learning rate"),
     "paper_b16": Variant({}, {"batch_size": 16},
                          "the paper's Copilot drawing 16 sequences per update (twice the default)"),
     "paper_b32": Variant({}, {"batch_size": 32},
                          "the paper's Copilot drawing 32 sequences per update (4x the default)"),
-    "rerank_ce_b16": Variant(RERANK_CE, {"batch_size": 16}, "rerank_ce drawing 16 sequences per update"),
-    "rerank_ce_b32": Variant(RERANK_CE, {"batch_size": 32}, "rerank_ce drawing 32 sequences per update"),
-    "rerank_ce_blind_quarter": Variant({**RERANK_CE, "read_errors": False}, {},
-                                       "rerank_ce_blind learning from every 4th round only (the same Pilot, 1/4 of "
-                                       "the data, as many updates)", log_every=4),
     "paper_wd1": Variant({}, {"weight_decay": 1.0},
                          "the paper's Copilot with AdamW weight decay 1.0 (pulls weakly supported weights back)"),
 }
-DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits"),
-             Decoding(1.0, "probs", gate=0.5), Decoding(3.0, "logits", gate=0.5)]
+RETIRED_VARIANTS = {
+    "rerank": "residual re-ranking of the Pilot's top-32 candidates",
+    "rerank_ce": "re-ranking trained with cross-entropy on the label instead of RMSE",
+    "rerank_ce_lr4": "rerank_ce with a 4x higher Copilot learning rate",
+    "rerank_ce_x8": "rerank_ce with 8 updates per Pilot step",
+    "paper_blind": "the paper's Copilot reading no error sequence (no exposure bias)",
+    "rerank_ce_blind": "rerank_ce reading no error sequence",
+    "rerank_ce_recent8": "rerank_ce learning only from the newest 8 rounds",
+    "rerank_ce_eps4": "rerank_ce with AdamW epsilon 1e-4",
+    "rerank_ce_lr1e4": "rerank_ce with a 5x lower learning rate",
+    "rerank_ce_b16": "rerank_ce drawing 16 sequences per update",
+    "rerank_ce_b32": "rerank_ce drawing 32 sequences per update",
+    "rerank_ce_blind_quarter": "rerank_ce_blind learning from every 4th round only (the same Pilot, 1/4 of the data, "
+                               "as many updates)",
+}
+"""Variants of the retired options: their recorded results still tabulate (run at commit f854242)."""
+DECODINGS = [Decoding(), Decoding(1.0, "probs"), Decoding(1.0, "logits"), Decoding(3.0, "logits")]
 
 
 def _finished(folder: Path, variant: str, screened: bool) -> dict | None:
@@ -153,7 +154,7 @@ def kept(task: str, seed: int, variant: str, protocol: str, runs: Path) -> dict 
 
 
 def _row(task, seeds, variant, heldout, train_items, accuracy, fixed, broken) -> str:
-    names = [d.name for d in DECODINGS]
+    names = list(accuracy) if accuracy is not None else [d.name for d in DECODINGS]
     cells = ["(screened)"] * len(names) if accuracy is None else [
         f"{100 * accuracy[n]:.1f}" + (f" (+{fixed[n]}/−{broken[n]})" if i else "") for i, n in enumerate(names)]
     return (f"| {task} | {seeds} | {variant} | {heldout:.4f} | {train_items:.4f} | " + " | ".join(cells) + " |")
@@ -162,7 +163,10 @@ def _row(task, seeds, variant, heldout, train_items, accuracy, fixed, broken) ->
 def table(results: list[dict]) -> str:
     """One row per run; for a variant scored on several seeds of a task, a pooled row (mean accuracy and ratios,
     fixed/broken summed over the seeds)."""
-    names = [d.name for d in DECODINGS]
+    # The decodings every run was scored with (the retired variants' runs also have the gated ones).
+    scored_runs = [r["accuracy"] for r in results if r["accuracy"]]
+    names = [name for name in (scored_runs[0] if scored_runs else [d.name for d in DECODINGS])
+             if all(name in run for run in scored_runs)]
     lines = ["| task | seed | variant | held-out ratio | train-items ratio | " + " | ".join(names) + " |",
              "|---" * (5 + len(names)) + "|"]
     for r in results:
@@ -182,7 +186,9 @@ def table(results: list[dict]) -> str:
                 {n: sum(r["accuracy"][n]["fixed"] for r in scored) for n in names},
                 {n: sum(r["accuracy"][n]["broken"] for r in scored) for n in names}))
     shown = dict.fromkeys(r["variant"] for r in results)
-    legend = "\n".join(f"- `{name}`: {VARIANTS[name].about}" for name in shown)
+    legend = "\n".join(f"- `{name}`: " + (VARIANTS[name].about if name in VARIANTS else
+                                           f"{RETIRED_VARIANTS[name]} (retired option, run at f854242)")
+                        for name in shown)
     return ("# Copilot variants on one Pilot run\n\nAccuracy (%) on the test split; (+fixed/−broken) against the "
             "Pilot alone. Ratios: Copilot RMSE ÷ all-zero RMSE, teacher-forced (below 1 = better than predicting "
             "nothing).\n\n" + "\n".join(lines) + "\n\n" + legend + "\n")
@@ -192,7 +198,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=lambda t: t.split(","), default=["basic_arithmetic"])
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0])
-    parser.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS))
+    parser.add_argument("--variants", type=lambda t: t.split(","), default=None,
+                        help="default: every variant (with --report-only, the retired ones' recorded runs too)")
     parser.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
@@ -202,6 +209,10 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="tabulate finished runs (from --runs, else the committed copies), run nothing")
     args = parser.parse_args()
+    args.variants = args.variants or list(VARIANTS) + (list(RETIRED_VARIANTS) if args.report_only else [])
+    if retired := [name for name in args.variants if name in RETIRED_VARIANTS and not args.report_only]:
+        parser.error(f"{retired} use retired options: they run at commit f854242; --report-only tabulates their "
+                     "recorded runs")
     if args.report_only:
         results = [r for task in args.tasks for seed in args.seeds for variant in args.variants
                    if (r := kept(task, seed, variant, args.protocol, args.runs)) is not None]

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from ..configuration_copilot import CORRECTIONS, LOSSES, PAPER_LORA, CopilotConfig
+from ..configuration_copilot import CORRECTIONS, PAPER_LORA, CopilotConfig
 from ..generation import FUSION_SPACES, MAX_LAM
 from ..modeling_copilot import CopilotModel
 from ..safe_io import atomic_write_text, check_model_type
@@ -155,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--copilot-correction", choices=CORRECTIONS, default="vocabulary",
                        help="vocabulary: the paper's |V|-wide head (f = W h); logit_residual: the same head as a "
                             "logit residual on the Pilot's logits (f = softmax(z + W h) - p), which can fit sparse "
-                            "errors the paper's head cannot; rerank (experimental): re-rank the Pilot's top candidates")
-    train.add_argument("--copilot-loss", choices=LOSSES, default="rmse",
-                       help="cross_entropy needs --copilot-correction rerank")
+                            "errors the paper's head cannot")
     train.add_argument("--copilot-learning-rate", type=POSITIVE_NUMBER, default=COPILOT_DEFAULTS.learning_rate)
     train.add_argument("--copilot-batch-size", type=POSITIVE_INT, default=COPILOT_DEFAULTS.batch_size)
     train.add_argument("--seed", type=int, default=0)
@@ -244,8 +242,7 @@ def run_train(args) -> Path:
     rank = args.copilot_lora_rank
     lora = dict(PAPER_LORA, r=rank, lora_alpha=2 * rank) if rank else None
     layers = args.copilot_layers or depth
-    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=layers, correction=args.copilot_correction,
-                                      loss=args.copilot_loss, lora=lora)
+    copilot = CopilotModel.from_pilot(pilot, num_hidden_layers=layers, correction=args.copilot_correction, lora=lora)
     if args.lora_rank:
         pilot = add_lora(pilot, args.lora_rank)
     print(f"Fine-tuning {model_dir} on {len(examples)} examples ({len(validation)} validation items); Copilot "
@@ -444,8 +441,6 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
             refuse(f"{' and '.join(ignored)} {'choose' if len(ignored) > 1 else 'chooses'} the rows of a --task; "
                    f"--data uses its whole file (give train a training file and eval a test file): drop "
                    f"{' and '.join(ignored)} or cut the file")
-    if getattr(args, "copilot_loss", None) == "cross_entropy" and args.copilot_correction != "rerank":
-        refuse("--copilot-loss cross_entropy needs --copilot-correction rerank")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

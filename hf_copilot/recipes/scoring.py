@@ -26,21 +26,19 @@ REFERENCE_FIELDS = {"p_value": None, "difference": 0.0, "interval": None}
 
 @dataclass(frozen=True)
 class Decoding:
-    """One way of decoding: the fusion weight λ (0 = the Pilot alone), the fusion space, the beam count and the
-    confidence gate (see :class:`~hf_copilot.CopilotLogitsProcessor`)."""
+    """One way of decoding: the fusion weight λ (0 = the Pilot alone), the fusion space and the beam count (see
+    :class:`~hf_copilot.CopilotLogitsProcessor`)."""
 
     lam: float = 0.0
     space: str = "probs"
     num_beams: int = 1
-    gate: float | None = None
 
     @property
     def name(self) -> str:
         search = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
         if self.lam == 0:
             return f"pilot {search}"
-        gate = "" if self.gate is None else f" gate<{self.gate:g}"
-        return f"{self.space} λ={self.lam:g}{gate} {search}"
+        return f"{self.space} λ={self.lam:g} {search}"
 
 
 def _generate_batches(pilot, tokenizer, examples, task_format, *, num_beams: int, batch_size: int,
@@ -65,7 +63,7 @@ def generate_answers(pilot, tokenizer, examples: list[Example], task_format: Tas
     prepare_tokenizer(tokenizer)
     if decoding.lam > 0 and copilot is None:
         raise ValueError(f"Decoding {decoding.name!r} fuses a Copilot, but no copilot was given.")
-    processor = (CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space, gate=decoding.gate)
+    processor = (CopilotLogitsProcessor(copilot, pilot, lam=decoding.lam, space=decoding.space)
                  if decoding.lam else None)
     answers: list[str] = [""] * len(examples)
     try:
@@ -84,7 +82,7 @@ class _GreedyScreen(LogitsProcessor):
     """Follows the Pilot's own greedy path and notes, for each rectified greedy decoding, the rows where the fused
     argmax would leave that path before the row's answer ends.
 
-    The Copilot's corrections do not depend on λ, space or gate, and greedy rectification picks the Pilot's token
+    The Copilot's corrections do not depend on λ or space, and greedy rectification picks the Pilot's token
     wherever the fused argmax agrees with it, so a row that never diverges decodes exactly as the Pilot does: only
     the rows that diverge need a rectified ``generate()`` of their own, and one Pilot pass screens every greedy λ.
     """
@@ -107,7 +105,7 @@ class _GreedyScreen(LogitsProcessor):
         answering = ~(input_ids[:, self.prompt_length:] == self.eos_token_id).any(-1)
         pilot_choice = scores.argmax(-1)
         for decoding in self.decodings:
-            fused = fuse_scores(scores, corrections, decoding.lam, decoding.space, decoding.gate)
+            fused = fuse_scores(scores, corrections, decoding.lam, decoding.space)
             self.diverged[decoding] |= answering & (fused.argmax(-1) != pilot_choice)
         return scores
 
