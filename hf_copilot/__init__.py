@@ -11,9 +11,11 @@ from .configuration_copilot import PAPER_LORA, CopilotConfig
 from .copilot_metrics import CopilotMetrics
 from .errors import IGNORE_INDEX, CompactErrors, dense_errors, shift_right
 from .generation import CopilotLogitsProcessor
-from .mistake_log import MistakeBatch, MistakeLog
+from .mistake_batch import MistakeBatch
+from .mistake_log import MistakeLog
 from .modeling_copilot import CopilotCache, CopilotModel, CopilotOutput, OwnCorrections
-from .pilot import PilotRecord, PilotTap
+from .pilot import PilotTap
+from .pilot_record import PilotRecord
 from .safe_io import DamagedFileError
 from .training import CopilotTrainingConfig, CopilotUpdater, train_copilot
 

@@ -16,12 +16,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate.utils import reduce
 from transformers import TrainerCallback
 
 from .best_copilot import BestCopilot
 from .copilot_checkpoint import read_training_state, usable_copilot_state, write_training_state
-from .copilot_metrics import CopilotMetrics
+from .copilot_metrics import EvaluationMetrics
 from .errors import DEFAULT_TOP_K
 from .generation import FUSION_SPACES, check_lam
 from .mistake_log import MistakeLog
@@ -32,7 +31,6 @@ from .training import CopilotTrainingConfig, CopilotUpdater
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_RECORDS = 8  # uncollected records that tell the tap train() was interrupted
-EVALUATION_RECORDS = 4  # forwards of one evaluation step kept for the metrics (generate() adds unlabelled ones)
 
 
 class CopilotCallback(TrainerCallback):
@@ -97,8 +95,7 @@ class CopilotCallback(TrainerCallback):
                              "keep eval_metrics=True (and give the Trainer an eval_dataset and eval_strategy).")
         self.best = BestCopilot(best_metric, name) if load_best_at_end else None
         self.tap: PilotTap | None = None
-        self.evaluation: CopilotMetrics | None = None  # the current evaluation's sums, while eval_metrics measures
-        self._evaluation_tap: PilotTap | None = None
+        self.evaluation: EvaluationMetrics | None = None  # during a train() that evaluates, with eval_metrics
         self.updater: CopilotUpdater | None = None
         self._losses: list[float] = []  # since the last log entry
         self._zero_losses: list[float] = []  # the all-zero predictor's on the same batches
@@ -151,12 +148,9 @@ class CopilotCallback(TrainerCallback):
         # Records are popped after every micro-batch: a pile of them means train() stopped without telling us.
         self.tap = PilotTap(model, mode="train", errors_top_k=self.mistake_log.top_k,
                             max_pending=MAX_PENDING_RECORDS).attach()
-        # Evaluation forwards (no gradient) are read by a second tap, attached now with the first: hooks are never
-        # added mid-run (DeepSpeed ZeRO-3 relies on it). It keeps their logits, for the accuracies.
-        if self.eval_metrics and args.eval_strategy != "no":
-            self.evaluation = CopilotMetrics(self.copilot, lam=self.eval_lam, space=self.eval_space,
-                                             top_k=self.mistake_log.top_k)
-            self._evaluation_tap = PilotTap(model, mode="generate", max_records=EVALUATION_RECORDS).attach()
+        if self.eval_metrics and args.eval_strategy != "no":  # its tap attached now, with the training tap
+            self.evaluation = EvaluationMetrics(model, self.copilot, lam=self.eval_lam, space=self.eval_space,
+                                                top_k=self.mistake_log.top_k)
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._drain(state)
@@ -165,20 +159,18 @@ class CopilotCallback(TrainerCallback):
         self._drain(state)
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        if self._evaluation_tap is None:
-            return
-        started = time.perf_counter()
-        for record in self._evaluation_tap.pop_records():
-            self.evaluation.add(record)
-        self._seconds += time.perf_counter() - started
+        if self.evaluation is not None:
+            started = time.perf_counter()
+            self.evaluation.collect()
+            self._seconds += time.perf_counter() - started
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         if self.evaluation is not None:  # Trainer.predict() during training: measured only in evaluations
-            self.evaluation.reset()
+            self.evaluation.discard()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._evaluation_tap is not None:
-            self._evaluation_tap.pop_records()  # forwards outside an evaluation (a user's generate(), ...)
+        if self.evaluation is not None:
+            self.evaluation.tap.pop_records()  # forwards outside an evaluation (a user's generate(), ...)
         if state.global_step % self.config.update_every or not len(self.mistake_log):
             return
         started = time.perf_counter()
@@ -195,8 +187,9 @@ class CopilotCallback(TrainerCallback):
         # Beside the Pilot's `loss` entries, and in the run's final summary as Trainer does (`train_loss`, the mean
         # over the run, and the Copilot's total time next to `train_runtime`): a run shorter than logging_steps
         # has no other entry.
-        if logs is not None and self.evaluation is not None and (prefix := _evaluation_prefix(logs)):
-            self._report_evaluation(prefix, logs, state)
+        measured = self.evaluation.report(logs, self.name) if logs is not None and self.evaluation else None
+        if measured is not None:
+            self._report_evaluation(measured, logs, state)
             return
         final = logs is not None and "train_loss" in logs
         if logs is None or self.updater is None or not ("loss" in logs or final):
@@ -223,21 +216,16 @@ class CopilotCallback(TrainerCallback):
             self._zero_losses.clear()
         self._add_to_log({f"{self.name}_{key}": value for key, value in metrics.items()}, logs, state)
 
-    def _report_evaluation(self, prefix: str, logs: dict, state) -> None:
+    def _report_evaluation(self, measured: dict, logs: dict, state) -> None:
         """Adds the Copilot's metrics of the evaluation that just ended to its log entry (hence to what
-        ``evaluate()`` returns), summed over processes; keeps the best Copilot state."""
-        started = time.perf_counter()
-        measured = self.evaluation.results(reduce=lambda sums: reduce(sums, reduction="sum"))
-        self.evaluation.reset()
+        ``evaluate()`` returns); keeps the best Copilot state."""
         if not measured:
             warnings.warn("The evaluation had no labelled tokens the Copilot could be measured on (an eval dataset "
                           "without `labels`?), so it reports no Copilot metrics.", RuntimeWarning, stacklevel=2)
             return
-        metrics = {f"{prefix}_{self.name}_{key}": value for key, value in measured.items()}
-        self._add_to_log(metrics, logs, state)
-        if self.best is not None and self.best.consider(metrics, state.global_step, self.copilot):
+        self._add_to_log(measured, logs, state)
+        if self.best is not None and self.best.consider(measured, state.global_step, self.copilot):
             logger.info("Best Copilot so far: %s = %.4f at step %d", self.best.key, self.best.value, self.best.step)
-        self._seconds += time.perf_counter() - started
 
     @staticmethod
     def _add_to_log(metrics: dict, logs: dict, state) -> None:
@@ -280,10 +268,9 @@ class CopilotCallback(TrainerCallback):
     def _release_tap(self, interrupted: bool = False) -> None:
         """Detaches the tap and drops its records. At the start of a train() a tap still there means the previous
         train() was interrupted (Trainer calls no callback on an exception)."""
-        if self._evaluation_tap is not None:
-            self._evaluation_tap.detach()
-            self._evaluation_tap.pop_records()
-            self._evaluation_tap = None
+        if self.evaluation is not None:
+            self.evaluation.close()
+            self.evaluation = None
         if self.tap is None:
             return
         if interrupted:
@@ -340,14 +327,3 @@ class CopilotCallback(TrainerCallback):
             raise ValueError(f"Two CopilotCallbacks on this Trainer are named {self.name!r}: they would save into "
                              f"the same folder and report the same metrics. Give each its own name, e.g. "
                              f"CopilotCallback(copilot, name='copilot_small').")
-
-
-def _evaluation_prefix(logs: dict) -> str | None:
-    """The metric prefix of an evaluation's log entry (``eval``, ``eval_<dataset>``), or None for another entry:
-    Trainer adds ``<prefix>_runtime`` and ``<prefix>_samples_per_second`` to each evaluation's metrics."""
-    for key in logs:
-        if key.endswith("_samples_per_second") and not key.startswith("train"):
-            prefix = key.removesuffix("_samples_per_second")
-            if f"{prefix}_runtime" in logs:
-                return prefix
-    return None

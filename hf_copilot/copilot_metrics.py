@@ -7,14 +7,17 @@ import math
 from collections.abc import Callable
 
 import torch
+from accelerate.utils import reduce
 
 from .errors import ACCELERATOR_CHUNK_BYTES, DEFAULT_TOP_K
 from .generation import FUSION_SPACES, check_lam, fused_choice
-from .mistake_log import MistakeBatch
-from .pilot import PilotRecord
+from .mistake_batch import MistakeBatch
+from .pilot import PilotTap
+from .pilot_record import PilotRecord
 
 CPU_BLOCK_BYTES = 16 * 2**20
 """fp32 logits scored at once on a CPU (see :meth:`CopilotMetrics.add`)."""
+EVALUATION_RECORDS = 4  # forwards of one evaluation step kept (generate() adds unlabelled ones)
 SUMS = ("squared_error", "zero_squared_error", "tokens", "pilot_right", "rectified_right", "fixed", "broken")
 
 
@@ -108,3 +111,54 @@ class CopilotMetrics:
             "tokens_broken": int(broken),
             "tokens": int(tokens),
         }
+
+
+class EvaluationMetrics:
+    """:class:`CopilotMetrics` over the evaluations Trainer runs during ``train()``, from the evaluation's own Pilot
+    forwards: a no-gradient :class:`~hf_copilot.PilotTap` keeps their records (logits included, for the
+    accuracies) until :meth:`collect` scores them, and :meth:`report` turns an evaluation's sums into metrics.
+
+    Attach it with the training tap, at the start of training: hooks are never added mid-run (DeepSpeed ZeRO-3
+    relies on it).
+    """
+
+    def __init__(self, pilot, copilot, *, lam: float, space: str, top_k: int):
+        self.metrics = CopilotMetrics(copilot, lam=lam, space=space, top_k=top_k)
+        self.tap = PilotTap(pilot, mode="generate", max_records=EVALUATION_RECORDS).attach()
+
+    def collect(self) -> None:
+        """Scores the records of the prediction step that just ran."""
+        for record in self.tap.pop_records():
+            self.metrics.add(record)
+
+    def discard(self) -> None:
+        """Drops the records of forwards outside an evaluation (a user's ``generate()``) and the sums of a
+        ``Trainer.predict()``, which logs no evaluation entry."""
+        self.tap.pop_records()
+        self.metrics.reset()
+
+    def report(self, logs: dict, name: str) -> dict | None:
+        """For an evaluation's log entry (``logs``): the metrics of that evaluation, summed over processes, keyed
+        ``<prefix>_<name>_<metric>`` with its prefix (``eval``, ``eval_<dataset>``); None for any other entry.
+        Starts the next evaluation's sums."""
+        prefix = _evaluation_prefix(logs)
+        if prefix is None:
+            return None
+        measured = self.metrics.results(reduce=lambda sums: reduce(sums, reduction="sum"))
+        self.metrics.reset()
+        return {f"{prefix}_{name}_{key}": value for key, value in measured.items()}
+
+    def close(self) -> None:
+        self.tap.detach()
+        self.tap.pop_records()
+
+
+def _evaluation_prefix(logs: dict) -> str | None:
+    """The metric prefix of an evaluation's log entry, or None for another entry: Trainer adds
+    ``<prefix>_runtime`` and ``<prefix>_samples_per_second`` to each evaluation's metrics."""
+    for key in logs:
+        if key.endswith("_samples_per_second") and not key.startswith("train"):
+            prefix = key.removesuffix("_samples_per_second")
+            if f"{prefix}_runtime" in logs:
+                return prefix
+    return None

@@ -31,7 +31,8 @@ import torch
 from transformers import LogitsProcessor
 
 from .modeling_copilot import CopilotCache, CopilotModel, OwnCorrections
-from .pilot import PilotRecord, PilotTap
+from .pilot import PilotTap
+from .pilot_record import PilotRecord
 
 FUSION_SPACES = ("probs", "logits")
 

@@ -77,7 +77,7 @@ def test_metrics_off_and_without_evaluation(tmp_path, tokenizer):
     trainer.train()
     assert evaluations(trainer) and not any(key.startswith("eval_copilot") for entry in evaluations(trainer)
                                             for key in entry)
-    assert callback._evaluation_tap is None and callback.tap is None  # no hooks left on the Pilot
+    assert callback.evaluation is None and callback.tap is None  # no hooks left on the Pilot
     assert not pilot._forward_hooks and not pilot._forward_pre_hooks
 
 

@@ -15,7 +15,8 @@ from hf_copilot import CopilotConfig, CopilotModel
 from hf_copilot.errors import IGNORE_INDEX, CompactErrors
 from hf_copilot.mistake_log import MistakeLog
 from hf_copilot.safe_io import sha256_of
-from hf_copilot.pilot import PilotRecord, PilotTap
+from hf_copilot.pilot import PilotTap
+from hf_copilot.pilot_record import PilotRecord
 from hf_copilot.pilot_shape import PilotSignature
 
 WIDTH, VOCAB, TOP_K = 16, 50, 4

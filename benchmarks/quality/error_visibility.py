@@ -19,7 +19,7 @@ import torch
 
 from hf_copilot.recipes.diagnostics import teacher_forced_records
 from hf_copilot.recipes.finetune import load_pilot
-from hf_copilot.mistake_log import IGNORE_INDEX
+from hf_copilot.errors import IGNORE_INDEX
 from hf_copilot.recipes.tasks import TASKS
 
 from benchmarks.quality.protocols import protocol_data

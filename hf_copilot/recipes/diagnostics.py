@@ -12,7 +12,8 @@ import torch
 from ..copilot_metrics import CopilotMetrics
 from ..errors import DEFAULT_TOP_K, IGNORE_INDEX
 from ..mistake_log import MistakeLog
-from ..pilot import PilotRecord, PilotTap
+from ..pilot import PilotTap
+from ..pilot_record import PilotRecord
 from .prompts import encode_example, prepare_tokenizer
 from .tasks import Example, TaskFormat
 
