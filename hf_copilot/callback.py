@@ -22,7 +22,7 @@ from .best_copilot import BestCopilot
 from .copilot_checkpoint import read_training_state, usable_copilot_state, write_training_state
 from .copilot_metrics import EvaluationMetrics
 from .errors import DEFAULT_TOP_K
-from .generation import FUSION_SPACES, check_lam
+from .generation import check_lam, check_space
 from .mistake_log import MistakeLog
 from .pilot import PilotTap
 from .safe_io import non_finite_parameters
@@ -87,9 +87,8 @@ class CopilotCallback(TrainerCallback):
         self.save_mistake_log = save_mistake_log
         self.resume_from = resume_from
         self.name = name
-        if eval_space not in FUSION_SPACES:
-            raise ValueError(f"CopilotCallback(eval_space={eval_space!r}): pick one of {FUSION_SPACES}.")
-        self.eval_metrics, self.eval_lam, self.eval_space = eval_metrics, check_lam(eval_lam), eval_space
+        self.eval_metrics, self.eval_lam = eval_metrics, check_lam(eval_lam)
+        self.eval_space = check_space(eval_space, "CopilotCallback(eval_space=...)")
         if load_best_at_end and not eval_metrics:
             raise ValueError("CopilotCallback(load_best_at_end=True) picks the best Copilot by its evaluation metrics: "
                              "keep eval_metrics=True (and give the Trainer an eval_dataset and eval_strategy).")
@@ -170,7 +169,7 @@ class CopilotCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.evaluation is not None:
-            self.evaluation.tap.pop_records()  # forwards outside an evaluation (a user's generate(), ...)
+            self.evaluation.discard()  # forwards outside an evaluation (a user's generate(), ...)
         if state.global_step % self.config.update_every or not len(self.mistake_log):
             return
         started = time.perf_counter()

@@ -102,7 +102,8 @@ class CopilotConfig(PreTrainedConfig):
                 "change one of them or pass head_dim explicitly."
             )
         if correction == "rerank":
-            raise ValueError(_retired("correction='rerank'"))
+            raise ValueError(_retired("correction='rerank'") + " Use correction='vocabulary' (the paper's) or "
+                             "'logit_residual'.")
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}.")
         for field, kept in RETIRED_FIELDS.items():  # a config saved before they were retired carries them
@@ -155,8 +156,7 @@ class CopilotConfig(PreTrainedConfig):
 
 def _retired(option: str) -> str:
     return (f"{option} was an experimental option, retired after it measured no gain (docs/results.md, \"Every "
-            f"hypothesis\"); hf_copilot at commit {RETIRED_AT} is the last that has it. Use correction='vocabulary' "
-            "(the paper's) or 'logit_residual'.")
+            f"hypothesis\"); hf_copilot at commit {RETIRED_AT} is the last that has it.")
 
 
 def _lora_settings(lora) -> dict:

@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import reduce
 
 from .errors import ACCELERATOR_CHUNK_BYTES, DEFAULT_TOP_K
-from .generation import FUSION_SPACES, check_lam, fused_choice
+from .generation import check_lam, check_space, fused_choice
 from .mistake_batch import MistakeBatch
 from .pilot import PilotTap
 from .pilot_record import PilotRecord
@@ -41,9 +41,7 @@ class CopilotMetrics:
     """
 
     def __init__(self, copilot, *, lam: float = 1.0, space: str = "probs", top_k: int = DEFAULT_TOP_K):
-        if space not in FUSION_SPACES:
-            raise ValueError(f"space must be one of {FUSION_SPACES}; got {space!r}.")
-        self.copilot, self.lam, self.space, self.top_k = copilot, check_lam(lam), space, top_k
+        self.copilot, self.lam, self.space, self.top_k = copilot, check_lam(lam), check_space(space), top_k
         self.reset()
 
     def reset(self) -> None:
@@ -132,8 +130,8 @@ class EvaluationMetrics:
             self.metrics.add(record)
 
     def discard(self) -> None:
-        """Drops the records of forwards outside an evaluation (a user's ``generate()``) and the sums of a
-        ``Trainer.predict()``, which logs no evaluation entry."""
+        """Drops the records of forwards outside an evaluation (a user's ``generate()``) and any sums no evaluation
+        entry reported (a ``Trainer.predict()`` logs none)."""
         self.tap.pop_records()
         self.metrics.reset()
 

@@ -91,8 +91,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
 
     def __init__(self, copilot: CopilotModel, pilot, lam: float = 1.0, space: str = "probs", top_analysis: int = 0):
         copilot.check_pilot(pilot)
-        if space not in FUSION_SPACES:
-            raise ValueError(f"space must be one of {FUSION_SPACES}; got {space!r}.")
+        check_space(space)
         if isinstance(top_analysis, bool) or not isinstance(top_analysis, int) or top_analysis < 0:
             raise ValueError(f"top_analysis must be an int >= 0 (0 disables the analysis); got {top_analysis!r}.")
         self.copilot = copilot
@@ -278,6 +277,13 @@ def check_lam(lam) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or not 0 <= lam <= MAX_LAM:
         raise ValueError(f"lam (the fusion weight λ) must be a finite number in [0, {MAX_LAM:g}]; got {lam!r}.")
     return float(lam)
+
+
+def check_space(space, option: str = "space") -> str:
+    """``space`` when it is a fusion space, or a ValueError naming ``option`` (the argument it came from)."""
+    if space not in FUSION_SPACES:
+        raise ValueError(f"{option} must be one of {FUSION_SPACES}; got {space!r}.")
+    return space
 
 
 def fuse_scores(scores: torch.Tensor, corrections: torch.Tensor, lam: float, space: str = "probs") -> torch.Tensor:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
+from ..callback import CopilotCallback
 from ..configuration_copilot import CORRECTIONS, PAPER_LORA, CopilotConfig
 from ..generation import FUSION_SPACES, MAX_LAM
 from ..modeling_copilot import CopilotModel
@@ -44,6 +45,7 @@ from .tasks import ANSWER_STYLES, DEFAULT_FORMAT, TASKS, TEST_SIZES, load_exampl
 
 FINETUNE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(finetune).parameters.items()}
 COPILOT_DEFAULTS = CopilotTrainingConfig()
+EVAL_LAM = inspect.signature(CopilotCallback).parameters["eval_lam"].default  # the λ of train's per-epoch line
 """The library's own defaults, which train's options take rather than repeat."""
 MAX_VALIDATION = 200
 MIN_EXAMPLES_FOR_VALIDATION = 20
@@ -294,7 +296,7 @@ def describe_evaluation(entry: dict) -> str:
     return (f"epoch {entry.get('epoch', 0):g}: held-out ratio {entry['eval_copilot_heldout_ratio']:.3f} (below 1 "
             f"when the Copilot predicts unseen errors better than zero); next-token accuracy "
             f"{100 * entry['eval_copilot_pilot_accuracy']:.1f}% -> {100 * entry['eval_copilot_rectified_accuracy']:.1f}% "
-            f"rectified at lambda 1 ({entry['eval_copilot_tokens_fixed']} tokens fixed, "
+            f"rectified at lambda {EVAL_LAM:g} ({entry['eval_copilot_tokens_fixed']} tokens fixed, "
             f"{entry['eval_copilot_tokens_broken']} broken, of {entry['eval_copilot_tokens']})")
 
 
