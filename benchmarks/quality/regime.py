@@ -1,0 +1,532 @@
+"""When does a Copilot pay? A regime map over training rows and Pilot size, against a Pilot trained longer and a
+larger Pilot (issue "When does a Copilot pay?").
+
+    python -m benchmarks.quality.regime                                  # the pre-registered CPU grid, resumable
+    python -m benchmarks.quality.regime --pilots xs --seeds 0            # part of it (cells run in GRID order)
+    python -m benchmarks.quality.regime --report-only                    # table and figure from committed cells
+    python -m benchmarks.quality.regime --edition gpu --out $OUT         # the GPU edition: torch + transformers only
+    python -m benchmarks.quality.regime --edition smoke --runs /tmp/rs   # every stage on a toy grid, minutes on CPU
+
+Pilots are Llama-style decoders trained from scratch on tasks generated in-process
+(:mod:`benchmarks.quality.generated_tasks`); nothing is downloaded and neither ``datasets`` nor ``peft`` is
+imported, so the GPU edition runs on a machine with torch and transformers alone (Trainer also needs accelerate).
+
+**The pre-registered design** (fixed in this file before the first cell ran; the CPU grid is :data:`EDITIONS`
+``["cpu"]``). One cell is (task, Pilot size, training rows, seed). Its stages, each run once and kept on disk:
+
+  joint     the Pilot trains ``steps`` optimizer steps (AdamW, cosine, batch ``batch_size``) with four Copilots beside
+            it, trained jointly through :class:`~hf_copilot.CopilotCallback` (batch = the Pilot's, one update per
+            step, the Pilot's learning rate): the 2-layer Copilot and a Copilot of the Pilot's own depth, each with
+            the paper's ``vocabulary`` head and with the ``logit_residual`` head. The validation loss is measured
+            ten times; the Pilot (and its Copilots, from the same checkpoint) is the best of those. The Pilot's
+            training does not depend on its Copilots, so this Pilot is also the "Pilot alone" arm.
+            Then: each Copilot's fit to its own log (its loss ÷ the all-zero loss, mean of its last three logged
+            values), its held-out ratio on the test items (teacher-forced), and its greedy setting (fusion space and
+            λ over :data:`SETTINGS`) chosen on the validation items, or no rectification when no setting beats the
+            Pilot alone there; the chosen setting then decodes the test items.
+  longer    (b) the Pilot alone, same seed, trained ``steps × (1 + r)`` steps, r the Pilot-sized Copilot's measured
+            share of the joint run's time (the larger of its two heads); same best-of-ten selection.
+  larger    (d) a Pilot of the same depth widened until its parameter count matches Pilot + the Pilot-sized Copilot,
+            same data and steps (so about the same time); same selection.
+
+Accuracy is exact match of the greedy answer on the test items. Each arm is compared with the Pilot alone, and each
+Copilot arm with (b) and with (d), item by item (paired; :mod:`hf_copilot.recipes.significance`), per seed and
+pooled over the seeds. The target (a Copilot arm above both (b) and (d) by ≥ 5 % relative) is tested per (task,
+Pilot, rows, Copilot arm) with the larger of its two pooled p-values, Holm-corrected over every such test of the
+grid that ran. Every cell that ran is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotMetrics, CopilotModel
+from hf_copilot.errors import IGNORE_INDEX
+from hf_copilot.pilot import PilotTap
+from hf_copilot.recipes.significance import PairedComparison, format_p, pooled
+
+from benchmarks.quality.generated_tasks import VOCABULARY, Item, make_splits
+
+RESULTS = Path(__file__).parent / "results"
+PILOTS = {  # from-scratch Llama shapes: 1.1M, 4.3M, 14M and 114M parameters with this vocabulary (tied embeddings)
+    "xs": dict(hidden_size=128, num_hidden_layers=4, learning_rate=1e-3),
+    "s": dict(hidden_size=256, num_hidden_layers=4, learning_rate=1e-3),
+    "m": dict(hidden_size=384, num_hidden_layers=6, learning_rate=7e-4),
+    "l": dict(hidden_size=768, num_hidden_layers=12, learning_rate=3e-4),  # the GPU edition only
+}
+HEAD_WIDTH = 32  # attention head width; heads = hidden_size / 32
+SETTINGS = [("probs", lam) for lam in (0.1, 0.3, 0.5, 0.8, 1.0)] + [("logits", lam) for lam in (1.0, 3.0)]
+"""The greedy settings λ is chosen among on validation items (the paper's grid in probability space, two in logit
+space)."""
+COPILOTS = {"small_vocabulary": (2, "vocabulary"), "small_residual": (2, "logit_residual"),
+            "full_vocabulary": (None, "vocabulary"), "full_residual": (None, "logit_residual")}
+"""Copilot name -> (layers, None: the Pilot's depth; correction head)."""
+ARMS = (*COPILOTS, "longer", "larger")
+TARGET_GAIN = 0.05  # relative, over both (b) and (d)
+ROWS = (1562, 6250, 25000, 100000)  # x4 steps; at 600 steps of 64 rows, from 25 epochs down to no row seen twice
+EDITIONS = {
+    # 2 CPU cores, about 8 hours in all, run block by block in this order: the smallest Pilot over every data size
+    # first (seed 0 of both tasks, then seeds 1 and 2), then the larger Pilots as far as the time reaches.
+    "cpu": dict(steps=600, batch_size=64, validation=1000, test=2000, eval_batch_size=500, blocks=[
+        dict(pilots=("xs",), tasks=("arithmetic", "sorting"), rows=ROWS, seeds=(0, 1, 2)),
+        dict(pilots=("s",), tasks=("arithmetic",), rows=(6250, 100000), seeds=(0,)),
+        dict(pilots=("m",), tasks=("arithmetic",), rows=(100000,), seeds=(0,))]),
+    # One GPU, at most 10 minutes: larger Pilots and more data (results under --out, tabulated on any machine).
+    "gpu": dict(steps=2000, batch_size=256, validation=2000, test=4000, eval_batch_size=2000, blocks=[
+        dict(pilots=("m", "l"), tasks=("arithmetic",), rows=(100000, 1600000), seeds=(0,))]),
+    # Every stage on toy sizes: seconds on a CPU, for checking the script end to end.
+    "smoke": dict(steps=20, batch_size=8, validation=24, test=32, eval_batch_size=32, blocks=[
+        dict(pilots=("xs",), tasks=("arithmetic", "sorting"), rows=(64,), seeds=(0,))]),
+}
+
+
+def grid(edition: str) -> list[tuple[str, int, str, int]]:
+    """The edition's cells as (Pilot, seed, task, rows), in the order they run."""
+    cells = []
+    for block in EDITIONS[edition]["blocks"]:
+        for pilot, seed, task, rows in itertools.product(block["pilots"], block["seeds"], block["tasks"],
+                                                         block["rows"]):
+            if (pilot, seed, task, rows) not in cells:
+                cells.append((pilot, seed, task, rows))
+    return cells
+
+
+def pilot_config(hidden_size: int, num_hidden_layers: int, **_) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(VOCABULARY), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                       num_hidden_layers=num_hidden_layers, num_attention_heads=hidden_size // HEAD_WIDTH,
+                       num_key_value_heads=hidden_size // HEAD_WIDTH, max_position_embeddings=64,
+                       tie_word_embeddings=True, pad_token_id=VOCABULARY.pad_token_id,
+                       bos_token_id=VOCABULARY.bos_token_id, eos_token_id=VOCABULARY.eos_token_id)
+
+
+def parameter_count(config: LlamaConfig) -> int:
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).num_parameters()
+
+
+def widened(shape: dict, parameters: int) -> dict:
+    """``shape`` at the width (a multiple of the head width, same depth) whose parameter count is nearest
+    ``parameters``: the (d) control's Pilot."""
+    widths = range(shape["hidden_size"], 8 * shape["hidden_size"] + 1, HEAD_WIDTH)
+    width = min(widths, key=lambda w: abs(parameter_count(pilot_config(w, shape["num_hidden_layers"])) - parameters))
+    return dict(shape, hidden_size=width)
+
+
+def encoded(item: Item) -> dict:
+    ids = [*item.prompt, *item.answer, VOCABULARY.eos_token_id]
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(item.prompt) + ids[len(item.prompt):]}
+
+
+def collate(rows: list[dict]) -> dict:
+    """Right-padded batch; padding is masked out of attention and labels."""
+    width = max(len(row["input_ids"]) for row in rows)
+
+    def padded(name, value):
+        return torch.tensor([row[name] + [value] * (width - len(row[name])) for row in rows])
+
+    mask = torch.tensor([[1] * len(row["input_ids"]) + [0] * (width - len(row["input_ids"])) for row in rows])
+    return {"input_ids": padded("input_ids", VOCABULARY.pad_token_id), "attention_mask": mask,
+            "labels": padded("labels", IGNORE_INDEX)}
+
+
+def left_padded(items: list[Item], device) -> dict:
+    width = max(len(item.prompt) for item in items)
+    pad = VOCABULARY.pad_token_id
+    return {"input_ids": torch.tensor([[pad] * (width - len(i.prompt)) + list(i.prompt) for i in items], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(i.prompt)) + [1] * len(i.prompt) for i in items],
+                                           device=device)}
+
+
+@torch.no_grad()
+def answers_right(pilot, items: list[Item], batch_size: int, copilot=None, setting=None) -> list[bool]:
+    """Greedy decoding (rectified by ``copilot`` at ``setting`` = (space, λ) when given): is each answer exact?"""
+    device = next(pilot.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))
+    right = [False] * len(items)
+    processor = None if copilot is None else CopilotLogitsProcessor(copilot, pilot, lam=setting[1], space=setting[0])
+    try:
+        for start in range(0, len(order), batch_size):
+            chosen = [items[i] for i in order[start:start + batch_size]]
+            inputs = left_padded(chosen, device)
+            generated = pilot.generate(**inputs, do_sample=False, num_beams=1,
+                                       max_new_tokens=max(len(i.answer) for i in chosen) + 1,
+                                       pad_token_id=VOCABULARY.pad_token_id, eos_token_id=VOCABULARY.eos_token_id,
+                                       logits_processor=[processor] if processor else None)
+            for index, item, row in zip(order[start:], chosen, generated[:, inputs["input_ids"].shape[1]:].tolist()):
+                answer = row[:row.index(VOCABULARY.eos_token_id)] if VOCABULARY.eos_token_id in row else None
+                right[index] = answer is not None and tuple(answer) == item.answer
+    finally:
+        if processor is not None:
+            processor.close()
+    return right
+
+
+@torch.no_grad()
+def heldout_ratios(pilot, copilots: dict, items: list[Item], batch_size: int) -> dict[str, float]:
+    """Each Copilot's held-out ratio on ``items``, teacher-forced: its RMSE ÷ the all-zero predictor's on the
+    Pilot's errors over the answer tokens, from one Pilot pass."""
+    device = next(pilot.parameters()).device
+    metrics = {name: CopilotMetrics(copilot) for name, copilot in copilots.items()}
+    with PilotTap(pilot, mode="generate") as tap:
+        for start in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate([encoded(i) for i in items[start:start + batch_size]]).items()}
+            pilot(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            for record in tap.pop_records():
+                for metric in metrics.values():
+                    metric.add(replace(record, labels=batch["labels"], labels_aligned=False))
+    return {name: metric.results()["heldout_ratio"] for name, metric in metrics.items()}
+
+
+def bits(right: list[bool]) -> str:
+    return "".join("1" if r else "0" for r in right)
+
+
+def unbits(text: str) -> list[bool]:
+    return [c == "1" for c in text]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=1))
+    temporary.replace(path)
+
+
+class Cell:
+    """One (task, Pilot, rows, seed) cell: its folder, its result so far, and stages that skip when done."""
+
+    def __init__(self, edition: str, task: str, pilot: str, rows: int, seed: int, runs: Path, kept: Path | None):
+        self.e, self.task, self.pilot, self.rows, self.seed = EDITIONS[edition], task, pilot, rows, seed
+        self.name = f"{task}_{pilot}_rows{rows}_seed{seed}"
+        self.folder = runs / edition / self.name
+        self.kept = None if kept is None else kept / f"{self.name}.json"
+        found = next((f for f in (self.folder / "cell.json", self.kept) if f is not None and f.is_file()), None)
+        self.result = json.loads(found.read_text()) if found else {
+            "edition": edition, "task": task, "pilot": pilot, "rows": rows, "seed": seed, "stage_seconds": {}}
+        self.data = make_splits(task, rows, self.e["validation"], self.e["test"])
+        self.shape = PILOTS[pilot]
+
+    @property
+    def done(self) -> bool:
+        return all(stage in self.result["stage_seconds"] for stage in ("joint", "longer", "larger"))
+
+    def run(self) -> None:
+        for name, stage in (("joint", self.joint), ("longer", self.longer), ("larger", self.larger)):
+            if name in self.result["stage_seconds"]:
+                continue
+            print(f"-- {self.name}: {name}", flush=True)
+            started = time.perf_counter()
+            self.result.update(stage())
+            self.result["stage_seconds"][name] = time.perf_counter() - started
+            write_json(self.folder / "cell.json", self.result)
+            if self.kept is not None:
+                write_json(self.kept, self.result)
+
+    def train(self, folder: Path, shape: dict, steps: int, copilots: dict | None = None) -> tuple[object, dict, dict]:
+        """A from-scratch Pilot of ``shape`` trained ``steps`` steps into ``folder`` (resuming from its newest
+        checkpoint), with ``copilots`` (name -> (layers, head)) beside it; the best of ten validation checkpoints,
+        its Trainer summary and the Copilots of that checkpoint."""
+        set_seed(self.seed)
+        pilot = LlamaForCausalLM(pilot_config(**shape))
+        callbacks = [CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=layers or
+                                                             shape["num_hidden_layers"], correction=head),
+                                     name=name, seed=self.seed, learning_rate=shape["learning_rate"],
+                                     batch_size=self.e["batch_size"])
+                     for name, (layers, head) in (copilots or {}).items()]
+        every = max(1, steps // 10)
+        args = TrainingArguments(
+            output_dir=str(folder), max_steps=steps, per_device_train_batch_size=self.e["batch_size"],
+            per_device_eval_batch_size=self.e["eval_batch_size"], learning_rate=shape["learning_rate"],
+            lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.01, eval_strategy="steps",
+            eval_steps=every, save_strategy="steps", save_steps=every, save_total_limit=2,
+            load_best_model_at_end=True, metric_for_best_model="eval_loss", logging_steps=max(1, every // 2),
+            report_to=[], disable_tqdm=True, seed=self.seed, data_seed=self.seed, remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available())
+        trainer = Trainer(model=pilot, args=args, data_collator=collate,
+                          train_dataset=[encoded(i) for i in self.data.train],
+                          eval_dataset=[encoded(i) for i in self.data.validation])
+        for callback in callbacks:
+            callback.attach(trainer)
+        resume = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        output = trainer.train(resume_from_checkpoint=resume)
+        best = Path(trainer.state.best_model_checkpoint)
+        history = trainer.state.log_history
+        evaluations = [entry for entry in history if "eval_loss" in entry]
+        best_step = int(best.name.split("-")[1])
+        summary = {"steps": steps, "seconds": output.metrics["train_runtime"], "best_step": best_step,
+                   "best_epoch": best_step * self.e["batch_size"] / len(self.data.train),
+                   "parameters": pilot.num_parameters(), "shape": shape,
+                   "validation_loss": [(entry["step"], entry["eval_loss"]) for entry in evaluations],
+                   "copilot_seconds": {c.name: c.seconds for c in callbacks}}
+        pilot.eval()
+        loaded = {}
+        for callback in callbacks:
+            name = callback.name
+            fits = [entry[f"{name}_fit_ratio"] for entry in history if f"{name}_fit_ratio" in entry]
+            summary.setdefault("fit_ratio", {})[name] = statistics.fmean(fits[-3:]) if fits else None
+            summary.setdefault("copilot_parameters", {})[name] = callback.copilot.num_parameters(only_trainable=True)
+            loaded[name] = CopilotModel.from_pretrained(best / name).to(pilot.device).eval()
+        return pilot, summary, loaded
+
+    def test_accuracy(self, pilot) -> dict:
+        right = answers_right(pilot, self.data.test, self.e["eval_batch_size"])
+        return {"accuracy": statistics.fmean(right), "right": bits(right)}
+
+    # --- stages -----------------------------------------------------------------------------------------------
+
+    def joint(self) -> dict:
+        pilot, summary, copilots = self.train(self.folder / "joint", self.shape, self.e["steps"], COPILOTS)
+        batch = self.e["eval_batch_size"]
+        validation_pilot = statistics.fmean(answers_right(pilot, self.data.validation, batch))
+        arms = {"pilot": self.test_accuracy(pilot)}
+        ratios = heldout_ratios(pilot, copilots, self.data.test, batch)
+        for name, copilot in copilots.items():
+            scores = {f"{space}@{lam:g}": statistics.fmean(answers_right(pilot, self.data.validation, batch, copilot,
+                                                                         (space, lam))) for space, lam in SETTINGS}
+            chosen = max(scores, key=scores.get)
+            arm = {"validation": scores, "validation_pilot": validation_pilot, "heldout_ratio": ratios[name],
+                   "fit_ratio": summary["fit_ratio"][name]}
+            if scores[chosen] > validation_pilot:
+                space, lam = chosen.split("@")
+                arm["setting"] = chosen
+                arm.update(self.test_accuracy_with(pilot, copilot, (space, float(lam))))
+            else:  # no setting beats the Pilot alone on validation: the arm is the Pilot alone
+                arm.update(setting=None, **arms["pilot"])
+            arms[name] = arm
+        return {"joint": summary, "arms": arms}
+
+    def test_accuracy_with(self, pilot, copilot, setting) -> dict:
+        right = answers_right(pilot, self.data.test, self.e["eval_batch_size"], copilot, setting)
+        return {"accuracy": statistics.fmean(right), "right": bits(right)}
+
+    def longer(self) -> dict:
+        joint = self.result["joint"]
+        copilot = max(joint["copilot_seconds"][name] for name in COPILOTS if name.startswith("full"))
+        share = copilot / max(1e-9, joint["seconds"] - sum(joint["copilot_seconds"].values()))
+        steps = round(self.e["steps"] * (1 + share))
+        pilot, summary, _ = self.train(self.folder / "longer", self.shape, steps)
+        shutil.rmtree(self.folder / "longer")  # only the joint run's checkpoints are read again (transfer)
+        return {"arms": {**self.result["arms"], "longer": {**self.test_accuracy(pilot), "share": share}},
+                "longer": summary}
+
+    def larger(self) -> dict:
+        joint = self.result["joint"]
+        full = max(joint["copilot_parameters"][name] for name in COPILOTS if name.startswith("full"))
+        shape = widened(self.shape, joint["parameters"] + full)
+        pilot, summary, _ = self.train(self.folder / "larger", shape, self.e["steps"])
+        shutil.rmtree(self.folder / "larger")
+        return {"arms": {**self.result["arms"], "larger": self.test_accuracy(pilot)}, "larger": summary}
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+def compare(cells: list[dict], arm: str, against: str) -> PairedComparison:
+    """``arm`` against ``against`` on the same test items, pooled over ``cells`` (seeds)."""
+    return pooled(PairedComparison.from_outcomes(unbits(c["arms"][arm]["right"]), unbits(c["arms"][against]["right"]))
+                  for c in cells)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down, monotone), in the input order."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def groups(cells: list[dict]) -> dict[tuple, list[dict]]:
+    """Finished cells by (task, Pilot, rows), seeds together."""
+    grouped: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        if all(arm in cell.get("arms", {}) for arm in ("pilot", *ARMS)):
+            grouped.setdefault((cell["task"], cell["pilot"], cell["rows"]), []).append(cell)
+    return dict(sorted(grouped.items(), key=lambda kv: (kv[0][0], list(PILOTS).index(kv[0][1]), kv[0][2])))
+
+
+def target_tests(grouped: dict) -> list[dict]:
+    """Per (group, Copilot arm): its relative gains over (b) and (d), the larger p-value, Holm over all of them."""
+    tests = []
+    for key, cells in grouped.items():
+        for arm in COPILOTS:
+            versus = {control: compare(cells, arm, control) for control in ("longer", "larger")}
+            gains = {}
+            for control, comparison in versus.items():
+                base = (comparison.both_right + comparison.broken) / comparison.total
+                gains[control] = comparison.difference / base if base else math.nan  # n/a: (b) or (d) never right
+            tests.append({"group": key, "arm": arm, "gains": gains, "seeds": len(cells),
+                          "p": max(c.p_value for c in versus.values())})
+    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        test["holm_p"] = adjusted
+        test["met"] = adjusted < 0.05 and min(test["gains"].values()) >= TARGET_GAIN and test["seeds"] >= 3
+    return tests
+
+
+def table(edition: str, cells: list[dict]) -> list[str]:
+    grouped = groups(cells)
+    lines = ["| task | Pilot | rows | seeds | Pilot alone | " + " | ".join(ARMS) + " | held-out ratio (4 Copilots) "
+             "| fit ratio (4 Copilots) | best epoch |", "|" + "---|" * (8 + len(ARMS))]
+    for (task, pilot, rows), group in grouped.items():
+        base = statistics.fmean(c["arms"]["pilot"]["accuracy"] for c in group)
+        row = [task, pilot, f"{rows:,}", str(len(group)), f"{100 * base:.1f}%"]
+        for arm in ARMS:
+            comparison = compare(group, arm, "pilot")
+            low, high = comparison.interval()
+            row.append(f"{100 * comparison.difference:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+        row.append(" / ".join(f"{statistics.fmean(c['arms'][a]['heldout_ratio'] for c in group):.3f}"
+                              for a in COPILOTS))
+        row.append(" / ".join(f"{statistics.fmean(c['arms'][a]['fit_ratio'] or math.nan for c in group):.3f}"
+                              for a in COPILOTS))
+        row.append(", ".join(f"{c['joint']['best_epoch']:.1f}" for c in group))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def figure(grouped: dict, path: Path) -> None:
+    """Relative gain over the Pilot alone against training rows: a panel per (task, Pilot), a line per arm, with
+    each pooled difference's 95 % interval, relative to the Pilot's accuracy."""
+    try:
+        import matplotlib
+    except ImportError:  # the GPU machine may lack it: `--report-only --out <folder>` draws it anywhere later
+        print("matplotlib is not installed: no figure (run --report-only where it is)", flush=True)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({key[:2] for key in grouped}, key=lambda k: (k[0], list(PILOTS).index(k[1])))
+    if not panels:
+        return
+    tasks = sorted({task for task, _ in panels})
+    pilots = [p for p in PILOTS if any(p == q for _, q in panels)]
+    fig, axes = plt.subplots(len(tasks), len(pilots), figsize=(4.2 * len(pilots), 3.4 * len(tasks)), squeeze=False)
+    for (task, pilot), ax in ((p, axes[tasks.index(p[0])][pilots.index(p[1])]) for p in panels):
+        keys = [key for key in grouped if key[:2] == (task, pilot)]
+        for offset, arm in enumerate(ARMS):
+            xs, ys, errors = [], [], [[], []]
+            for key in keys:
+                comparison = compare(grouped[key], arm, "pilot")
+                base = (comparison.both_right + comparison.broken) / comparison.total
+                if not base:  # no relative gain over a Pilot that is never right (the table has the points)
+                    continue
+                low, high = comparison.interval()
+                xs.append(key[2] * 1.04 ** (offset - 2.5))
+                ys.append(100 * comparison.difference / base)
+                errors[0].append(100 * (comparison.difference - low) / base)
+                errors[1].append(100 * (high - comparison.difference) / base)
+            ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=3, capsize=2, label=arm)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xlim(min(key[2] for key in keys) / 2, max(key[2] for key in keys) * 2)
+        ax.set_xscale("log")
+        ax.set_title(f"{task}, Pilot {pilot}")
+        ax.set_xlabel("training rows")
+        ax.set_ylabel("gain over the Pilot alone (% relative)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(edition: str, cells: list[dict], folder: Path, command: str) -> Path:
+    grouped = groups(cells)
+    tests = target_tests(grouped)
+    met = [t for t in tests if t["met"]]
+    lines = [f"# Regime map: {edition} edition", "", f"`{command}`", "",
+             f"{len(cells)} cells on disk, {sum(len(g) for g in grouped.values())} finished. Accuracy differences in "
+             "points against the Pilot alone, pooled over seeds, with 95 % paired intervals. Held-out and fit ratios "
+             "are for " + ", ".join(COPILOTS) + " in that order (below 1: better than predicting no error).", "",
+             *table(edition, cells), "",
+             "## The target: a Copilot above both (b) longer and (d) larger by ≥ 5 % relative, Holm p < 0.05, "
+             "3 seeds", "", "| task | Pilot | rows | Copilot | gain over (b) | gain over (d) | p (larger of two) "
+             "| Holm p | met |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        task, pilot, rows = t["group"]
+        gains = [f"{100 * t['gains'][c]:+.1f}%" if math.isfinite(t["gains"][c]) else "n/a"
+                 for c in ("longer", "larger")]
+        lines.append(f"| {task} | {pilot} | {rows:,} | {t['arm']} | {gains[0]} | {gains[1]} | {format_p(t['p'])} | "
+                     f"{format_p(t['holm_p'])} | "
+                     f"{'yes' if t['met'] else 'no'} |")
+    lines += ["", f"Cells meeting the target: {len(met)} of {len(tests)} tests.", "",
+              "| cell | stage seconds | best step (joint / longer / larger) | chosen settings |", "|---|---|---|---|"]
+    for cell in sorted(cells, key=lambda c: (c["task"], list(PILOTS).index(c["pilot"]), c["rows"], c["seed"])):
+        seconds = ", ".join(f"{k} {v:.0f}" for k, v in cell["stage_seconds"].items())
+        best = " / ".join(str(cell[s]["best_step"]) if s in cell else "-" for s in ("joint", "longer", "larger"))
+        chosen = ", ".join(f"{a}: {cell['arms'][a].get('setting')}" for a in COPILOTS if a in cell.get("arms", {}))
+        lines.append(f"| {cell['task']} {cell['pilot']} {cell['rows']:,} seed {cell['seed']} | {seconds} | {best} | "
+                     f"{chosen} |")
+    page = folder / f"regime_{edition}.md"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    figure(grouped, folder / f"regime_{edition}.png")
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edition", choices=sorted(EDITIONS), default="cpu")
+    parser.add_argument("--pilots", help="comma-separated subset of the edition's Pilot sizes")
+    parser.add_argument("--tasks", help="comma-separated subset of the edition's tasks")
+    parser.add_argument("--rows", help="comma-separated subset of the edition's training rows")
+    parser.add_argument("--seeds", help="comma-separated subset of the edition's seeds")
+    parser.add_argument("--runs", type=Path, default=Path("runs/regime"), help="working folder (checkpoints)")
+    parser.add_argument("--out", type=Path, help="where cells, table and figure go (default: the committed "
+                        "benchmarks/quality/results, cells under cells/regime_<edition>)")
+    parser.add_argument("--minutes", type=float, help="start no cell after this many minutes")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--no-report", action="store_true", help="run cells only (several processes share --out)")
+    parser.add_argument("--list", action="store_true", help="print the selected cells' filters, one cell per line "
+                        "(to run each as its own process: benchmarks/gpu_regime.sh)")
+    parser.add_argument("--threads", type=int, help="torch threads")
+    args = parser.parse_args(argv)
+    cells = grid(args.edition)
+    filters = {}
+    for position, (axis, cast) in enumerate((("pilots", str), ("seeds", int), ("tasks", str), ("rows", int))):
+        if getattr(args, axis) is not None:
+            filters[position] = [cast(v) for v in getattr(args, axis).split(",")]
+            known = {cell[position] for cell in cells}
+            unknown = [v for v in filters[position] if v not in known]
+            if unknown:
+                parser.error(f"--{axis} {unknown} are not in the {args.edition} grid ({sorted(known)}): the grid is "
+                             "pre-registered; change EDITIONS (and its section in docs/results.md) to run another.")
+    cells = [cell for cell in cells if all(cell[p] in values for p, values in filters.items())]
+    if args.list:
+        for pilot, seed, task, rows in cells:
+            print(f"--pilots {pilot} --seeds {seed} --tasks {task} --rows {rows}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or RESULTS
+    kept = out / "cells" / f"regime_{args.edition}"
+    command = shlex.join(["python", "-m", "benchmarks.quality.regime", *(argv if argv is not None else sys.argv[1:])])
+    started = time.perf_counter()
+    if not args.report_only:
+        for pilot, seed, task, rows in cells:
+            if args.minutes is not None and time.perf_counter() - started > 60 * args.minutes:
+                print(f"-- {args.minutes:g} minutes passed: no new cell starts", flush=True)
+                break
+            Cell(args.edition, task, pilot, rows, seed, args.runs, kept).run()
+    if args.no_report:
+        return 0
+    finished = [json.loads(path.read_text()) for path in sorted(kept.glob("*.json"))]
+    page = report(args.edition, finished, out, command)
+    print(f"Wrote {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
