@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from benchmarks.quality import regime
+from benchmarks.quality import regime, regime_report
 from benchmarks.quality.generated_tasks import VOCABULARY, Item, make_splits, unique_items
 from hf_copilot import CopilotModel
 
@@ -50,8 +50,8 @@ def test_splits_are_disjoint_nested_and_fixed():
 
 def test_holm_matches_a_worked_example():
     # sorted: 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to 0.06 to stay monotone
-    assert regime.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert regime.holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+    assert regime_report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert regime_report.holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
 
 
 def test_the_larger_control_matches_pilot_plus_copilot_parameters():
@@ -113,11 +113,12 @@ def test_heldout_ratios_do_not_depend_on_batching(tiny_pilot):
     assert all(0 < ratio < 10 for ratio in batched.values())
 
 
-def test_smoke_edition_end_to_end_and_resumed(tmp_path):
+def test_smoke_edition_end_to_end_resumed_and_transferred(tmp_path):
     argv = ["--edition", "smoke", "--tasks", "arithmetic", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out"), "--threads", "2"]
     assert regime.main(argv) == 0
-    [path] = (tmp_path / "out" / "cells" / "regime_smoke").glob("*.json")
+    kept = tmp_path / "out" / "cells" / "regime_smoke"
+    path = kept / "arithmetic_xs_rows64_seed0.json"
     cell = json.loads(path.read_text())
     test_size = regime.EDITIONS["smoke"]["test"]
     assert set(cell["arms"]) == {"pilot", *regime.ARMS}
@@ -130,7 +131,7 @@ def test_smoke_edition_end_to_end_and_resumed(tmp_path):
     assert cell["larger"]["parameters"] > cell["joint"]["parameters"]
     assert cell["longer"]["steps"] > cell["joint"]["steps"]
     page = (tmp_path / "out" / "regime_smoke.md").read_text()
-    assert "| arithmetic | xs | 64 | 1 |" in page and (tmp_path / "out" / "regime_smoke.png").is_file()
+    assert "| arithmetic | xs | 64 | 2 |" in page and (tmp_path / "out" / "regime_smoke.png").is_file()
 
     # A finished cell is not run again; a stage removed from it is the only one that runs.
     del cell["stage_seconds"]["larger"], cell["arms"]["larger"]
@@ -141,6 +142,17 @@ def test_smoke_edition_end_to_end_and_resumed(tmp_path):
     assert set(again["stage_seconds"]) == {"joint", "longer", "larger"}
     assert again["stage_seconds"]["joint"] == cell["stage_seconds"]["joint"]
     assert again["arms"]["larger"]["right"] and again["arms"]["pilot"] == cell["arms"]["pilot"]
+
+    # Transfer from a seed to itself reloads exactly what its cell measured; seed 0 -> 1 writes its page.
+    own = json.loads((kept / "arithmetic_xs_rows64_seed1.json").read_text())
+    itself = regime.transfer("smoke", "arithmetic", "xs", 64, tmp_path / "runs", tmp_path / "out" / "cells",
+                             source_seed=1, target_seed=1)
+    for name, arm in itself["arms"].items():
+        assert arm["heldout_ratio"] == pytest.approx(own["arms"][name]["heldout_ratio"], rel=1e-5)
+        if arm["setting"] is not None:
+            assert arm["right"] == own["arms"][name]["right"]
+    assert regime.main([*argv, "--transfer", "arithmetic,xs,64"]) == 0
+    assert "| small_vocabulary |" in (tmp_path / "out" / "regime_transfer_smoke.md").read_text()
 
 
 def without_packages(tmp_path, blocked: set[str]) -> dict:
@@ -179,6 +191,7 @@ def test_gpu_script_runs_every_cell_side_by_side_at_smoke_size(tmp_path):
                          text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     cells = sorted(p.name for p in (tmp_path / "out" / "cells" / "regime_smoke").glob("*.json"))
-    assert cells == ["arithmetic_xs_rows64_seed0.json", "sorting_xs_rows64_seed0.json"]
+    assert cells == ["arithmetic_xs_rows64_seed0.json", "arithmetic_xs_rows64_seed1.json",
+                     "sorting_xs_rows64_seed0.json"]
     page = (tmp_path / "out" / "regime_smoke.md").read_text()
-    assert "2 cells on disk, 2 finished" in page and (tmp_path / "out" / "regime_smoke.png").is_file()
+    assert "3 cells on disk, 3 finished" in page and (tmp_path / "out" / "regime_smoke.png").is_file()

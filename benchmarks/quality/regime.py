@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import shlex
 import shutil
 import statistics
@@ -57,7 +56,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotMetrics, CopilotModel
 from hf_copilot.errors import IGNORE_INDEX
 from hf_copilot.pilot import PilotTap
-from hf_copilot.recipes.significance import PairedComparison, format_p, pooled
 
 from benchmarks.quality.generated_tasks import VOCABULARY, Item, make_splits
 
@@ -90,7 +88,8 @@ EDITIONS = {
         dict(pilots=("m", "l"), tasks=("arithmetic",), rows=(100000, 1600000), seeds=(0,))]),
     # Every stage on toy sizes: seconds on a CPU, for checking the script end to end.
     "smoke": dict(steps=20, batch_size=8, validation=24, test=32, eval_batch_size=32, blocks=[
-        dict(pilots=("xs",), tasks=("arithmetic", "sorting"), rows=(64,), seeds=(0,))]),
+        dict(pilots=("xs",), tasks=("arithmetic", "sorting"), rows=(64,), seeds=(0,)),
+        dict(pilots=("xs",), tasks=("arithmetic",), rows=(64,), seeds=(1,))]),
 }
 
 
@@ -332,148 +331,38 @@ class Cell:
         return {"arms": {**self.result["arms"], "larger": self.test_accuracy(pilot)}, "larger": summary}
 
 
-# --- the report ----------------------------------------------------------------------------------------------
-
-def compare(cells: list[dict], arm: str, against: str) -> PairedComparison:
-    """``arm`` against ``against`` on the same test items, pooled over ``cells`` (seeds)."""
-    return pooled(PairedComparison.from_outcomes(unbits(c["arms"][arm]["right"]), unbits(c["arms"][against]["right"]))
-                  for c in cells)
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm-adjusted p-values (step-down, monotone), in the input order."""
-    order = sorted(range(len(p_values)), key=p_values.__getitem__)
-    adjusted, running = [1.0] * len(p_values), 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
-        adjusted[index] = running
-    return adjusted
-
-
-def groups(cells: list[dict]) -> dict[tuple, list[dict]]:
-    """Finished cells by (task, Pilot, rows), seeds together."""
-    grouped: dict[tuple, list[dict]] = {}
-    for cell in cells:
-        if all(arm in cell.get("arms", {}) for arm in ("pilot", *ARMS)):
-            grouped.setdefault((cell["task"], cell["pilot"], cell["rows"]), []).append(cell)
-    return dict(sorted(grouped.items(), key=lambda kv: (kv[0][0], list(PILOTS).index(kv[0][1]), kv[0][2])))
-
-
-def target_tests(grouped: dict) -> list[dict]:
-    """Per (group, Copilot arm): its relative gains over (b) and (d), the larger p-value, Holm over all of them."""
-    tests = []
-    for key, cells in grouped.items():
-        for arm in COPILOTS:
-            versus = {control: compare(cells, arm, control) for control in ("longer", "larger")}
-            gains = {}
-            for control, comparison in versus.items():
-                base = (comparison.both_right + comparison.broken) / comparison.total
-                gains[control] = comparison.difference / base if base else math.nan  # n/a: (b) or (d) never right
-            tests.append({"group": key, "arm": arm, "gains": gains, "seeds": len(cells),
-                          "p": max(c.p_value for c in versus.values())})
-    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
-        test["holm_p"] = adjusted
-        test["met"] = adjusted < 0.05 and min(test["gains"].values()) >= TARGET_GAIN and test["seeds"] >= 3
-    return tests
-
-
-def table(edition: str, cells: list[dict]) -> list[str]:
-    grouped = groups(cells)
-    lines = ["| task | Pilot | rows | seeds | Pilot alone | " + " | ".join(ARMS) + " | held-out ratio (4 Copilots) "
-             "| fit ratio (4 Copilots) | best epoch |", "|" + "---|" * (8 + len(ARMS))]
-    for (task, pilot, rows), group in grouped.items():
-        base = statistics.fmean(c["arms"]["pilot"]["accuracy"] for c in group)
-        row = [task, pilot, f"{rows:,}", str(len(group)), f"{100 * base:.1f}%"]
-        for arm in ARMS:
-            comparison = compare(group, arm, "pilot")
-            low, high = comparison.interval()
-            row.append(f"{100 * comparison.difference:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
-        row.append(" / ".join(f"{statistics.fmean(c['arms'][a]['heldout_ratio'] for c in group):.3f}"
-                              for a in COPILOTS))
-        row.append(" / ".join(f"{statistics.fmean(c['arms'][a]['fit_ratio'] or math.nan for c in group):.3f}"
-                              for a in COPILOTS))
-        row.append(", ".join(f"{c['joint']['best_epoch']:.1f}" for c in group))
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def figure(grouped: dict, path: Path) -> None:
-    """Relative gain over the Pilot alone against training rows: a panel per (task, Pilot), a line per arm, with
-    each pooled difference's 95 % interval, relative to the Pilot's accuracy."""
-    try:
-        import matplotlib
-    except ImportError:  # the GPU machine may lack it: `--report-only --out <folder>` draws it anywhere later
-        print("matplotlib is not installed: no figure (run --report-only where it is)", flush=True)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({key[:2] for key in grouped}, key=lambda k: (k[0], list(PILOTS).index(k[1])))
-    if not panels:
-        return
-    tasks = sorted({task for task, _ in panels})
-    pilots = [p for p in PILOTS if any(p == q for _, q in panels)]
-    fig, axes = plt.subplots(len(tasks), len(pilots), figsize=(4.2 * len(pilots), 3.4 * len(tasks)), squeeze=False)
-    for (task, pilot), ax in ((p, axes[tasks.index(p[0])][pilots.index(p[1])]) for p in panels):
-        keys = [key for key in grouped if key[:2] == (task, pilot)]
-        for offset, arm in enumerate(ARMS):
-            xs, ys, errors = [], [], [[], []]
-            for key in keys:
-                comparison = compare(grouped[key], arm, "pilot")
-                base = (comparison.both_right + comparison.broken) / comparison.total
-                if not base:  # no relative gain over a Pilot that is never right (the table has the points)
-                    continue
-                low, high = comparison.interval()
-                xs.append(key[2] * 1.04 ** (offset - 2.5))
-                ys.append(100 * comparison.difference / base)
-                errors[0].append(100 * (comparison.difference - low) / base)
-                errors[1].append(100 * (high - comparison.difference) / base)
-            ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=3, capsize=2, label=arm)
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_xlim(min(key[2] for key in keys) / 2, max(key[2] for key in keys) * 2)
-        ax.set_xscale("log")
-        ax.set_title(f"{task}, Pilot {pilot}")
-        ax.set_xlabel("training rows")
-        ax.set_ylabel("gain over the Pilot alone (% relative)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def report(edition: str, cells: list[dict], folder: Path, command: str) -> Path:
-    grouped = groups(cells)
-    tests = target_tests(grouped)
-    met = [t for t in tests if t["met"]]
-    lines = [f"# Regime map: {edition} edition", "", f"`{command}`", "",
-             f"{len(cells)} cells on disk, {sum(len(g) for g in grouped.values())} finished. Accuracy differences in "
-             "points against the Pilot alone, pooled over seeds, with 95 % paired intervals. Held-out and fit ratios "
-             "are for " + ", ".join(COPILOTS) + " in that order (below 1: better than predicting no error).", "",
-             *table(edition, cells), "",
-             "## The target: a Copilot above both (b) longer and (d) larger by ≥ 5 % relative, Holm p < 0.05, "
-             "3 seeds", "", "| task | Pilot | rows | Copilot | gain over (b) | gain over (d) | p (larger of two) "
-             "| Holm p | met |", "|---|---|---|---|---|---|---|---|---|"]
-    for t in tests:
-        task, pilot, rows = t["group"]
-        gains = [f"{100 * t['gains'][c]:+.1f}%" if math.isfinite(t["gains"][c]) else "n/a"
-                 for c in ("longer", "larger")]
-        lines.append(f"| {task} | {pilot} | {rows:,} | {t['arm']} | {gains[0]} | {gains[1]} | {format_p(t['p'])} | "
-                     f"{format_p(t['holm_p'])} | "
-                     f"{'yes' if t['met'] else 'no'} |")
-    lines += ["", f"Cells meeting the target: {len(met)} of {len(tests)} tests.", "",
-              "| cell | stage seconds | best step (joint / longer / larger) | chosen settings |", "|---|---|---|---|"]
-    for cell in sorted(cells, key=lambda c: (c["task"], list(PILOTS).index(c["pilot"]), c["rows"], c["seed"])):
-        seconds = ", ".join(f"{k} {v:.0f}" for k, v in cell["stage_seconds"].items())
-        best = " / ".join(str(cell[s]["best_step"]) if s in cell else "-" for s in ("joint", "longer", "larger"))
-        chosen = ", ".join(f"{a}: {cell['arms'][a].get('setting')}" for a in COPILOTS if a in cell.get("arms", {}))
-        lines.append(f"| {cell['task']} {cell['pilot']} {cell['rows']:,} seed {cell['seed']} | {seconds} | {best} | "
-                     f"{chosen} |")
-    page = folder / f"regime_{edition}.md"
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text("\n".join(lines) + "\n")
-    figure(grouped, folder / f"regime_{edition}.png")
-    return page
+def transfer(edition: str, task: str, pilot: str, rows: int, runs: Path, kept: Path, source_seed: int = 0,
+             target_seed: int = 1) -> dict:
+    """The paper's transfer claim in one cell of the grid: the Copilots of seed ``source_seed`` (their checkpoint
+    and their validation-chosen settings, unchanged) beside the Pilot of seed ``target_seed``, against that Pilot
+    alone and its own Copilots, on its test items. Needs both cells' joint checkpoints under ``runs``."""
+    source, target = (Cell(edition, task, pilot, rows, seed, runs, kept) for seed in (source_seed, target_seed))
+    folders = [cell.folder / "joint" / f"checkpoint-{cell.result.get('joint', {}).get('best_step')}"
+               for cell in (source, target)]
+    for cell, folder in zip((source, target), folders):
+        if not folder.is_dir():
+            raise SystemExit(f"--transfer needs {cell.name}'s best joint checkpoint at {folder}: run that cell "
+                             f"(with --runs {runs}) on this machine first.")
+    batch = source.e["eval_batch_size"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target_pilot = LlamaForCausalLM.from_pretrained(folders[1]).to(device).eval()
+    copilots = {name: CopilotModel.from_pretrained(folders[0] / name).to(device).eval() for name in COPILOTS}
+    ratios = heldout_ratios(target_pilot, copilots, target.data.test, batch)
+    arms = {}
+    for name, copilot in copilots.items():
+        setting = source.result["arms"][name]["setting"]
+        arm = {"setting": setting, "heldout_ratio": ratios[name],
+               "own_heldout_ratio": target.result["arms"][name]["heldout_ratio"],
+               "own_accuracy": target.result["arms"][name]["accuracy"]}
+        if setting is not None:
+            space, lam = setting.split("@")
+            right = answers_right(target_pilot, target.data.test, batch, copilot, (space, float(lam)))
+            arm.update(accuracy=statistics.fmean(right), right=bits(right))
+        arms[name] = arm
+    result = {"edition": edition, "task": task, "pilot": pilot, "rows": rows, "source_seed": source_seed,
+              "target_seed": target_seed, "pilot_alone": target.result["arms"]["pilot"], "arms": arms}
+    write_json(kept.parent / f"regime_transfer_{edition}" / f"{task}_{pilot}_rows{rows}.json", result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmarks/quality/results, cells under cells/regime_<edition>)")
     parser.add_argument("--minutes", type=float, help="start no cell after this many minutes")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--transfer", metavar="TASK,PILOT,ROWS",
+                        help="apply seed 0's Copilots of that cell unchanged to seed 1's Pilot (both cells run)")
     parser.add_argument("--no-report", action="store_true", help="run cells only (several processes share --out)")
     parser.add_argument("--list", action="store_true", help="print the selected cells' filters, one cell per line "
                         "(to run each as its own process: benchmarks/gpu_regime.sh)")
@@ -504,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{axis} {unknown} are not in the {args.edition} grid ({sorted(known)}): the grid is "
                              "pre-registered; change EDITIONS (and its section in docs/results.md) to run another.")
     cells = [cell for cell in cells if all(cell[p] in values for p, values in filters.items())]
+    if args.transfer:
+        task, pilot, rows = args.transfer.split(",")
+        result = transfer(args.edition, task, pilot, int(rows), args.runs, (args.out or RESULTS) / "cells")
+        from benchmarks.quality.regime_report import transfer_page  # it reads this module's design
+
+        print(f"Wrote {transfer_page(result, args.out or RESULTS)}")
+        return 0
     if args.list:
         for pilot, seed, task, rows in cells:
             print(f"--pilots {pilot} --seeds {seed} --tasks {task} --rows {rows}")
@@ -522,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             Cell(args.edition, task, pilot, rows, seed, args.runs, kept).run()
     if args.no_report:
         return 0
+    from benchmarks.quality.regime_report import report  # it reads this module's design, so not at the top
+
     finished = [json.loads(path.read_text()) for path in sorted(kept.glob("*.json"))]
     page = report(args.edition, finished, out, command)
     print(f"Wrote {page}")
