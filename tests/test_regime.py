@@ -195,3 +195,28 @@ def test_gpu_script_runs_every_cell_side_by_side_at_smoke_size(tmp_path):
                      "sorting_xs_rows64_seed0.json"]
     page = (tmp_path / "out" / "regime_smoke.md").read_text()
     assert "3 cells on disk, 3 finished" in page and (tmp_path / "out" / "regime_smoke.png").is_file()
+
+
+def test_bridge_edition_adapts_a_pretrained_pilot_with_lora(tmp_path):
+    """The bridge's stages on a tiny saved Llama whose tokenizer splits digits and signs, as SmolLM2's does."""
+    from tokenizers import pre_tokenizers
+
+    from tests.conftest import tiny_pilot, word_tokenizer
+
+    tokenizer = word_tokenizer(list("0123456789+-="))
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
+    assert tokenizer.tokenize("1234+567=") == list("1234+567=")
+    model = tmp_path / "model"
+    tiny_pilot("llama").save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    argv = ["--edition", "bridge_smoke", "--model", str(model), "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out"), "--threads", "2"]
+    assert regime.main(argv) == 0
+    cell = json.loads((tmp_path / "out" / "cells" / "regime_bridge_smoke" / "arithmetic_smollm2_rows32_seed0.json")
+                      .read_text())
+    assert set(cell["arms"]) == {"pilot", *regime.ARMS}
+    # LoRA Pilots: (d) raises the rank by the Pilot-sized Copilot's trainable parameters, which is LoRA too.
+    assert cell["joint"]["shape"]["lora_rank"] == 32 < cell["larger"]["shape"]["lora_rank"]
+    full = max(cell["joint"]["copilot_parameters"][name] for name in ("full_vocabulary", "full_residual"))
+    assert cell["larger"]["parameters"] == pytest.approx(cell["joint"]["parameters"] + full, rel=0.05)

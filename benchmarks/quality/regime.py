@@ -47,7 +47,9 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
@@ -57,7 +59,7 @@ from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotMetrics, 
 from hf_copilot.errors import IGNORE_INDEX
 from hf_copilot.pilot import PilotTap
 
-from benchmarks.quality.generated_tasks import VOCABULARY, Item, make_splits
+from benchmarks.quality.generated_tasks import VOCABULARY, Item, Splits, make_splits
 
 RESULTS = Path(__file__).parent / "results"
 PILOTS = {  # from-scratch Llama shapes: 1.1M, 4.3M, 14M and 114M parameters with this vocabulary (tied embeddings)
@@ -65,6 +67,8 @@ PILOTS = {  # from-scratch Llama shapes: 1.1M, 4.3M, 14M and 114M parameters wit
     "s": dict(hidden_size=256, num_hidden_layers=4, learning_rate=1e-3),
     "m": dict(hidden_size=384, num_hidden_layers=6, learning_rate=7e-4),
     "l": dict(hidden_size=768, num_hidden_layers=12, learning_rate=3e-4),  # the GPU edition only
+    # The bridge to a real LM (benchmarks/quality/regime_bridge.py): pretrained, LoRA as in the paper.
+    "smollm2": dict(model="smollm2-135m", lora_rank=32, lora_dropout=0.05, learning_rate=2e-4),
 }
 HEAD_WIDTH = 32  # attention head width; heads = hidden_size / 32
 SETTINGS = [("probs", lam) for lam in (0.1, 0.3, 0.5, 0.8, 1.0)] + [("logits", lam) for lam in (1.0, 3.0)]
@@ -86,6 +90,12 @@ EDITIONS = {
     # One GPU, at most 10 minutes: larger Pilots and more data (results under --out, tabulated on any machine).
     "gpu": dict(steps=2000, batch_size=256, validation=2000, test=4000, eval_batch_size=2000, blocks=[
         dict(pilots=("m", "l"), tasks=("arithmetic",), rows=(100000, 1600000), seeds=(0,))]),
+    # The bridge: SmolLM2-135M with LoRA on 6,400 generated arithmetic rows, one epoch of batch 16 (2 CPU cores).
+    "bridge": dict(steps=400, batch_size=16, validation=500, test=1000, eval_batch_size=100, blocks=[
+        dict(pilots=("smollm2",), tasks=("arithmetic",), rows=(6400,), seeds=(0, 1, 2))]),
+    # The bridge's stages on toy sizes (tests pass a tiny --model).
+    "bridge_smoke": dict(steps=10, batch_size=4, validation=12, test=16, eval_batch_size=16, blocks=[
+        dict(pilots=("smollm2",), tasks=("arithmetic",), rows=(32,), seeds=(0,))]),
     # Every stage on toy sizes: seconds on a CPU, for checking the script end to end.
     "smoke": dict(steps=20, batch_size=8, validation=24, test=32, eval_batch_size=32, blocks=[
         dict(pilots=("xs",), tasks=("arithmetic", "sorting"), rows=(64,), seeds=(0,)),
@@ -125,12 +135,22 @@ def widened(shape: dict, parameters: int) -> dict:
     return dict(shape, hidden_size=width)
 
 
-def encoded(item: Item) -> dict:
-    ids = [*item.prompt, *item.answer, VOCABULARY.eos_token_id]
+class Tokens(NamedTuple):
+    """The two token ids the data and decoding need besides the items' own."""
+
+    pad: int
+    eos: int
+
+
+SCRATCH_TOKENS = Tokens(VOCABULARY.pad_token_id, VOCABULARY.eos_token_id)
+
+
+def encoded(item: Item, tokens: Tokens = SCRATCH_TOKENS) -> dict:
+    ids = [*item.prompt, *item.answer, tokens.eos]
     return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(item.prompt) + ids[len(item.prompt):]}
 
 
-def collate(rows: list[dict]) -> dict:
+def collate(rows: list[dict], pad: int = SCRATCH_TOKENS.pad) -> dict:
     """Right-padded batch; padding is masked out of attention and labels."""
     width = max(len(row["input_ids"]) for row in rows)
 
@@ -138,20 +158,20 @@ def collate(rows: list[dict]) -> dict:
         return torch.tensor([row[name] + [value] * (width - len(row[name])) for row in rows])
 
     mask = torch.tensor([[1] * len(row["input_ids"]) + [0] * (width - len(row["input_ids"])) for row in rows])
-    return {"input_ids": padded("input_ids", VOCABULARY.pad_token_id), "attention_mask": mask,
+    return {"input_ids": padded("input_ids", pad), "attention_mask": mask,
             "labels": padded("labels", IGNORE_INDEX)}
 
 
-def left_padded(items: list[Item], device) -> dict:
+def left_padded(items: list[Item], pad: int, device) -> dict:
     width = max(len(item.prompt) for item in items)
-    pad = VOCABULARY.pad_token_id
     return {"input_ids": torch.tensor([[pad] * (width - len(i.prompt)) + list(i.prompt) for i in items], device=device),
             "attention_mask": torch.tensor([[0] * (width - len(i.prompt)) + [1] * len(i.prompt) for i in items],
                                            device=device)}
 
 
 @torch.no_grad()
-def answers_right(pilot, items: list[Item], batch_size: int, copilot=None, setting=None) -> list[bool]:
+def answers_right(pilot, items: list[Item], batch_size: int, copilot=None, setting=None,
+                  tokens: Tokens = SCRATCH_TOKENS) -> list[bool]:
     """Greedy decoding (rectified by ``copilot`` at ``setting`` = (space, λ) when given): is each answer exact?"""
     device = next(pilot.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt))
@@ -160,13 +180,13 @@ def answers_right(pilot, items: list[Item], batch_size: int, copilot=None, setti
     try:
         for start in range(0, len(order), batch_size):
             chosen = [items[i] for i in order[start:start + batch_size]]
-            inputs = left_padded(chosen, device)
+            inputs = left_padded(chosen, tokens.pad, device)
             generated = pilot.generate(**inputs, do_sample=False, num_beams=1,
                                        max_new_tokens=max(len(i.answer) for i in chosen) + 1,
-                                       pad_token_id=VOCABULARY.pad_token_id, eos_token_id=VOCABULARY.eos_token_id,
+                                       pad_token_id=tokens.pad, eos_token_id=tokens.eos,
                                        logits_processor=[processor] if processor else None)
             for index, item, row in zip(order[start:], chosen, generated[:, inputs["input_ids"].shape[1]:].tolist()):
-                answer = row[:row.index(VOCABULARY.eos_token_id)] if VOCABULARY.eos_token_id in row else None
+                answer = row[:row.index(tokens.eos)] if tokens.eos in row else None
                 right[index] = answer is not None and tuple(answer) == item.answer
     finally:
         if processor is not None:
@@ -175,14 +195,16 @@ def answers_right(pilot, items: list[Item], batch_size: int, copilot=None, setti
 
 
 @torch.no_grad()
-def heldout_ratios(pilot, copilots: dict, items: list[Item], batch_size: int) -> dict[str, float]:
+def heldout_ratios(pilot, copilots: dict, items: list[Item], batch_size: int,
+                   tokens: Tokens = SCRATCH_TOKENS) -> dict[str, float]:
     """Each Copilot's held-out ratio on ``items``, teacher-forced: its RMSE ÷ the all-zero predictor's on the
     Pilot's errors over the answer tokens, from one Pilot pass."""
     device = next(pilot.parameters()).device
     metrics = {name: CopilotMetrics(copilot) for name, copilot in copilots.items()}
     with PilotTap(pilot, mode="generate") as tap:
         for start in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in collate([encoded(i) for i in items[start:start + batch_size]]).items()}
+            rows = [encoded(item, tokens) for item in items[start:start + batch_size]]
+            batch = {name: value.to(device) for name, value in collate(rows, tokens.pad).items()}
             pilot(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             for record in tap.pop_records():
                 for metric in metrics.values():
@@ -206,7 +228,10 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 class Cell:
-    """One (task, Pilot, rows, seed) cell: its folder, its result so far, and stages that skip when done."""
+    """One (task, Pilot, rows, seed) cell: its folder, its result so far, and stages that skip when done. This one
+    trains Pilots from scratch; :class:`benchmarks.quality.regime_bridge.BridgeCell` adapts a pretrained one."""
+
+    tokens = SCRATCH_TOKENS
 
     def __init__(self, edition: str, task: str, pilot: str, rows: int, seed: int, runs: Path, kept: Path | None):
         self.e, self.task, self.pilot, self.rows, self.seed = EDITIONS[edition], task, pilot, rows, seed
@@ -216,8 +241,27 @@ class Cell:
         found = next((f for f in (self.folder / "cell.json", self.kept) if f is not None and f.is_file()), None)
         self.result = json.loads(found.read_text()) if found else {
             "edition": edition, "task": task, "pilot": pilot, "rows": rows, "seed": seed, "stage_seconds": {}}
-        self.data = make_splits(task, rows, self.e["validation"], self.e["test"])
         self.shape = PILOTS[pilot]
+        self.data = self.tokenized(make_splits(task, rows, self.e["validation"], self.e["test"]))
+
+    def tokenized(self, splits: Splits) -> Splits:
+        return splits  # already in the generated vocabulary's ids
+
+    def build(self, shape: dict, copilots: dict) -> tuple[object, list[tuple[str, CopilotModel, float]]]:
+        """A fresh Pilot of ``shape`` and, for each of ``copilots`` (name -> (layers, head)), a Copilot made from it
+        with its learning rate."""
+        pilot = LlamaForCausalLM(pilot_config(**shape))
+        return pilot, [(name, CopilotModel.from_pilot(pilot, num_hidden_layers=layers or shape["num_hidden_layers"],
+                                                      correction=head), shape["learning_rate"])
+                       for name, (layers, head) in copilots.items()]
+
+    def larger_shape(self, parameters: int) -> dict:
+        """The (d) control's Pilot: this cell's widened to ``parameters`` trainable parameters."""
+        return widened(self.shape, parameters)
+
+    def load_pilot(self, folder: Path):
+        """The Pilot saved in a checkpoint ``folder`` of this cell."""
+        return LlamaForCausalLM.from_pretrained(folder)
 
     @property
     def done(self) -> bool:
@@ -236,16 +280,13 @@ class Cell:
                 write_json(self.kept, self.result)
 
     def train(self, folder: Path, shape: dict, steps: int, copilots: dict | None = None) -> tuple[object, dict, dict]:
-        """A from-scratch Pilot of ``shape`` trained ``steps`` steps into ``folder`` (resuming from its newest
-        checkpoint), with ``copilots`` (name -> (layers, head)) beside it; the best of ten validation checkpoints,
-        its Trainer summary and the Copilots of that checkpoint."""
+        """A Pilot of ``shape`` trained ``steps`` steps into ``folder`` (resuming from its newest checkpoint), with
+        ``copilots`` (name -> (layers, head)) beside it; the best of ten validation checkpoints, its Trainer summary
+        and the Copilots of that checkpoint."""
         set_seed(self.seed)
-        pilot = LlamaForCausalLM(pilot_config(**shape))
-        callbacks = [CopilotCallback(CopilotModel.from_pilot(pilot, num_hidden_layers=layers or
-                                                             shape["num_hidden_layers"], correction=head),
-                                     name=name, seed=self.seed, learning_rate=shape["learning_rate"],
-                                     batch_size=self.e["batch_size"])
-                     for name, (layers, head) in (copilots or {}).items()]
+        pilot, made = self.build(shape, copilots or {})
+        callbacks = [CopilotCallback(copilot, name=name, seed=self.seed, learning_rate=learning_rate,
+                                     batch_size=self.e["batch_size"]) for name, copilot, learning_rate in made]
         every = max(1, steps // 10)
         args = TrainingArguments(
             output_dir=str(folder), max_steps=steps, per_device_train_batch_size=self.e["batch_size"],
@@ -255,9 +296,9 @@ class Cell:
             load_best_model_at_end=True, metric_for_best_model="eval_loss", logging_steps=max(1, every // 2),
             report_to=[], disable_tqdm=True, seed=self.seed, data_seed=self.seed, remove_unused_columns=False,
             use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available())
-        trainer = Trainer(model=pilot, args=args, data_collator=collate,
-                          train_dataset=[encoded(i) for i in self.data.train],
-                          eval_dataset=[encoded(i) for i in self.data.validation])
+        trainer = Trainer(model=pilot, args=args, data_collator=partial(collate, pad=self.tokens.pad),
+                          train_dataset=[encoded(item, self.tokens) for item in self.data.train],
+                          eval_dataset=[encoded(item, self.tokens) for item in self.data.validation])
         for callback in callbacks:
             callback.attach(trainer)
         resume = get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -268,7 +309,7 @@ class Cell:
         best_step = int(best.name.split("-")[1])
         summary = {"steps": steps, "seconds": output.metrics["train_runtime"], "best_step": best_step,
                    "best_epoch": best_step * self.e["batch_size"] / len(self.data.train),
-                   "parameters": pilot.num_parameters(), "shape": shape,
+                   "parameters": pilot.num_parameters(only_trainable=True), "shape": shape,
                    "validation_loss": [(entry["step"], entry["eval_loss"]) for entry in evaluations],
                    "copilot_seconds": {c.name: c.seconds for c in callbacks}}
         pilot.eval()
@@ -281,8 +322,8 @@ class Cell:
             loaded[name] = CopilotModel.from_pretrained(best / name).to(pilot.device).eval()
         return pilot, summary, loaded
 
-    def test_accuracy(self, pilot) -> dict:
-        right = answers_right(pilot, self.data.test, self.e["eval_batch_size"])
+    def test_accuracy(self, pilot, copilot=None, setting=None) -> dict:
+        right = answers_right(pilot, self.data.test, self.e["eval_batch_size"], copilot, setting, self.tokens)
         return {"accuracy": statistics.fmean(right), "right": bits(right)}
 
     # --- stages -----------------------------------------------------------------------------------------------
@@ -290,27 +331,23 @@ class Cell:
     def joint(self) -> dict:
         pilot, summary, copilots = self.train(self.folder / "joint", self.shape, self.e["steps"], COPILOTS)
         batch = self.e["eval_batch_size"]
-        validation_pilot = statistics.fmean(answers_right(pilot, self.data.validation, batch))
+        validation_pilot = statistics.fmean(answers_right(pilot, self.data.validation, batch, tokens=self.tokens))
         arms = {"pilot": self.test_accuracy(pilot)}
-        ratios = heldout_ratios(pilot, copilots, self.data.test, batch)
+        ratios = heldout_ratios(pilot, copilots, self.data.test, batch, self.tokens)
         for name, copilot in copilots.items():
-            scores = {f"{space}@{lam:g}": statistics.fmean(answers_right(pilot, self.data.validation, batch, copilot,
-                                                                         (space, lam))) for space, lam in SETTINGS}
+            scores = {f"{space}@{lam:g}": statistics.fmean(answers_right(
+                pilot, self.data.validation, batch, copilot, (space, lam), self.tokens)) for space, lam in SETTINGS}
             chosen = max(scores, key=scores.get)
             arm = {"validation": scores, "validation_pilot": validation_pilot, "heldout_ratio": ratios[name],
                    "fit_ratio": summary["fit_ratio"][name]}
             if scores[chosen] > validation_pilot:
                 space, lam = chosen.split("@")
                 arm["setting"] = chosen
-                arm.update(self.test_accuracy_with(pilot, copilot, (space, float(lam))))
+                arm.update(self.test_accuracy(pilot, copilot, (space, float(lam))))
             else:  # no setting beats the Pilot alone on validation: the arm is the Pilot alone
                 arm.update(setting=None, **arms["pilot"])
             arms[name] = arm
         return {"joint": summary, "arms": arms}
-
-    def test_accuracy_with(self, pilot, copilot, setting) -> dict:
-        right = answers_right(pilot, self.data.test, self.e["eval_batch_size"], copilot, setting)
-        return {"accuracy": statistics.fmean(right), "right": bits(right)}
 
     def longer(self) -> dict:
         joint = self.result["joint"]
@@ -325,18 +362,30 @@ class Cell:
     def larger(self) -> dict:
         joint = self.result["joint"]
         full = max(joint["copilot_parameters"][name] for name in COPILOTS if name.startswith("full"))
-        shape = widened(self.shape, joint["parameters"] + full)
+        shape = self.larger_shape(joint["parameters"] + full)
         pilot, summary, _ = self.train(self.folder / "larger", shape, self.e["steps"])
         shutil.rmtree(self.folder / "larger")
         return {"arms": {**self.result["arms"], "larger": self.test_accuracy(pilot)}, "larger": summary}
 
 
+def make_cell(edition: str, task: str, pilot: str, rows: int, seed: int, runs: Path, kept: Path | None,
+              model: str | None = None) -> Cell:
+    """The cell of a from-scratch Pilot, or of a pretrained one (``model`` in its :data:`PILOTS` entry; ``model``
+    here overrides that folder)."""
+    if "model" not in PILOTS[pilot]:
+        return Cell(edition, task, pilot, rows, seed, runs, kept)
+    from benchmarks.quality.regime_bridge import BridgeCell  # peft, datasets and SmolLM2: for this Pilot only
+
+    return BridgeCell(edition, task, pilot, rows, seed, runs, kept, model=model)
+
+
 def transfer(edition: str, task: str, pilot: str, rows: int, runs: Path, kept: Path, source_seed: int = 0,
-             target_seed: int = 1) -> dict:
+             target_seed: int = 1, model: str | None = None) -> dict:
     """The paper's transfer claim in one cell of the grid: the Copilots of seed ``source_seed`` (their checkpoint
     and their validation-chosen settings, unchanged) beside the Pilot of seed ``target_seed``, against that Pilot
     alone and its own Copilots, on its test items. Needs both cells' joint checkpoints under ``runs``."""
-    source, target = (Cell(edition, task, pilot, rows, seed, runs, kept) for seed in (source_seed, target_seed))
+    source, target = (make_cell(edition, task, pilot, rows, seed, runs, kept, model)
+                      for seed in (source_seed, target_seed))
     folders = [cell.folder / "joint" / f"checkpoint-{cell.result.get('joint', {}).get('best_step')}"
                for cell in (source, target)]
     for cell, folder in zip((source, target), folders):
@@ -345,9 +394,9 @@ def transfer(edition: str, task: str, pilot: str, rows: int, runs: Path, kept: P
                              f"(with --runs {runs}) on this machine first.")
     batch = source.e["eval_batch_size"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    target_pilot = LlamaForCausalLM.from_pretrained(folders[1]).to(device).eval()
+    target_pilot = target.load_pilot(folders[1]).to(device).eval()
     copilots = {name: CopilotModel.from_pretrained(folders[0] / name).to(device).eval() for name in COPILOTS}
-    ratios = heldout_ratios(target_pilot, copilots, target.data.test, batch)
+    ratios = heldout_ratios(target_pilot, copilots, target.data.test, batch, target.tokens)
     arms = {}
     for name, copilot in copilots.items():
         setting = source.result["arms"][name]["setting"]
@@ -356,8 +405,7 @@ def transfer(edition: str, task: str, pilot: str, rows: int, runs: Path, kept: P
                "own_accuracy": target.result["arms"][name]["accuracy"]}
         if setting is not None:
             space, lam = setting.split("@")
-            right = answers_right(target_pilot, target.data.test, batch, copilot, (space, float(lam)))
-            arm.update(accuracy=statistics.fmean(right), right=bits(right))
+            arm.update(target.test_accuracy(target_pilot, copilot, (space, float(lam))))
         arms[name] = arm
     result = {"edition": edition, "task": task, "pilot": pilot, "rows": rows, "source_seed": source_seed,
               "target_seed": target_seed, "pilot_alone": target.result["arms"]["pilot"], "arms": arms}
@@ -372,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", help="comma-separated subset of the edition's tasks")
     parser.add_argument("--rows", help="comma-separated subset of the edition's training rows")
     parser.add_argument("--seeds", help="comma-separated subset of the edition's seeds")
+    parser.add_argument("--model", help="the pretrained Pilot's folder for the bridge edition (default: SmolLM2)")
     parser.add_argument("--runs", type=Path, default=Path("runs/regime"), help="working folder (checkpoints)")
     parser.add_argument("--out", type=Path, help="where cells, table and figure go (default: the committed "
                         "benchmarks/quality/results, cells under cells/regime_<edition>)")
@@ -397,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [cell for cell in cells if all(cell[p] in values for p, values in filters.items())]
     if args.transfer:
         task, pilot, rows = args.transfer.split(",")
-        result = transfer(args.edition, task, pilot, int(rows), args.runs, (args.out or RESULTS) / "cells")
+        result = transfer(args.edition, task, pilot, int(rows), args.runs, (args.out or RESULTS) / "cells",
+                          model=args.model)
         from benchmarks.quality.regime_report import transfer_page  # it reads this module's design
 
         print(f"Wrote {transfer_page(result, args.out or RESULTS)}")
@@ -417,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.minutes is not None and time.perf_counter() - started > 60 * args.minutes:
                 print(f"-- {args.minutes:g} minutes passed: no new cell starts", flush=True)
                 break
-            Cell(args.edition, task, pilot, rows, seed, args.runs, kept).run()
+            make_cell(args.edition, task, pilot, rows, seed, args.runs, kept, args.model).run()
     if args.no_report:
         return 0
     from benchmarks.quality.regime_report import report  # it reads this module's design, so not at the top
