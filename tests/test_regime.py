@@ -113,6 +113,7 @@ def test_heldout_ratios_do_not_depend_on_batching(tiny_pilot):
     assert all(0 < ratio < 10 for ratio in batched.values())
 
 
+@pytest.mark.slow
 def test_smoke_edition_end_to_end_resumed_and_transferred(tmp_path):
     argv = ["--edition", "smoke", "--tasks", "arithmetic", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out"), "--threads", "2"]
@@ -170,6 +171,7 @@ def without_packages(tmp_path, blocked: set[str]) -> dict:
     return {**os.environ, "PYTHONPATH": f"{REPOSITORY}{os.pathsep}{site}", "PYTHONNOUSERSITE": "1"}
 
 
+@pytest.mark.slow
 def test_the_gpu_edition_runs_with_torch_and_transformers_alone(tmp_path):
     blocked = {"datasets", "peft", "evaluate", "matplotlib", "trl", "deepspeed"}
     env = without_packages(tmp_path, blocked)
@@ -185,6 +187,7 @@ def test_the_gpu_edition_runs_with_torch_and_transformers_alone(tmp_path):
     assert (tmp_path / "out" / "cells" / "regime_smoke" / "sorting_xs_rows64_seed0.json").is_file()
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_every_cell_side_by_side_at_smoke_size(tmp_path):
     env = {**os.environ, "EDITION": "smoke", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs")}
     run = subprocess.run(["bash", str(REPOSITORY / "benchmarks" / "gpu_regime.sh")], env=env, capture_output=True,
@@ -197,6 +200,7 @@ def test_gpu_script_runs_every_cell_side_by_side_at_smoke_size(tmp_path):
     assert "3 cells on disk, 3 finished" in page and (tmp_path / "out" / "regime_smoke.png").is_file()
 
 
+@pytest.mark.slow
 def test_bridge_edition_adapts_a_pretrained_pilot_with_lora(tmp_path):
     """The bridge's stages on a tiny saved Llama whose tokenizer splits digits and signs, as SmolLM2's does."""
     from tokenizers import pre_tokenizers

@@ -2,14 +2,18 @@
 larger Pilot (issue "When does a Copilot pay?").
 
     python -m benchmarks.quality.regime                                  # the pre-registered CPU grid, resumable
-    python -m benchmarks.quality.regime --pilots xs --seeds 0            # part of it (cells run in GRID order)
+    python -m benchmarks.quality.regime --pilots xs --seeds 0            # part of it (cells run in the grid's order)
     python -m benchmarks.quality.regime --report-only                    # table and figure from committed cells
-    python -m benchmarks.quality.regime --edition gpu --out $OUT         # the GPU edition: torch + transformers only
-    python -m benchmarks.quality.regime --edition smoke --runs /tmp/rs   # every stage on a toy grid, minutes on CPU
+    bash benchmarks/gpu_regime.sh                                        # the GPU edition: torch + transformers only
+    python -m benchmarks.quality.regime --edition smoke --runs /tmp/rs   # every stage on a toy grid, a minute on CPU
+    python -m benchmarks.quality.regime --edition bridge                 # SmolLM2 + LoRA (regime_bridge.py)
+    python -m benchmarks.quality.regime --transfer arithmetic,xs,25000   # seed 0's Copilots on seed 1's Pilot
 
 Pilots are Llama-style decoders trained from scratch on tasks generated in-process
 (:mod:`benchmarks.quality.generated_tasks`); nothing is downloaded and neither ``datasets`` nor ``peft`` is
 imported, so the GPU edition runs on a machine with torch and transformers alone (Trainer also needs accelerate).
+The bridge edition adapts SmolLM2-135M with LoRA instead (:mod:`benchmarks.quality.regime_bridge`). The design
+below is also written, with its sizes, in docs/results.md ("The regime map").
 
 **The pre-registered design** (fixed in this file before the first cell ran; the CPU grid is :data:`EDITIONS`
 ``["cpu"]``). One cell is (task, Pilot size, training rows, seed). Its stages, each run once and kept on disk:
@@ -262,10 +266,6 @@ class Cell:
     def load_pilot(self, folder: Path):
         """The Pilot saved in a checkpoint ``folder`` of this cell."""
         return LlamaForCausalLM.from_pretrained(folder)
-
-    @property
-    def done(self) -> bool:
-        return all(stage in self.result["stage_seconds"] for stage in ("joint", "longer", "larger"))
 
     def run(self) -> None:
         for name, stage in (("joint", self.joint), ("longer", self.longer), ("larger", self.larger)):
