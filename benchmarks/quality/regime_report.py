@@ -39,7 +39,9 @@ def groups(cells: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def target_tests(grouped: dict) -> list[dict]:
-    """Per (group, Copilot arm): its relative gains over (b) and (d), the larger p-value, Holm over all of them."""
+    """Per (group, Copilot arm): its relative gains over (b) and (d), the larger p-value, Holm over all of them; and,
+    beside the pre-registered target, its change against its own Pilot alone (a "win" over the controls while it
+    changes no answer of its Pilot would be the Pilot's, not the Copilot's)."""
     tests = []
     for key, cells in grouped.items():
         for arm in COPILOTS:
@@ -49,7 +51,7 @@ def target_tests(grouped: dict) -> list[dict]:
                 base = (comparison.both_right + comparison.broken) / comparison.total
                 gains[control] = comparison.difference / base if base else math.nan  # n/a: (b) or (d) never right
             tests.append({"group": key, "arm": arm, "gains": gains, "seeds": len(cells),
-                          "p": max(c.p_value for c in versus.values())})
+                          "p": max(c.p_value for c in versus.values()), "own": compare(cells, arm, "pilot")})
     for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
         test["holm_p"] = adjusted
         test["met"] = adjusted < 0.05 and min(test["gains"].values()) >= TARGET_GAIN and test["seeds"] >= 3
@@ -132,14 +134,15 @@ def report(edition: str, cells: list[dict], folder: Path, command: str) -> Path:
              *table(edition, cells), "",
              "## The target: a Copilot above both (b) longer and (d) larger by ≥ 5 % relative, Holm p < 0.05, "
              "3 seeds", "", "| task | Pilot | rows | Copilot | gain over (b) | gain over (d) | p (larger of two) "
-             "| Holm p | met |", "|---|---|---|---|---|---|---|---|---|"]
+             "| Holm p | met | against its own Pilot alone |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in tests:
         task, pilot, rows = t["group"]
         gains = [f"{100 * t['gains'][c]:+.1f}%" if math.isfinite(t["gains"][c]) else "n/a"
                  for c in ("longer", "larger")]
         lines.append(f"| {task} | {pilot} | {rows:,} | {t['arm']} | {gains[0]} | {gains[1]} | {format_p(t['p'])} | "
-                     f"{format_p(t['holm_p'])} | "
-                     f"{'yes' if t['met'] else 'no'} |")
+                     f"{format_p(t['holm_p'])} | {'yes' if t['met'] else 'no'} | "
+                     f"{100 * t['own'].difference:+.2f} pt, +{t['own'].fixed}/−{t['own'].broken}, "
+                     f"{format_p(t['own'].p_value)} |")
     lines += ["", f"Cells meeting the target: {len(met)} of {len(tests)} tests.", "",
               "| cell | stage seconds | best step (joint / longer / larger) | chosen settings |", "|---|---|---|---|"]
     for cell in sorted(cells, key=lambda c: (c["task"], list(PILOTS).index(c["pilot"]), c["rows"], c["seed"])):
