@@ -25,7 +25,11 @@ if ! python3 -c "import accelerate" 2>/dev/null; then
     export PYTHONPATH="$PWD/$WHEEL${PYTHONPATH:+:$PYTHONPATH}"
 fi
 mkdir -p "$OUT/logs"
-mapfile -t CELLS < <(python3 -m benchmarks.quality.regime --edition "$EDITION" --list 2>/dev/null)
+mapfile -t CELLS < <(python3 -m benchmarks.quality.regime --edition "$EDITION" --list 2>"$OUT/logs/list.log")
+if [ "${#CELLS[@]}" -eq 0 ]; then
+    echo "No cell to run: listing the $EDITION grid failed (see $OUT/logs/list.log)." >&2
+    exit 2
+fi
 for cell in "${CELLS[@]}"; do
     name=$(echo "$cell" | tr -d ' -')
     timeout "$DEADLINE" python3 -m benchmarks.quality.regime --edition "$EDITION" $cell --threads 1 --no-report \

@@ -118,6 +118,7 @@ def test_a_row_of_counts_and_per_item_outcomes_give_the_same_table_and_pooling_c
                "fixed": sum(r and not p for r, p in zip(rectified, pilot)),
                "broken": sum(p and not r for r, p in zip(rectified, pilot))}
         assert PairedComparison.from_scores(row) == PairedComparison.from_outcomes(rectified, pilot)
+        assert PairedComparison.from_outcomes(rectified, pilot).pilot_accuracy == sum(pilot) / len(pilot)
     concatenated = PairedComparison.from_outcomes(sum((r for r, _ in seeds), []), sum((p for _, p in seeds), []))
     assert pooled(PairedComparison.from_outcomes(r, p) for r, p in seeds) == concatenated
     rows = [PairedComparison.from_outcomes(r, p) for r, p in seeds]

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_copilot.recipes.tasks import TEST_SIZES, load_task
+from hf_copilot.safe_io import atomic_write_text
 
 ALL_TASKS = ("arc_easy", "piqa", "boolq", "basic_arithmetic")
 CPU_TASKS = ("arc_easy", "basic_arithmetic")
@@ -57,10 +58,7 @@ def on_accelerator(model):
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def task_data(task: str, train_size: int | None, test_size: int | None) -> tuple[list, list]:

@@ -62,6 +62,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_copilot import CopilotCallback, CopilotLogitsProcessor, CopilotMetrics, CopilotModel
 from hf_copilot.errors import IGNORE_INDEX
 from hf_copilot.pilot import PilotTap
+from hf_copilot.safe_io import atomic_write_text
 
 from benchmarks.quality.generated_tasks import VOCABULARY, Item, Splits, make_splits
 
@@ -81,6 +82,8 @@ space)."""
 COPILOTS = {"small_vocabulary": (2, "vocabulary"), "small_residual": (2, "logit_residual"),
             "full_vocabulary": (None, "vocabulary"), "full_residual": (None, "logit_residual")}
 """Copilot name -> (layers, None: the Pilot's depth; correction head)."""
+PILOT_SIZED = [name for name, (layers, _) in COPILOTS.items() if layers is None]
+"""The Copilots (b) and (d) are matched to."""
 ARMS = (*COPILOTS, "longer", "larger")
 TARGET_GAIN = 0.05  # relative, over both (b) and (d)
 ROWS = (1562, 6250, 25000, 100000)  # x4 steps; at 600 steps of 64 rows, from 25 epochs down to no row seen twice
@@ -211,9 +214,20 @@ def heldout_ratios(pilot, copilots: dict, items: list[Item], batch_size: int,
             batch = {name: value.to(device) for name, value in collate(rows, tokens.pad).items()}
             pilot(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             for record in tap.pop_records():
+                labelled = replace(record, labels=batch["labels"], labels_aligned=False)
                 for metric in metrics.values():
-                    metric.add(replace(record, labels=batch["labels"], labels_aligned=False))
+                    metric.add(labelled)
     return {name: metric.results()["heldout_ratio"] for name, metric in metrics.items()}
+
+
+def setting_name(space: str, lam: float) -> str:
+    return f"{space}@{lam:g}"
+
+
+def parse_setting(name: str) -> tuple[str, float]:
+    """(space, λ) of a stored setting name such as ``probs@0.5``."""
+    space, lam = name.split("@")
+    return space, float(lam)
 
 
 def bits(right: list[bool]) -> str:
@@ -222,13 +236,6 @@ def bits(right: list[bool]) -> str:
 
 def unbits(text: str) -> list[bool]:
     return [c == "1" for c in text]
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    temporary.replace(path)
 
 
 class Cell:
@@ -275,9 +282,9 @@ class Cell:
             started = time.perf_counter()
             self.result.update(stage())
             self.result["stage_seconds"][name] = time.perf_counter() - started
-            write_json(self.folder / "cell.json", self.result)
-            if self.kept is not None:
-                write_json(self.kept, self.result)
+            for path in (self.folder / "cell.json", self.kept):
+                if path is not None:
+                    atomic_write_text(path, json.dumps(self.result, indent=1))
 
     def train(self, folder: Path, shape: dict, steps: int, copilots: dict | None = None) -> tuple[object, dict, dict]:
         """A Pilot of ``shape`` trained ``steps`` steps into ``folder`` (resuming from its newest checkpoint), with
@@ -335,15 +342,14 @@ class Cell:
         arms = {"pilot": self.test_accuracy(pilot)}
         ratios = heldout_ratios(pilot, copilots, self.data.test, batch, self.tokens)
         for name, copilot in copilots.items():
-            scores = {f"{space}@{lam:g}": statistics.fmean(answers_right(
+            scores = {setting_name(space, lam): statistics.fmean(answers_right(
                 pilot, self.data.validation, batch, copilot, (space, lam), self.tokens)) for space, lam in SETTINGS}
             chosen = max(scores, key=scores.get)
             arm = {"validation": scores, "validation_pilot": validation_pilot, "heldout_ratio": ratios[name],
                    "fit_ratio": summary["fit_ratio"][name]}
             if scores[chosen] > validation_pilot:
-                space, lam = chosen.split("@")
                 arm["setting"] = chosen
-                arm.update(self.test_accuracy(pilot, copilot, (space, float(lam))))
+                arm.update(self.test_accuracy(pilot, copilot, parse_setting(chosen)))
             else:  # no setting beats the Pilot alone on validation: the arm is the Pilot alone
                 arm.update(setting=None, **arms["pilot"])
             arms[name] = arm
@@ -351,7 +357,7 @@ class Cell:
 
     def longer(self) -> dict:
         joint = self.result["joint"]
-        copilot = max(joint["copilot_seconds"][name] for name in COPILOTS if name.startswith("full"))
+        copilot = max(joint["copilot_seconds"][name] for name in PILOT_SIZED)
         share = copilot / max(1e-9, joint["seconds"] - sum(joint["copilot_seconds"].values()))
         steps = round(self.e["steps"] * (1 + share))
         pilot, summary, _ = self.train(self.folder / "longer", self.shape, steps)
@@ -361,7 +367,7 @@ class Cell:
 
     def larger(self) -> dict:
         joint = self.result["joint"]
-        full = max(joint["copilot_parameters"][name] for name in COPILOTS if name.startswith("full"))
+        full = max(joint["copilot_parameters"][name] for name in PILOT_SIZED)
         shape = self.larger_shape(joint["parameters"] + full)
         pilot, summary, _ = self.train(self.folder / "larger", shape, self.e["steps"])
         shutil.rmtree(self.folder / "larger")
@@ -404,12 +410,12 @@ def transfer(edition: str, task: str, pilot: str, rows: int, runs: Path, kept: P
                "own_heldout_ratio": target.result["arms"][name]["heldout_ratio"],
                "own_accuracy": target.result["arms"][name]["accuracy"]}
         if setting is not None:
-            space, lam = setting.split("@")
-            arm.update(target.test_accuracy(target_pilot, copilot, (space, float(lam))))
+            arm.update(target.test_accuracy(target_pilot, copilot, parse_setting(setting)))
         arms[name] = arm
     result = {"edition": edition, "task": task, "pilot": pilot, "rows": rows, "source_seed": source_seed,
               "target_seed": target_seed, "pilot_alone": target.result["arms"]["pilot"], "arms": arms}
-    write_json(kept.parent / f"regime_transfer_{edition}" / f"{task}_{pilot}_rows{rows}.json", result)
+    atomic_write_text(kept.parent / f"regime_transfer_{edition}" / f"{task}_{pilot}_rows{rows}.json",
+                      json.dumps(result, indent=1))
     return result
 
 

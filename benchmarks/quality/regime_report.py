@@ -19,6 +19,11 @@ def compare(cells: list[dict], arm: str, against: str) -> PairedComparison:
                   for c in cells)
 
 
+def relative_gain(comparison: PairedComparison) -> float:
+    """The difference relative to the accuracy compared against; NaN when that is 0 (no relative gain exists)."""
+    return comparison.difference / comparison.pilot_accuracy if comparison.pilot_accuracy else math.nan
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm-adjusted p-values (step-down, monotone), in the input order."""
     order = sorted(range(len(p_values)), key=p_values.__getitem__)
@@ -46,10 +51,7 @@ def target_tests(grouped: dict) -> list[dict]:
     for key, cells in grouped.items():
         for arm in COPILOTS:
             versus = {control: compare(cells, arm, control) for control in ("longer", "larger")}
-            gains = {}
-            for control, comparison in versus.items():
-                base = (comparison.both_right + comparison.broken) / comparison.total
-                gains[control] = comparison.difference / base if base else math.nan  # n/a: (b) or (d) never right
+            gains = {control: relative_gain(comparison) for control, comparison in versus.items()}
             tests.append({"group": key, "arm": arm, "gains": gains, "seeds": len(cells),
                           "p": max(c.p_value for c in versus.values()), "own": compare(cells, arm, "pilot")})
     for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
@@ -101,12 +103,12 @@ def figure(grouped: dict, path: Path) -> None:
             xs, ys, errors = [], [], [[], []]
             for key in keys:
                 comparison = compare(grouped[key], arm, "pilot")
-                base = (comparison.both_right + comparison.broken) / comparison.total
+                base = comparison.pilot_accuracy
                 if not base:  # no relative gain over a Pilot that is never right (the table has the points)
                     continue
                 low, high = comparison.interval()
                 xs.append(key[2] * 1.04 ** (offset - 2.5))
-                ys.append(100 * comparison.difference / base)
+                ys.append(100 * relative_gain(comparison))
                 errors[0].append(100 * (comparison.difference - low) / base)
                 errors[1].append(100 * (high - comparison.difference) / base)
             ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=3, capsize=2, label=arm)

@@ -102,6 +102,11 @@ class PairedComparison:
         return (self.fixed - self.broken) / self.total
 
     @property
+    def pilot_accuracy(self) -> float:
+        """Accuracy of the decoding compared against (the Pilot alone, or any control)."""
+        return (self.both_right + self.broken) / self.total
+
+    @property
     def p_value(self) -> float:
         return sign_test_p_value(self.fixed, self.broken)
 
