@@ -7,6 +7,7 @@ larger Pilot (issue "When does a Copilot pay?").
     bash benchmarks/gpu_regime.sh                                        # the GPU edition: torch + transformers only
     python -m benchmarks.quality.regime --edition smoke --runs /tmp/rs   # every stage on a toy grid, a minute on CPU
     python -m benchmarks.quality.regime --edition bridge                 # SmolLM2 + LoRA (regime_bridge.py)
+    python -m benchmarks.quality.regime --edition plateau                # 8x the steps: Pilots at their plateau
     python -m benchmarks.quality.regime --transfer arithmetic,xs,25000   # seed 0's Copilots on seed 1's Pilot
 
 Pilots are Llama-style decoders trained from scratch on tasks generated in-process
@@ -94,6 +95,12 @@ EDITIONS = {
         dict(pilots=("xs",), tasks=("arithmetic", "sorting"), rows=ROWS, seeds=(0, 1, 2)),
         dict(pilots=("s",), tasks=("arithmetic",), rows=(6250, 100000), seeds=(0,)),
         dict(pilots=("m",), tasks=("arithmetic",), rows=(100000,), seeds=(0,))]),
+    # Registered 2026-12-07, after the xs block showed (b) gaining up to +13 points at 600 steps and before any of
+    # this ran: the same cells at 8x the steps (3 epochs of 100,000 rows), a budget meant to reach the Pilot's
+    # plateau, which (b) then tests. About 70 minutes a cell, 7 hours in all; arithmetic first.
+    "plateau": dict(steps=4800, batch_size=64, validation=1000, test=2000, eval_batch_size=500, blocks=[
+        dict(pilots=("xs",), tasks=("arithmetic",), rows=(100000,), seeds=(0, 1, 2)),
+        dict(pilots=("xs",), tasks=("sorting",), rows=(100000,), seeds=(0, 1, 2))]),
     # One GPU, at most 10 minutes: larger Pilots and more data (results under --out, tabulated on any machine).
     "gpu": dict(steps=2000, batch_size=256, validation=2000, test=4000, eval_batch_size=2000, blocks=[
         dict(pilots=("m", "l"), tasks=("arithmetic",), rows=(100000, 1600000), seeds=(0,))]),
