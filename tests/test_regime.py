@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from benchmarks.quality import regime, regime_report
-from benchmarks.quality.generated_tasks import VOCABULARY, Item, make_splits, unique_items
+from benchmarks.quality.generated_tasks import TASKS, VOCABULARY, Item, make_splits, unique_items
 from hf_copilot import CopilotModel
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -46,6 +46,18 @@ def test_splits_are_disjoint_nested_and_fixed():
     assert large.train[:300] == small.train and large.test == small.test
     assert make_splits("sorting", 10, 5, 5) == make_splits("sorting", 10, 5, 5)
     assert make_splits("sorting", 10, 5, 5, seed=1).test != make_splits("sorting", 10, 5, 5).test
+
+
+@pytest.mark.parametrize("edition", sorted(regime.EDITIONS))
+def test_every_edition_names_a_runnable_grid(edition):
+    """A typo in a registered block would surface only hours into a run: every cell names a known Pilot and task,
+    once, and the ten validation checkpoints fall on whole steps with the last at the end."""
+    settings, cells = regime.EDITIONS[edition], regime.grid(edition)
+    assert cells and len(cells) == len(set(cells))
+    for pilot, seed, task, rows in cells:
+        assert pilot in regime.PILOTS and task in TASKS and rows > 0 and seed >= 0
+    assert settings["steps"] % 10 == 0  # validation every steps / 10: ten checkpoints, the last one at the end
+    assert settings["validation"] > 0 and settings["test"] > 0
 
 
 def test_holm_matches_a_worked_example():
