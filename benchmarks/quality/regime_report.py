@@ -135,7 +135,8 @@ def report(edition: str, cells: list[dict], folder: Path, command: str) -> Path:
              "are for " + ", ".join(COPILOTS) + " in that order (below 1: better than predicting no error).", "",
              *table(edition, cells), "",
              "## The target: a Copilot above both (b) longer and (d) larger by ≥ 5 % relative, Holm p < 0.05, "
-             "3 seeds", "", "Each gain carries its own paired p (exact McNemar, two-sided: a clear loss has a small p too). "
+             "3 seeds", "",
+             "Each gain carries its own paired p (exact McNemar, two-sided: a clear loss has a small p too). "
              "The target tests the larger of the two, Holm-corrected; it is met only where both gains are ≥ +5 % "
              "and 3 seeds ran.", "",
              "| task | Pilot | rows | Copilot | gain over (b) | gain over (d) | p (larger of two) "
