@@ -201,7 +201,10 @@ def test_the_gpu_edition_runs_with_torch_and_transformers_alone(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_runs_every_cell_side_by_side_at_smoke_size(tmp_path):
-    env = {**os.environ, "EDITION": "smoke", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs")}
+    # the script calls python3 from PATH, as on the GPU machine: here that must be the interpreter running the tests
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "EDITION": "smoke", "OUT": str(tmp_path / "out"),
+           "RUNS": str(tmp_path / "runs")}
     run = subprocess.run(["bash", str(REPOSITORY / "benchmarks" / "gpu_regime.sh")], env=env, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -150,11 +150,13 @@ def report(edition: str, cells: list[dict], folder: Path, command: str) -> Path:
                      f"{100 * t['own'].difference:+.2f} pt, +{t['own'].fixed}/−{t['own'].broken}, "
                      f"{format_p(t['own'].p_value)} |")
     lines += ["", f"Cells meeting the target: {len(met)} of {len(tests)} tests.", "",
+              "Chosen settings: off where no setting beat the Pilot alone on the validation items.", "",
               "| cell | stage seconds | best step (joint / longer / larger) | chosen settings |", "|---|---|---|---|"]
     for cell in sorted(cells, key=lambda c: (c["task"], list(PILOTS).index(c["pilot"]), c["rows"], c["seed"])):
         seconds = ", ".join(f"{k} {v:.0f}" for k, v in cell["stage_seconds"].items())
         best = " / ".join(str(cell[s]["best_step"]) if s in cell else "-" for s in ("joint", "longer", "larger"))
-        chosen = ", ".join(f"{a}: {cell['arms'][a].get('setting')}" for a in COPILOTS if a in cell.get("arms", {}))
+        chosen = ", ".join(f"{a}: {cell['arms'][a].get('setting') or 'off'}" for a in COPILOTS
+                           if a in cell.get("arms", {}))
         lines.append(f"| {cell['task']} {cell['pilot']} {cell['rows']:,} seed {cell['seed']} | {seconds} | {best} | "
                      f"{chosen} |")
     page = folder / f"regime_{edition}.md"
