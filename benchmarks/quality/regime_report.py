@@ -184,7 +184,8 @@ def transfer_page(result: dict, folder: Path) -> Path:
             accuracy = f"{100 * arm['accuracy']:.1f}%"
         else:
             versus, accuracy = "no setting chosen: the Pilot alone", "-"
-        lines.append(f"| {name} | {arm['setting']} | {arm['own_heldout_ratio']:.3f} → {arm['heldout_ratio']:.3f} | "
+        lines.append(f"| {name} | {arm['setting'] or 'off'} | "
+                     f"{arm['own_heldout_ratio']:.3f} → {arm['heldout_ratio']:.3f} | "
                      f"{100 * arm['own_accuracy']:.1f}% | {accuracy} | {versus} |")
     page = folder / f"regime_transfer_{result['edition']}.md"
     page.write_text("\n".join(lines) + "\n")
