@@ -244,11 +244,17 @@ def test_beam_search_corrections_follow_the_beams(llama, t5, kind, correction, d
         source_mask = inputs["attention_mask"].repeat_interleave(beams, 0)
         prompt_mask = torch.ones(source.shape[0], 1, dtype=torch.long, device=device)
     prompt_length = recorder.input_ids[0].shape[1]
+    beam_gaps = []
     for ids, correction in zip(recorder.input_ids, corrections):
         generated = torch.ones(ids.shape[0], ids.shape[1] - prompt_length, dtype=torch.long, device=device)
         mask = torch.cat([prompt_mask, generated], 1)
         expected = reference_correction(copilot, pilot, ids, mask, prompt_length, source, source_mask)
-        torch.testing.assert_close(correction, expected, atol=1e-4, rtol=1e-4)
+        # Cached decoding and the full recompute round differently in float32; a softmax over a large residual
+        # (logit_residual, weights of std 3) turns that into up to ~1e-4 in probability, depending on the CPU's
+        # kernels. Corrections of beams that were mixed up differ by far more (asserted below).
+        torch.testing.assert_close(correction, expected, atol=1e-3, rtol=1e-3)
+        beam_gaps.append((expected - expected.roll(1, 0)).abs().max().item())
+    assert max(beam_gaps) > 0.05, "a beam mix-up must be larger than the tolerance for this test to catch it"
 
 
 # ---- 3. a known correction ----------------------------------------------------------------------------------------
